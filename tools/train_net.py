@@ -1,0 +1,50 @@
+#!/usr/bin/env python
+"""Train or evaluate a UDA method, the Detectron2 way.
+
+    python tools/train_net.py --config-file configs/synthetic/source_only.yaml [--num-gpus N] [KEY VALUE ...]
+    python tools/train_net.py --config-file <cfg> --resume                 # continue from OUTPUT_DIR
+    python tools/train_net.py --config-file <cfg> --eval-only MODEL.WEIGHTS <checkpoint>
+    tensorboard --logdir <OUTPUT_DIR>
+"""
+import logging
+import os
+import sys
+
+import uda_plugins  # noqa: F401  (registers datasets, models and methods)
+from uda_plugins.d2 import comm, default_argument_parser, launch
+from uda_plugins.engine import UDACheckpointer, UDATrainer, setup_cfg
+
+logger = logging.getLogger("uda_plugins.train_net")
+
+
+def main(args):
+    cfg = setup_cfg(args)
+    if args.eval_only:
+        model = UDATrainer.build_model(cfg)
+        if not cfg.MODEL.WEIGHTS:
+            logger.warning("--eval-only without MODEL.WEIGHTS: evaluating a randomly initialised model")
+        elif not os.path.isfile(cfg.MODEL.WEIGHTS):
+            raise FileNotFoundError(f"MODEL.WEIGHTS file '{cfg.MODEL.WEIGHTS}' does not exist")
+        UDACheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
+        return UDATrainer.test(cfg, model)
+    trainer = UDATrainer(cfg)
+    trainer.resume_or_load(resume=args.resume)
+    return trainer.train()
+
+
+def cli(argv=None) -> int:
+    args = default_argument_parser().parse_args(argv)
+    try:
+        launch(main, args.num_gpus, num_machines=args.num_machines, machine_rank=args.machine_rank,
+               dist_url=args.dist_url, args=(args,))
+    except (FileNotFoundError, KeyError, ValueError, OSError, FloatingPointError, NotImplementedError) as e:
+        # Bad input gets one line; the traceback is in OUTPUT_DIR/log.txt when logging was set up.
+        logger.debug("Traceback:", exc_info=True)
+        message = e.args[0] if isinstance(e, KeyError) and e.args else e
+        print(f"train_net.py: error: {message}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

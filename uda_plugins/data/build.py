@@ -1,0 +1,246 @@
+"""The UDA training loader and the test loader.
+
+The training loader yields, per iteration, one dict
+``{"source": [d, ...], "target": [[d, ...], ...]}`` — the source batch and one batch per target domain (this
+rank's share of the global ``SOLVER.IMS_PER_BATCH_SOURCE`` / ``IMS_PER_BATCH_TARGET``). A meta-architecture
+declares with :class:`DataRequirements` which domains and labels it reads, so e.g. source-only training never
+decodes target images and adaptation methods never read target labels.
+
+Whole batches are built by data-loader workers (iteration ``k`` by worker ``k % NUM_WORKERS``, so the order is
+fixed), and every sample is a function of its global position (see :mod:`uda_plugins.data.samplers`), which
+makes the stream independent of the number of workers and processes and lets ``--resume`` continue it exactly.
+"""
+from __future__ import annotations
+
+import itertools
+import logging
+import pickle
+from dataclasses import dataclass
+from typing import Dict, Iterator, List, Optional, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
+
+from uda_plugins.d2 import CfgNode, DatasetCatalog, comm
+
+from .mapper import UDADatasetMapper
+from .samplers import EpochPermutationSampler, InferenceSampler, rank_positions
+
+__all__ = [
+    "DataRequirements",
+    "SerializedList",
+    "DomainStream",
+    "UDABatchDataset",
+    "UDATrainLoader",
+    "build_uda_train_loader",
+    "build_test_loader",
+    "get_dataset_dicts",
+]
+
+logger = logging.getLogger(__name__)
+
+# Salts that keep the augmentation RNG streams of the domains apart.
+_SOURCE_SALT = 1
+_TARGET_SALT = 100
+
+
+@dataclass(frozen=True)
+class DataRequirements:
+    """What a meta-architecture reads from each training batch."""
+
+    source: bool = True
+    source_labels: bool = True
+    target: bool = True
+    target_labels: bool = False
+
+
+class SerializedList(Dataset):
+    """A list of dicts pickled into one numpy byte buffer: data-loader workers share it without the
+    copy-on-read growth that touching Python objects causes (Detectron2's DatasetFromList does the same)."""
+
+    def __init__(self, items: Sequence[dict]) -> None:
+        blobs = [np.frombuffer(pickle.dumps(x, protocol=-1), dtype=np.uint8) for x in items]
+        self._addr = np.cumsum([len(b) for b in blobs], dtype=np.int64)
+        self._data = np.concatenate(blobs) if blobs else np.zeros(0, dtype=np.uint8)
+
+    def __len__(self) -> int:
+        return len(self._addr)
+
+    def __getitem__(self, idx: int) -> dict:
+        start = 0 if idx == 0 else int(self._addr[idx - 1])
+        return pickle.loads(memoryview(self._data[start : int(self._addr[idx])]))
+
+
+def get_dataset_dicts(names: Sequence[str]) -> List[dict]:
+    """The concatenated dicts of registered datasets; an unknown name or an empty dataset fails here."""
+    if isinstance(names, str):
+        names = [names]
+    dicts: List[dict] = []
+    for name in names:
+        if name not in DatasetCatalog.list():
+            raise KeyError(f"Dataset '{name}' is not registered. Registered: {', '.join(sorted(DatasetCatalog.list()))}")
+        items = DatasetCatalog.get(name)
+        if not items:
+            raise ValueError(f"Dataset '{name}' is empty")
+        dicts.extend(items)
+    return dicts
+
+
+class DomainStream:
+    """One domain's sample stream: dataset dicts, a position->index sampler, a mapper and a global batch."""
+
+    def __init__(
+        self, name: str, dicts: Sequence[dict], mapper: UDADatasetMapper, global_batch: int, seed: int, salt: int
+    ) -> None:
+        self.name = name
+        self.dataset = SerializedList(dicts)
+        self.mapper = mapper
+        self.global_batch = global_batch
+        self.seed = seed
+        self.salt = salt
+        self.sampler = EpochPermutationSampler(len(self.dataset), seed + salt)
+
+    def batch(self, iteration: int, rank: int, world_size: int) -> List[dict]:
+        out = []
+        for position in rank_positions(iteration, self.global_batch, rank, world_size):
+            rng = np.random.default_rng([self.seed, self.salt, position])
+            out.append(self.mapper(self.dataset[self.sampler.index(position)], rng=rng))
+        return out
+
+
+class UDABatchDataset(IterableDataset):
+    """Yields the batch dict of iterations ``start_iter, start_iter+1, ...``, sharded over workers."""
+
+    def __init__(
+        self, source: Optional[DomainStream], targets: Sequence[DomainStream], rank: int, world_size: int
+    ) -> None:
+        self.source = source
+        self.targets = list(targets)
+        self.rank = rank
+        self.world_size = world_size
+        self.start_iter = 0
+
+    def batch(self, iteration: int) -> Dict[str, list]:
+        out: Dict[str, list] = {}
+        if self.source is not None:
+            out["source"] = self.source.batch(iteration, self.rank, self.world_size)
+        if self.targets:
+            out["target"] = [t.batch(iteration, self.rank, self.world_size) for t in self.targets]
+        return out
+
+    def __iter__(self) -> Iterator[Dict[str, list]]:
+        info = get_worker_info()
+        worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        for iteration in itertools.count(self.start_iter + worker, num_workers):
+            yield self.batch(iteration)
+
+
+def _identity(x):
+    return x
+
+
+def _worker_init(_worker_id: int) -> None:
+    # Several workers on few cores: keep each to one thread so they do not fight the training process.
+    import cv2
+
+    torch.set_num_threads(1)
+    cv2.setNumThreads(0)
+
+
+class UDATrainLoader:
+    """An infinite iterable of UDA batches. ``set_start_iter`` (called on resume) makes the next iterator
+    start at that iteration's samples."""
+
+    def __init__(self, dataset: UDABatchDataset, num_workers: int) -> None:
+        self.dataset = dataset
+        self.num_workers = num_workers
+
+    def set_start_iter(self, start_iter: int) -> None:
+        self.dataset.start_iter = int(start_iter)
+
+    def __iter__(self) -> Iterator[Dict[str, list]]:
+        if self.num_workers == 0:
+            return iter(self.dataset)
+        loader = DataLoader(
+            self.dataset, batch_size=None, num_workers=self.num_workers, collate_fn=_identity,
+            worker_init_fn=_worker_init, prefetch_factor=2, persistent_workers=False,
+        )
+        return iter(loader)
+
+
+def _data_seed(cfg: CfgNode) -> int:
+    # Every rank must draw the same stream, so a random seed (SEED < 0) is drawn once and shared.
+    return cfg.SEED if cfg.SEED >= 0 else comm.shared_random_seed()
+
+
+def build_uda_train_loader(cfg: CfgNode, requirements: DataRequirements, seed: Optional[int] = None) -> UDATrainLoader:
+    """The training loader for ``cfg`` (``DATASETS.SOURCE_TRAIN``, ``DATASETS.TARGET_TRAIN``, the per-domain
+    ``INPUT`` and global batch sizes), reading only what ``requirements`` asks for."""
+    seed = _data_seed(cfg) if seed is None else seed
+    rank, world_size = comm.get_rank(), comm.get_world_size()
+    source = None
+    if requirements.source:
+        source = DomainStream(
+            "source",
+            get_dataset_dicts(cfg.DATASETS.SOURCE_TRAIN),
+            UDADatasetMapper.from_config(cfg, "source", load_label=requirements.source_labels),
+            cfg.SOLVER.IMS_PER_BATCH_SOURCE,
+            seed,
+            _SOURCE_SALT,
+        )
+    targets = []
+    if requirements.target:
+        if not cfg.DATASETS.TARGET_TRAIN:
+            raise ValueError("This method needs target data but DATASETS.TARGET_TRAIN is empty")
+        for k, name in enumerate(cfg.DATASETS.TARGET_TRAIN):
+            targets.append(
+                DomainStream(
+                    f"target{k}",
+                    get_dataset_dicts([name]),
+                    UDADatasetMapper.from_config(cfg, "target", load_label=requirements.target_labels),
+                    cfg.SOLVER.IMS_PER_BATCH_TARGET,
+                    seed,
+                    _TARGET_SALT + k,
+                )
+            )
+    for stream in ([source] if source else []) + targets:
+        if stream.global_batch % world_size:
+            raise ValueError(
+                f"The global {stream.name} batch ({stream.global_batch}) is not divisible by the number of "
+                f"processes ({world_size}); batch sizes in the config are global"
+            )
+    logger.info(
+        "UDA train loader: source %s, targets %s, seed %d",
+        f"{len(source.dataset)} images x{source.global_batch}" if source else "unused",
+        [f"{len(t.dataset)} images x{t.global_batch}" for t in targets] or "unused",
+        seed,
+    )
+    return UDATrainLoader(UDABatchDataset(source, targets, rank, world_size), cfg.DATALOADER.NUM_WORKERS)
+
+
+class _MappedList(Dataset):
+    def __init__(self, dicts: Sequence[dict], mapper: UDADatasetMapper) -> None:
+        self.dicts = SerializedList(dicts)
+        self.mapper = mapper
+
+    def __len__(self) -> int:
+        return len(self.dicts)
+
+    def __getitem__(self, idx: int) -> dict:
+        return self.mapper(self.dicts[idx])
+
+
+def build_test_loader(cfg: CfgNode, dataset_name: str, load_label: bool = True) -> DataLoader:
+    """A finite loader over this rank's contiguous shard of ``dataset_name``, ``TEST.IMS_PER_BATCH`` images
+    per batch (lists of dicts, Detectron2's test-loader contract)."""
+    dicts = get_dataset_dicts([dataset_name])
+    if load_label and any("sem_seg_file_name" not in d for d in dicts):
+        load_label = False  # an unlabelled split (e.g. a test set): predict only
+    mapper = UDADatasetMapper.from_config(cfg, "test", load_label=load_label)
+    dataset = _MappedList(dicts, mapper)
+    sampler = InferenceSampler(len(dataset), comm.get_rank(), comm.get_world_size())
+    return DataLoader(
+        dataset, batch_size=cfg.TEST.IMS_PER_BATCH, sampler=sampler, num_workers=cfg.DATALOADER.NUM_WORKERS,
+        collate_fn=_identity, worker_init_fn=_worker_init,
+    )

@@ -1,0 +1,110 @@
+"""Dataset dict -> model input dict, for training (random geometry, recorded) and testing (fixed resize).
+
+Output keys (Detectron2's): ``image`` (CHW uint8 RGB tensor), ``sem_seg`` (HW long tensor, only where labels are
+loaded), ``height``/``width`` (the original size: predictions are scored at it), plus ``file_name``,
+``image_id`` and ``geometry`` (the applied :class:`~uda_plugins.data.transforms.Geometry` as plain data).
+
+Every input is checked and fails with one line naming the file: missing or corrupt image, image size different
+from the dict's, label size different from the image's, label values outside the class table.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import numpy as np
+import torch
+
+from uda_plugins.d2 import CfgNode
+
+from .datasets.common import read_image, read_label
+from .labels import IGNORE_LABEL, check_label_values
+from .transforms import Geometry, apply_geometry, fit_scale, resize_image, resized_size, sample_geometry
+
+__all__ = ["UDADatasetMapper"]
+
+
+class UDADatasetMapper:
+    """Reads, checks and transforms one dataset dict.
+
+    Args:
+        is_train: random geometry from ``input_cfg`` (RESIZE, RATIO_RANGE, CROP_SIZE, CROP_CAT_MAX_RATIO,
+            FLIP_PROB); otherwise a deterministic resize to ``input_cfg.RESIZE`` and the label at full size.
+        input_cfg: ``cfg.INPUT.SOURCE``, ``cfg.INPUT.TARGET`` or ``cfg.INPUT.TEST``.
+        num_classes: labels must hold 0..num_classes-1 or the ignore label.
+        load_label: read ``sem_seg_file_name`` (unlabelled target images are never read by adaptation methods).
+    """
+
+    def __init__(
+        self, *, is_train: bool, input_cfg: CfgNode, num_classes: int, load_label: bool,
+        ignore_label: int = IGNORE_LABEL,
+    ) -> None:
+        self.is_train = is_train
+        self.input_cfg = input_cfg
+        self.num_classes = num_classes
+        self.load_label = load_label
+        self.ignore_label = ignore_label
+
+    @classmethod
+    def from_config(cls, cfg: CfgNode, domain: str, load_label: bool) -> "UDADatasetMapper":
+        """``domain``: "source", "target" (training) or "test"."""
+        input_cfg = {"source": cfg.INPUT.SOURCE, "target": cfg.INPUT.TARGET, "test": cfg.INPUT.TEST}[domain]
+        return cls(
+            is_train=domain != "test",
+            input_cfg=input_cfg,
+            num_classes=cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES,
+            load_label=load_label,
+            ignore_label=cfg.MODEL.SEM_SEG_HEAD.IGNORE_VALUE,
+        )
+
+    def _read(self, dataset_dict: dict):
+        file_name = dataset_dict["file_name"]
+        image = read_image(file_name)
+        expected = (dataset_dict.get("height"), dataset_dict.get("width"))
+        if expected[0] is not None and tuple(image.shape[:2]) != expected:
+            raise ValueError(
+                f"Image '{file_name}' is {image.shape[0]}x{image.shape[1]} but its dataset dict says "
+                f"{expected[0]}x{expected[1]}"
+            )
+        label = None
+        if self.load_label:
+            label_file = dataset_dict.get("sem_seg_file_name")
+            if label_file is None:
+                raise KeyError(f"Image '{file_name}' has no label ('sem_seg_file_name') but labels were requested")
+            label = read_label(label_file)
+            if label.shape != image.shape[:2]:
+                raise ValueError(
+                    f"Label '{label_file}' is {label.shape[0]}x{label.shape[1]} but its image '{file_name}' is "
+                    f"{image.shape[0]}x{image.shape[1]}"
+                )
+            check_label_values(label, self.num_classes, label_file, self.ignore_label)
+        return image, label
+
+    def __call__(self, dataset_dict: dict, rng: Optional[np.random.Generator] = None) -> dict:
+        """``rng`` draws the training geometry; the UDA loader passes one seeded by the sample's position, so a
+        sample is the same whatever the number of workers or processes, and after a resume."""
+        image, label = self._read(dataset_dict)
+        c = self.input_cfg
+        if self.is_train:
+            rng = rng if rng is not None else np.random.default_rng()
+            geometry = sample_geometry(
+                rng, image.shape[:2], resize=c.RESIZE, ratio_range=c.RATIO_RANGE, crop_size=c.CROP_SIZE,
+                cat_max_ratio=c.CROP_CAT_MAX_RATIO, flip_prob=c.FLIP_PROB, label=label, ignore_label=self.ignore_label,
+            )
+            image = apply_geometry(image, geometry, is_label=False)
+            if label is not None:
+                label = apply_geometry(label, geometry, is_label=True)
+        else:
+            size = resized_size(image.shape[:2], fit_scale(image.shape[:2], c.RESIZE))
+            geometry = Geometry(tuple(image.shape[:2]), size, (0, 0, size[0], size[1]), False)
+            image = resize_image(image, size)  # the label stays at full size: that is where we score
+        out = {
+            "file_name": dataset_dict["file_name"],
+            "image_id": dataset_dict.get("image_id", dataset_dict["file_name"]),
+            "height": int(geometry.orig_size[0]),
+            "width": int(geometry.orig_size[1]),
+            "image": torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))),
+            "geometry": geometry.to_dict(),
+        }
+        if label is not None:
+            out["sem_seg"] = torch.from_numpy(label.astype(np.int64))
+        return out

@@ -1,0 +1,7 @@
+from .checkpoint import UDACheckpointer
+from .setup import resolve_device, setup_cfg
+from .step import NonFiniteLossError, UDAStepRunner
+from .trainer import UDATrainer, unwrap_model
+
+__all__ = ["UDACheckpointer", "UDATrainer", "UDAStepRunner", "NonFiniteLossError", "setup_cfg", "resolve_device",
+           "unwrap_model"]

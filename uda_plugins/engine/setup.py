@@ -1,0 +1,47 @@
+"""Turning command-line arguments into a frozen config, the Detectron2 way."""
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+
+from uda_plugins.config import get_uda_cfg
+from uda_plugins.d2 import BACKEND, CfgNode, comm, default_setup, setup_logger
+
+__all__ = ["setup_cfg", "resolve_device"]
+
+logger = logging.getLogger(__name__)
+
+
+def resolve_device(cfg: CfgNode) -> str:
+    """Run a CUDA config on the CPU where there is no GPU (the default configs say cuda); returns a warning to
+    log, or ""."""
+    if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
+        requested = cfg.MODEL.DEVICE
+        cfg.MODEL.DEVICE = "cpu"
+        return f"MODEL.DEVICE is '{requested}' but CUDA is not available: running on the CPU"
+    return ""
+
+
+def setup_cfg(args) -> CfgNode:
+    """``get_uda_cfg`` + ``--config-file`` + trailing ``KEY VALUE`` overrides, frozen; then Detectron2's
+    ``default_setup`` (output dir, logs, config.yaml, seeds) and the uda_plugins logger."""
+    if not args.config_file:
+        raise ValueError("--config-file is required (e.g. configs/synthetic/source_only.yaml)")
+    if not os.path.isfile(args.config_file):
+        raise FileNotFoundError(f"Config file '{args.config_file}' does not exist")
+    cfg = get_uda_cfg()
+    cfg.merge_from_file(args.config_file)
+    cfg.merge_from_list(list(args.opts or []))
+    device_warning = resolve_device(cfg)
+    cfg.freeze()
+    default_setup(cfg, args)
+    setup_logger(cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="uda_plugins")
+    if cfg.MODEL.DEVICE == "cpu" and comm.get_world_size() > 1:
+        # Several processes on one CPU: share the cores instead of oversubscribing them.
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // comm.get_local_size()))
+    logger.info(f"uda_plugins backend: {BACKEND} (UDA_PLUGINS_BACKEND to force builtin|detectron2)")
+    if device_warning:
+        logger.warning(device_warning)
+    return cfg

@@ -1,0 +1,185 @@
+"""UDATrainer: Detectron2's DefaultTrainer for UDA meta-architectures.
+
+What it changes, and why:
+
+* ``__init__`` is rebuilt (as adaptive_teacher does) so that the step runner is :class:`UDAStepRunner` and DDP is
+  created with the CPU-safe ``create_ddp_model``; everything else is DefaultTrainer's order of construction.
+* The training loader is the UDA loader, reading what the meta-architecture's ``data_requirements`` declare;
+  ``resume_or_load`` moves it to the resumed iteration, so the data stream continues exactly.
+* Hooks: Detectron2's defaults, plus the meta-architecture's own (``training_hooks``, e.g. an EMA update) placed
+  before the checkpointer so checkpoints see their effect, and optionally ``BestCheckpointer`` (off by default:
+  it selects on labelled target data).
+* ``test`` evaluates the student, the teacher or both (``TEST.EVAL_MODEL``), with a progress bar.
+* A non-finite loss stops training with the loss names and the last good checkpoint.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import weakref
+from collections import OrderedDict
+from typing import List
+
+import torch
+from tqdm import tqdm
+
+from uda_plugins.d2 import (
+    META_ARCH_REGISTRY,
+    CfgNode,
+    DefaultTrainer,
+    TrainerBase,
+    build_model,
+    comm,
+    create_ddp_model,
+    hooks,
+    setup_logger,
+)
+from uda_plugins.data.build import build_test_loader, build_uda_train_loader
+from uda_plugins.evaluation import SemSegEvaluator
+
+from .checkpoint import UDACheckpointer
+from .optim import build_lr_scheduler, build_optimizer
+from .step import NonFiniteLossError, UDAStepRunner
+
+__all__ = ["UDATrainer", "unwrap_model", "eval_model_names"]
+
+logger = logging.getLogger(__name__)
+
+
+def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
+    return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+
+
+def eval_model_names(cfg: CfgNode) -> List[str]:
+    choice = cfg.TEST.EVAL_MODEL
+    names = {"student": ["student"], "teacher": ["teacher"], "both": ["student", "teacher"]}
+    if choice not in names:
+        raise ValueError(f"TEST.EVAL_MODEL must be student, teacher or both, not '{choice}'")
+    return names[choice]
+
+
+class _ProgressLoader:
+    """A finite loader with a progress bar on the main process (tqdm hides it when stdout is not a terminal)."""
+
+    def __init__(self, loader, desc: str) -> None:
+        self.loader, self.desc = loader, desc
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self):
+        return iter(tqdm(self.loader, desc=self.desc, unit="batch", disable=None if comm.is_main_process() else True,
+                         leave=False))
+
+
+class UDATrainer(DefaultTrainer):
+    def __init__(self, cfg: CfgNode) -> None:
+        TrainerBase.__init__(self)
+        if not logging.getLogger("uda_plugins").isEnabledFor(logging.INFO):
+            setup_logger(name="uda_plugins")
+        model = self.build_model(cfg)
+        optimizer = self.build_optimizer(cfg, model)
+        data_loader = self.build_train_loader(cfg)
+        model = create_ddp_model(
+            model, broadcast_buffers=False, find_unused_parameters=getattr(model, "ddp_find_unused_parameters", False)
+        )
+        self._trainer = UDAStepRunner(model, data_loader, optimizer)
+        self.scheduler = self.build_lr_scheduler(cfg, optimizer)
+        self.checkpointer = UDACheckpointer(model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self))
+        self.start_iter = 0
+        self.max_iter = cfg.SOLVER.MAX_ITER
+        self.cfg = cfg
+        self.register_hooks(self.build_hooks())
+
+    # ------------------------------------------------------------------------------------------ building
+    @classmethod
+    def build_model(cls, cfg: CfgNode) -> torch.nn.Module:
+        model = build_model(cfg)
+        n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        n_all = sum(p.numel() for p in model.parameters())
+        logger.info(f"Model {cfg.MODEL.META_ARCHITECTURE}: {n_train / 1e6:.2f} M trainable / {n_all / 1e6:.2f} M "
+                    f"parameters")
+        logger.debug("Model:\n{}".format(model))
+        return model
+
+    @classmethod
+    def build_optimizer(cls, cfg: CfgNode, model: torch.nn.Module) -> torch.optim.Optimizer:
+        return build_optimizer(cfg, model)
+
+    @classmethod
+    def build_lr_scheduler(cls, cfg: CfgNode, optimizer: torch.optim.Optimizer):
+        return build_lr_scheduler(cfg, optimizer)
+
+    @classmethod
+    def build_train_loader(cls, cfg: CfgNode):
+        requirements = META_ARCH_REGISTRY.get(cfg.MODEL.META_ARCHITECTURE).data_requirements
+        return build_uda_train_loader(cfg, requirements)
+
+    @classmethod
+    def build_test_loader(cls, cfg: CfgNode, dataset_name: str):
+        return _ProgressLoader(build_test_loader(cfg, dataset_name), f"eval {dataset_name}")
+
+    @classmethod
+    def build_evaluator(cls, cfg: CfgNode, dataset_name: str, output_folder: str = None):
+        output_folder = output_folder or os.path.join(cfg.OUTPUT_DIR, "inference", dataset_name)
+        return SemSegEvaluator(dataset_name, distributed=True, output_dir=output_folder)
+
+    def build_hooks(self) -> list:
+        cfg = self.cfg
+        ret = [hooks.IterationTimer(), hooks.LRScheduler()]
+        ret += list(getattr(unwrap_model(self.model), "training_hooks", lambda c: [])(cfg))
+        if comm.is_main_process():
+            keep = cfg.SOLVER.MAX_CHECKPOINTS_TO_KEEP or None
+            ret.append(hooks.PeriodicCheckpointer(self.checkpointer, cfg.SOLVER.CHECKPOINT_PERIOD, max_to_keep=keep))
+
+        def test_and_save_results():
+            self._last_eval_results = self.test(self.cfg, self.model)
+            return self._last_eval_results
+
+        ret.append(hooks.EvalHook(cfg.TEST.EVAL_PERIOD, test_and_save_results))
+        if cfg.TEST.SAVE_BEST_ON_TEST and comm.is_main_process():
+            ret.append(hooks.BestCheckpointer(cfg.TEST.EVAL_PERIOD, self.checkpointer, self.best_metric_name(cfg),
+                                              "max", file_prefix="model_best_on_test"))
+        if comm.is_main_process():
+            ret.append(hooks.PeriodicWriter(self.build_writers(), period=min(20, max(1, cfg.SOLVER.MAX_ITER // 10))))
+        return ret
+
+    @staticmethod
+    def best_metric_name(cfg: CfgNode) -> str:
+        """The event-storage key of the first test set's mIoU for the first evaluated model."""
+        parts = []
+        if len(eval_model_names(cfg)) > 1:
+            parts.append(eval_model_names(cfg)[0])
+        if len(cfg.DATASETS.TEST) > 1:
+            parts.append(cfg.DATASETS.TEST[0])
+        return "/".join(parts + ["sem_seg", "mIoU"])
+
+    # --------------------------------------------------------------------------------------- running
+    def resume_or_load(self, resume: bool = True) -> None:
+        super().resume_or_load(resume=resume)
+        self.data_loader.set_start_iter(self.start_iter)
+
+    def run_step(self) -> None:
+        try:
+            super().run_step()
+        except NonFiniteLossError as e:
+            last = self.checkpointer.get_checkpoint_file() if self.checkpointer.has_checkpoint() else None
+            kept = f"the last good checkpoint is {last}" if last else "no checkpoint had been written yet"
+            raise NonFiniteLossError(f"{e}. Training stopped; {kept}.") from None
+
+    @classmethod
+    def test(cls, cfg: CfgNode, model: torch.nn.Module, evaluators=None):
+        """Evaluate the network(s) named by ``TEST.EVAL_MODEL`` on ``DATASETS.TEST``; with "both", results are
+        ``{"student": ..., "teacher": ...}``."""
+        meta_arch = unwrap_model(model)
+        results = OrderedDict()
+        names = eval_model_names(cfg)
+        for name in names:
+            previous = meta_arch.eval_model
+            meta_arch.eval_model = name
+            try:
+                logger.info(f"Evaluating the {name}")
+                results[name] = super().test(cfg, model, evaluators)
+            finally:
+                meta_arch.eval_model = previous
+        return results[names[0]] if len(names) == 1 else results

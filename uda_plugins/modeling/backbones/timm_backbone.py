@@ -1,0 +1,146 @@
+"""timm encoders as Detectron2 Backbones: dilated ResNets (DeepLab) and pvt_v2 (the MiT encoders of SegFormer).
+
+Both expose four outputs named ``res2..res5`` (shallow to deep) so the heads need not know which encoder they
+sit on. The wrapped module is the plain timm model with its classifier pruned, so its parameter names are timm's
+own: ImageNet weights from timm, torchvision (same ResNet names) or the original MiT/PVT release load directly;
+mmseg/mmcv checkpoints are unwrapped and renamed (:func:`convert_state_dict`). Weights come only from the local
+file in ``MODEL.BACKBONE.PRETRAINED``; nothing is downloaded.
+
+pvt_v2_bN and MiT-BN share depths, widths, heads, MLP ratios and spatial-reduction ratios (both from the
+PVTv2/SegFormer authors), so pvt_v2_b5 is the MiT-B5 encoder of DAFormer.
+"""
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+import re
+from typing import Dict, List
+
+import timm
+import torch
+from torch import nn
+
+from uda_plugins.d2 import BACKBONE_REGISTRY, Backbone, CfgNode, ShapeSpec
+
+from ..norm import freeze_batch_norm, get_norm
+
+__all__ = ["TimmBackbone", "build_dilated_resnet_backbone", "build_mit_backbone", "load_pretrained", "convert_state_dict"]
+
+logger = logging.getLogger(__name__)
+
+STAGE_NAMES = ("res2", "res3", "res4", "res5")
+
+
+class TimmBackbone(Backbone):
+    """A timm model's four stage outputs as a dict ``{res2..res5: tensor}``."""
+
+    def __init__(self, model: nn.Module, indices: List[int], out_features: List[str]) -> None:
+        super().__init__()
+        unknown = [f for f in out_features if f not in STAGE_NAMES]
+        if unknown:
+            raise ValueError(f"Unknown backbone outputs {unknown}; this backbone has {list(STAGE_NAMES)}")
+        self.indices = list(indices)
+        info = model.feature_info
+        self._out_features = list(out_features)
+        self._out_feature_channels = {n: info[i]["num_chs"] for n, i in zip(STAGE_NAMES, self.indices)}
+        self._out_feature_strides = {n: info[i]["reduction"] for n, i in zip(STAGE_NAMES, self.indices)}
+        model.prune_intermediate_layers(self.indices, prune_head=True)
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
+        feats = self.model.forward_intermediates(x, indices=self.indices, intermediates_only=True)
+        return {n: f for n, f in zip(STAGE_NAMES, feats) if n in self._out_features}
+
+
+def _unwrap(checkpoint: dict) -> Dict[str, torch.Tensor]:
+    for key in ("state_dict", "model", "module"):
+        if isinstance(checkpoint, dict) and key in checkpoint and isinstance(checkpoint[key], dict):
+            checkpoint = checkpoint[key]
+    return checkpoint
+
+
+def convert_state_dict(state_dict: Dict[str, torch.Tensor], model: nn.Module) -> Dict[str, torch.Tensor]:
+    """Rename an encoder checkpoint to ``model``'s (timm) parameter names.
+
+    Handles: containers (``state_dict``/``model``), prefixes (``backbone.``, ``module.``, ``encoder.``),
+    mmseg's ResNetV1c deep stem (``stem.{0,1,3,4,6,7}`` -> ``conv1.{0,1,3,4}``, ``conv1.6``, ``bn1``), the
+    original MiT/PVTv2 names (timm's own ``checkpoint_filter_fn``), and drops classifier weights.
+    """
+    state_dict = _unwrap(state_dict)
+    out = {}
+    for k, v in state_dict.items():
+        k = re.sub(r"^(module\.|backbone\.|encoder\.)+", "", k)
+        m = re.match(r"^stem\.(\d+)\.(.*)$", k)
+        if m:
+            idx, rest = int(m.group(1)), m.group(2)
+            k = "bn1." + rest if idx == 7 else f"conv1.{idx}.{rest}"
+        out[k] = v
+    # timm's own converter from the original release's names (MiT / PVTv2); ResNets need none.
+    filter_fn = getattr(importlib.import_module(type(model).__module__), "checkpoint_filter_fn", None)
+    if filter_fn is not None:
+        out = filter_fn(out, model)
+    return {k: v for k, v in out.items() if not re.match(r"^(fc|head|classifier)\.", k)}
+
+
+def load_pretrained(model: nn.Module, path: str) -> None:
+    """Load encoder weights from a local file into the (unpruned) timm ``model``; every model parameter must be
+    found, or this fails naming the file and the first missing keys."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"MODEL.BACKBONE.PRETRAINED file '{path}' does not exist")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise OSError(f"MODEL.BACKBONE.PRETRAINED file '{path}' could not be read ({e})") from None
+    state_dict = convert_state_dict(checkpoint, model)
+    own = {k for k in model.state_dict() if not re.match(r"^(fc|head|classifier)\.", k)}
+    missing = sorted(own - set(state_dict))
+    missing = [k for k in missing if not k.endswith("num_batches_tracked")]
+    if missing:
+        raise KeyError(
+            f"'{path}' does not fit {type(model).__name__}: {len(missing)} parameters are missing, e.g. {missing[:5]}"
+        )
+    unexpected = sorted(set(state_dict) - own)
+    if unexpected:
+        logger.warning(f"Ignoring {len(unexpected)} unexpected keys in '{path}', e.g. {unexpected[:5]}")
+    model.load_state_dict({k: v for k, v in state_dict.items() if k in own}, strict=False)
+    logger.info(f"Loaded ImageNet weights for {len(own)} encoder tensors from '{path}'")
+
+
+@BACKBONE_REGISTRY.register()
+def build_dilated_resnet_backbone(cfg: CfgNode, input_shape: ShapeSpec) -> TimmBackbone:
+    """A timm ResNet (``MODEL.TIMM.ARCH``) at ``MODEL.TIMM.OUTPUT_STRIDE`` (dilation instead of stride in the
+    last stages), optionally with the v1c deep stem and custom widths/depths."""
+    t = cfg.MODEL.TIMM
+    if not t.ARCH.startswith("resnet"):
+        raise ValueError(f"build_dilated_resnet_backbone needs a timm resnet arch, not '{t.ARCH}'")
+    kwargs = dict(output_stride=t.OUTPUT_STRIDE, in_chans=input_shape.channels or 3, drop_path_rate=t.DROP_PATH_RATE)
+    if t.STEM:
+        kwargs.update(stem_type=t.STEM, stem_width=t.STEM_WIDTH)
+    if t.CHANNELS:
+        kwargs["channels"] = tuple(t.CHANNELS)
+    if t.LAYERS:
+        kwargs["layers"] = tuple(t.LAYERS)
+    norm = cfg.MODEL.BACKBONE.NORM
+    if norm in ("GN", "SyncBN"):
+        kwargs["norm_layer"] = lambda c: get_norm(norm, c)
+    model = timm.create_model(t.ARCH, pretrained=False, **kwargs)
+    if cfg.MODEL.BACKBONE.PRETRAINED:
+        load_pretrained(model, cfg.MODEL.BACKBONE.PRETRAINED)
+    if norm == "FrozenBN":
+        model = freeze_batch_norm(model)
+    return TimmBackbone(model, [1, 2, 3, 4], cfg.MODEL.BACKBONE.OUT_FEATURES)
+
+
+@BACKBONE_REGISTRY.register()
+def build_mit_backbone(cfg: CfgNode, input_shape: ShapeSpec) -> TimmBackbone:
+    """A MiT encoder (timm ``pvt_v2_b0..b5``; strides 4, 8, 16, 32). Its norms are LayerNorms, so
+    ``MODEL.BACKBONE.NORM`` does not apply."""
+    t = cfg.MODEL.TIMM
+    if not t.ARCH.startswith("pvt_v2"):
+        raise ValueError(f"build_mit_backbone needs a timm pvt_v2 arch, not '{t.ARCH}'")
+    model = timm.create_model(t.ARCH, pretrained=False, in_chans=input_shape.channels or 3,
+                              drop_path_rate=t.DROP_PATH_RATE)
+    if cfg.MODEL.BACKBONE.PRETRAINED:
+        load_pretrained(model, cfg.MODEL.BACKBONE.PRETRAINED)
+    return TimmBackbone(model, [0, 1, 2, 3], cfg.MODEL.BACKBONE.OUT_FEATURES)
