@@ -1,17 +1,19 @@
 """Dataset modules; importing this package registers the standard split names under ``$UDA_DATASETS``:
 
-* ``synthetic_{source,target}_{train,val}`` — the embedded synthetic pair (generated on first use);
+* ``synthetic_{source,target}_{train,val}`` — the embedded synthetic pair (generated on first use), and
+  ``synthetic_tiny_*``, a small variant for smoke runs and tests;
 * ``cityscapes_{train,val}``, ``cityscapes_7cls_{train,val}``.
 """
 import os
 
 from .cityscapes import load_cityscapes_semseg, prepare_cityscapes, register_cityscapes
 from .common import datasets_root, register_sem_seg
-from .synthetic import DEFAULT_SPEC, SyntheticPairSpec, ensure_synthetic_pair, register_synthetic_pair
+from .synthetic import DEFAULT_SPEC, TINY_SPEC, SyntheticPairSpec, ensure_synthetic_pair, register_synthetic_pair
 
 
 def register_all(root: str) -> None:
     register_synthetic_pair("synthetic", DEFAULT_SPEC)
+    register_synthetic_pair("synthetic_tiny", TINY_SPEC)
     register_cityscapes(os.path.join(root, "cityscapes"))
 
 
@@ -19,5 +21,5 @@ register_all(datasets_root())
 
 __all__ = [
     "register_all", "register_sem_seg", "datasets_root", "load_cityscapes_semseg", "prepare_cityscapes",
-    "register_cityscapes", "SyntheticPairSpec", "DEFAULT_SPEC", "ensure_synthetic_pair", "register_synthetic_pair",
+    "register_cityscapes", "SyntheticPairSpec", "DEFAULT_SPEC", "TINY_SPEC", "ensure_synthetic_pair", "register_synthetic_pair",
 ]

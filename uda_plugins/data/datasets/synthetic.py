@@ -17,7 +17,8 @@ The pair is written once, on first use, to a cache folder (``$UDA_SYNTHETIC_ROOT
 preparation code, so training on it runs exactly the code path of a real dataset. Images are deterministic:
 image *i* of a split depends only on (seed, domain, split, i).
 
-Registered splits: ``synthetic_source_{train,val}``, ``synthetic_target_{train,val}``. The design follows the
+Registered splits: ``synthetic_source_{train,val}``, ``synthetic_target_{train,val}`` (96x192, 2000/200/2000/500
+images) and ``synthetic_tiny_*`` (48x96, 24/8/24/8 images, for smoke runs and tests). The design follows the
 feasibility notes in the project's docs (synthetic-benchmark-notes.md): at shift 0.5 a from-scratch CNN trained on
 the source scores far below one trained on the target, and self-training can recover much of the gap.
 """
@@ -42,7 +43,7 @@ from uda_plugins.utils.file_io import atomic_write_png
 from .cityscapes import LABEL_SUFFIXES, load_cityscapes_semseg, prepare_cityscapes
 from .common import register_sem_seg
 
-__all__ = ["SyntheticPairSpec", "DEFAULT_SPEC", "synthetic_root", "ensure_synthetic_pair", "register_synthetic_pair"]
+__all__ = ["SyntheticPairSpec", "DEFAULT_SPEC", "TINY_SPEC", "synthetic_root", "ensure_synthetic_pair", "register_synthetic_pair"]
 
 logger = logging.getLogger(__name__)
 
@@ -118,6 +119,9 @@ class SyntheticPairSpec:
 
 
 DEFAULT_SPEC = SyntheticPairSpec()
+# A small variant for smoke runs and the test suite: generated in about a second.
+TINY_SPEC = SyntheticPairSpec(height=48, width=96, num_source_train=24, num_source_val=8, num_target_train=24,
+                              num_target_val=8)
 
 
 # ----------------------------------------------------------------------------------------------- scene drawing

@@ -123,7 +123,8 @@ def build_dilated_resnet_backbone(cfg: CfgNode, input_shape: ShapeSpec) -> TimmB
         kwargs["layers"] = tuple(t.LAYERS)
     norm = cfg.MODEL.BACKBONE.NORM
     if norm in ("GN", "SyncBN"):
-        kwargs["norm_layer"] = lambda c: get_norm(norm, c)
+        # timm also passes device/dtype, which our norms take from the default (the model is moved later).
+        kwargs["norm_layer"] = lambda c, **_: get_norm(norm, c)
     model = timm.create_model(t.ARCH, pretrained=False, **kwargs)
     if cfg.MODEL.BACKBONE.PRETRAINED:
         load_pretrained(model, cfg.MODEL.BACKBONE.PRETRAINED)
