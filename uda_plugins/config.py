@@ -86,6 +86,8 @@ def add_uda_config(cfg: CN) -> None:
     # Stochastic depth rate (MiT in DAFormer uses 0.1).
     _C.MODEL.TIMM.DROP_PATH_RATE = 0.0
 
+    # The decode head (DeepLabV2Head, SegFormerHead or DAFormerHead), the backbone outputs it reads, and the number
+    # of classes (project defaults: DeepLab-V2 on res5, the 19 Cityscapes classes).
     _C.MODEL.SEM_SEG_HEAD.NAME = "DeepLabV2Head"
     _C.MODEL.SEM_SEG_HEAD.IN_FEATURES = ["res5"]
     _C.MODEL.SEM_SEG_HEAD.NUM_CLASSES = 19

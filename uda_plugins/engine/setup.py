@@ -9,7 +9,7 @@ import torch
 from uda_plugins.config import get_uda_cfg
 from uda_plugins.d2 import BACKEND, CfgNode, comm, default_setup, setup_logger
 
-__all__ = ["setup_cfg", "resolve_device"]
+__all__ = ["setup_cfg", "resolve_device", "merge_overrides"]
 
 logger = logging.getLogger(__name__)
 
@@ -24,6 +24,19 @@ def resolve_device(cfg: CfgNode) -> str:
     return ""
 
 
+def merge_overrides(cfg: CfgNode, opts: list) -> None:
+    """``cfg.merge_from_list(opts)``, failing like a config file does: yacs asserts on an unknown key from the
+    command line, a file raises ``KeyError('Non-existent config key: ...')``."""
+    if len(opts) % 2:
+        raise ValueError(f"Config overrides must be KEY VALUE pairs, got an odd number: {opts}")
+    try:
+        cfg.merge_from_list(opts)
+    except AssertionError as e:
+        if "Non-existent key" in str(e):
+            raise KeyError(str(e).replace("Non-existent key", "Non-existent config key")) from None
+        raise
+
+
 def setup_cfg(args) -> CfgNode:
     """``get_uda_cfg`` + ``--config-file`` + trailing ``KEY VALUE`` overrides, frozen; then Detectron2's
     ``default_setup`` (output dir, logs, config.yaml, seeds) and the uda_plugins logger."""
@@ -33,7 +46,7 @@ def setup_cfg(args) -> CfgNode:
         raise FileNotFoundError(f"Config file '{args.config_file}' does not exist")
     cfg = get_uda_cfg()
     cfg.merge_from_file(args.config_file)
-    cfg.merge_from_list(list(args.opts or []))
+    merge_overrides(cfg, list(args.opts or []))
     device_warning = resolve_device(cfg)
     cfg.freeze()
     default_setup(cfg, args)

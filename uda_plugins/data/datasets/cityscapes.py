@@ -97,18 +97,18 @@ def prepare_cityscapes(root: str, splits: Sequence[str] = ("train", "val"), skip
     return written
 
 
-def register_cityscapes(root: str) -> None:
-    """``cityscapes_{train,val}`` (19 classes) and ``cityscapes_7cls_{train,val}`` (MTAF 7 classes)."""
+def register_cityscapes(root: str, prefix: str = "cityscapes") -> None:
+    """``{prefix}_{train,val}`` (19 classes) and ``{prefix}_7cls_{train,val}`` (MTAF 7 classes)."""
     for split in ("train", "val"):
         register_sem_seg(
-            f"cityscapes_{split}",
+            f"{prefix}_{split}",
             lambda split=split: load_cityscapes_semseg(root, split, LABEL_SUFFIXES[CITYSCAPES_19.name]),
             CITYSCAPES_19,
             eval_subsets=("synthia16", "synthia13"),
             dataset_root=root,
         )
         register_sem_seg(
-            f"cityscapes_7cls_{split}",
+            f"{prefix}_7cls_{split}",
             lambda split=split: load_cityscapes_semseg(root, split, LABEL_SUFFIXES[MTAF_7.name]),
             MTAF_7,
             dataset_root=root,

@@ -1,0 +1,192 @@
+"""The Detectron2 engine subset (builtin, or Detectron2's own when installed): events and writers, the training
+loop and its hooks, schedules, comm and launch with two gloo processes."""
+import json
+import os
+
+import pytest
+import torch
+
+from uda_plugins.d2 import (
+    EventStorage,
+    JSONWriter,
+    TensorboardXWriter,
+    TrainerBase,
+    comm,
+    default_argument_parser,
+    get_event_storage,
+    hooks,
+    launch,
+)
+from uda_plugins.engine.optim import PolyWithWarmup, build_lr_scheduler, build_optimizer
+
+
+def test_event_storage_scalars_smoothing_and_scopes():
+    with EventStorage(start_iter=5) as storage:
+        assert get_event_storage() is storage
+        for i, v in enumerate([4.0, 1.0, 3.0]):
+            storage.iter = 5 + i
+            storage.put_scalar("loss", v)
+            storage.put_scalar("lr", v, smoothing_hint=False)
+        with storage.name_scope("target"):
+            storage.put_scalar("acc", 0.5)
+        latest = storage.latest_with_smoothing_hint(window_size=20)
+        assert latest["loss"] == (3.0, 7)  # median of 4, 1, 3
+        assert latest["lr"] == (3.0, 7)  # no smoothing
+        assert "target/acc" in storage.latest()
+        with pytest.raises(AssertionError):
+            storage.put_scalar("lr", 1.0, smoothing_hint=True)
+
+
+def test_json_and_tensorboard_writers(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    with EventStorage() as storage:
+        json_writer = JSONWriter(str(tmp_path / "metrics.json"))
+        tb_writer = TensorboardXWriter(str(tmp_path))
+        for it in range(3):
+            storage.iter = it
+            storage.put_scalar("loss", float(it))
+            storage.put_image("vis", torch.zeros(3, 4, 6, dtype=torch.uint8))
+            json_writer.write()
+            tb_writer.write()
+        json_writer.close()
+        tb_writer.close()
+    rows = [json.loads(line) for line in open(tmp_path / "metrics.json")]
+    assert [r["iteration"] for r in rows] == [0, 1, 2]
+    acc = EventAccumulator(str(tmp_path), size_guidance={"images": 0, "scalars": 0})
+    acc.Reload()
+    assert [e.step for e in acc.Scalars("loss")] == [0, 1, 2]
+    assert len(acc.Images("vis")) == 3
+
+
+class _Recorder(hooks.HookBase):
+    def __init__(self, log):
+        self.log = log
+        self.count = 0
+
+    def before_train(self):
+        self.log.append("before_train")
+
+    def before_step(self):
+        self.log.append(f"before_step{self.trainer.iter}")
+
+    def after_step(self):
+        self.count += 1
+        self.log.append(f"after_step{self.trainer.iter}")
+
+    def after_train(self):
+        self.log.append(f"after_train{self.trainer.iter}")
+
+    def state_dict(self):
+        return {"count": self.count}
+
+    def load_state_dict(self, state):
+        self.count = state["count"]
+
+
+class _Loop(TrainerBase):
+    def __init__(self, fail_at=None):
+        super().__init__()
+        self.fail_at = fail_at
+
+    def run_step(self):
+        if self.iter == self.fail_at:
+            raise RuntimeError("boom")
+
+
+def test_training_loop_calls_hooks_in_order_and_saves_hook_state():
+    log = []
+    loop = _Loop()
+    rec = _Recorder(log)
+    loop.register_hooks([rec, None])
+    loop.train(2, 4)
+    assert log == ["before_train", "before_step2", "after_step2", "before_step3", "after_step3", "after_train4"]
+    assert loop.iter == 4  # finished
+    state = loop.state_dict()
+    assert state["iteration"] == 4 and state["hooks"]["_Recorder"] == {"count": 2}
+    other = _Loop()
+    rec2 = _Recorder([])
+    other.register_hooks([rec2])
+    other.load_state_dict(state)
+    assert other.iter == 4 and rec2.count == 2
+
+
+def test_after_train_runs_after_an_exception():
+    log = []
+    loop = _Loop(fail_at=1)
+    loop.register_hooks([_Recorder(log)])
+    with pytest.raises(RuntimeError):
+        loop.train(0, 3)
+    assert log[-1] == "after_train1"
+
+
+def test_poly_with_warmup_matches_mmcv_formula():
+    sched = PolyWithWarmup(max_iter=100, power=1.0, end_ratio=0.0, warmup_iters=10, warmup_ratio=1e-6)
+    assert sched(0.0) == pytest.approx(1e-6)
+    t = 5
+    expected = (1 - t / 100) * (1 - (1 - t / 10) * (1 - 1e-6))
+    assert sched(t / 100) == pytest.approx(expected)
+    assert sched(0.5) == pytest.approx(0.5)
+    assert sched(1.0) == pytest.approx(0.0)
+
+
+def test_optimizer_groups_and_scheduler(tiny_cfg):
+    from uda_plugins.d2 import build_model
+
+    tiny_cfg.SOLVER.HEAD_LR_MULTIPLIER = 10.0
+    tiny_cfg.SOLVER.WEIGHT_DECAY = 0.01
+    model = build_model(tiny_cfg)
+    opt = build_optimizer(tiny_cfg, model)
+    by_name = {}
+    for n, p in model.named_parameters():
+        for g in opt.param_groups:
+            if any(p is q for q in g["params"]):
+                by_name[n] = (g["lr"], g["weight_decay"])
+    head_conv = next(n for n in by_name if n.startswith("student.head.") and n.endswith("classifier.weight"))
+    bb_conv = next(n for n in by_name if n.startswith("student.backbone.") and n.endswith("conv1.0.weight"))
+    bb_norm = next(n for n in by_name if n.startswith("student.backbone.") and n.endswith("bn1.weight"))
+    assert by_name[head_conv] == (pytest.approx(10 * tiny_cfg.SOLVER.BASE_LR), 0.01)
+    assert by_name[bb_conv] == (pytest.approx(tiny_cfg.SOLVER.BASE_LR), 0.01)
+    assert by_name[bb_norm][1] == 0.0
+    sched = build_lr_scheduler(tiny_cfg, opt)
+    lrs = []
+    for _ in range(tiny_cfg.SOLVER.MAX_ITER):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs[0] < lrs[1] and lrs[-1] < lrs[2]  # warmup, then decay
+
+
+def test_argument_parser_has_the_detectron2_flags():
+    args = default_argument_parser().parse_args(
+        ["--config-file", "a.yaml", "--resume", "--num-gpus", "2", "--num-machines", "2", "--machine-rank", "1",
+         "--dist-url", "tcp://1.2.3.4:5", "SOLVER.BASE_LR", "0.1"]
+    )
+    assert args.resume and args.num_gpus == 2 and args.num_machines == 2 and args.machine_rank == 1
+    assert args.dist_url == "tcp://1.2.3.4:5" and args.opts == ["SOLVER.BASE_LR", "0.1"]
+    assert not default_argument_parser().parse_args(["--eval-only"]).resume
+
+
+def test_comm_single_process():
+    assert comm.get_world_size() == 1 and comm.get_rank() == 0 and comm.is_main_process()
+    assert comm.all_gather({"a": 1}) == [{"a": 1}]
+    comm.synchronize()
+
+
+def _collective_worker(out_dir):
+    rank = comm.get_rank()
+    gathered = comm.all_gather(rank * 10)
+    to_zero = comm.gather(rank)
+    seed = comm.shared_random_seed()
+    with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
+        json.dump({"all": gathered, "gather": to_zero, "seed": seed, "world": comm.get_world_size(),
+                   "local": comm.get_local_rank()}, f)
+
+
+def test_launch_two_gloo_processes(tmp_path):
+    launch(_collective_worker, 2, dist_url="auto", args=(str(tmp_path),))
+    r0 = json.load(open(tmp_path / "rank0.json"))
+    r1 = json.load(open(tmp_path / "rank1.json"))
+    assert r0["all"] == r1["all"] == [0, 10]
+    assert r0["gather"] == [0, 1] and r1["gather"] == []
+    assert r0["seed"] == r1["seed"] and r0["world"] == 2 and r1["local"] == 1

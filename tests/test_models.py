@@ -1,0 +1,163 @@
+"""Backbones, heads, pretrained weights from local files, the Segmentor and inference."""
+import re
+
+import pytest
+import timm
+import torch
+from torch import nn
+
+from uda_plugins.config import get_uda_cfg
+from uda_plugins.d2 import BACKBONE_REGISTRY, ShapeSpec, build_model
+from uda_plugins.modeling import Segmentor, slide_inference, whole_inference
+
+
+def _cfg(**kv):
+    cfg = get_uda_cfg()
+    cfg.MODEL.DEVICE = "cpu"
+    for k, v in kv.items():
+        node = cfg
+        *path, last = k.split(".")
+        for p in path:
+            node = node[p]
+        node[last] = v
+    return cfg
+
+
+SMALL_RESNET = dict(**{"MODEL.TIMM.ARCH": "resnet18", "MODEL.TIMM.CHANNELS": (16, 24, 32, 48),
+                       "MODEL.TIMM.LAYERS": (1, 1, 1, 1)})
+
+
+def _backbone(cfg):
+    return BACKBONE_REGISTRY.get(cfg.MODEL.BACKBONE.NAME)(cfg, ShapeSpec(channels=3))
+
+
+def test_dilated_resnet_output_stride_8_and_deep_stem():
+    bb = _backbone(_cfg(**SMALL_RESNET, **{"MODEL.TIMM.STEM": "deep"}))
+    shapes = bb.output_shape()
+    assert [shapes[f].stride for f in ("res2", "res3", "res4", "res5")] == [4, 8, 8, 8]
+    assert [shapes[f].channels for f in ("res2", "res3", "res4", "res5")] == [16, 24, 32, 48]
+    out = bb(torch.randn(2, 3, 64, 96))
+    assert out["res5"].shape == (2, 48, 8, 12) and out["res2"].shape == (2, 16, 16, 24)
+    assert any(n.startswith("model.conv1.3") for n, _ in bb.named_parameters())  # the three-conv v1c stem
+    os16 = _backbone(_cfg(**SMALL_RESNET, **{"MODEL.TIMM.OUTPUT_STRIDE": 16}))
+    assert os16.output_shape()["res5"].stride == 16
+
+
+def test_mit_backbone_is_pvt_v2():
+    bb = _backbone(_cfg(**{"MODEL.BACKBONE.NAME": "build_mit_backbone", "MODEL.TIMM.ARCH": "pvt_v2_b0"}))
+    shapes = bb.output_shape()
+    assert [shapes[f].stride for f in ("res2", "res3", "res4", "res5")] == [4, 8, 16, 32]
+    assert [shapes[f].channels for f in ("res2", "res3", "res4", "res5")] == [32, 64, 160, 256]
+    assert bb(torch.randn(1, 3, 64, 64))["res5"].shape == (1, 256, 2, 2)
+
+
+@pytest.mark.parametrize("head,stride", [("DeepLabV2Head", 8), ("SegFormerHead", 4), ("DAFormerHead", 4)])
+def test_heads(head, stride):
+    features = ["res5"] if head == "DeepLabV2Head" else ["res2", "res3", "res4", "res5"]
+    cfg = _cfg(**SMALL_RESNET, **{"MODEL.SEM_SEG_HEAD.NAME": head, "MODEL.SEM_SEG_HEAD.IN_FEATURES": features,
+                                  "MODEL.SEM_SEG_HEAD.EMBED_DIM": 32, "MODEL.SEM_SEG_HEAD.NUM_CLASSES": 7})
+    net = Segmentor(cfg)
+    logits = net(net.normalize(torch.randint(0, 255, (2, 3, 64, 96))))
+    assert logits.shape == (2, 7, 64 // stride, 96 // stride)
+
+
+def test_daformer_head_structure():
+    cfg = _cfg(**SMALL_RESNET, **{"MODEL.SEM_SEG_HEAD.NAME": "DAFormerHead",
+                                  "MODEL.SEM_SEG_HEAD.IN_FEATURES": ["res2", "res3", "res4", "res5"]})
+    head = Segmentor(cfg).head
+    # dilation 1 -> a 1x1 conv; 6, 12, 18 -> depthwise-separable 3x3 convs with that dilation
+    assert head.fuse.branches[0][0].kernel_size == (1, 1)
+    dw = head.fuse.branches[2][0][0]
+    assert dw.groups == dw.in_channels and dw.dilation == (12, 12)
+    assert head.fuse.bottleneck[0].kernel_size == (3, 3)
+
+
+def _save(obj, path):
+    torch.save(obj, path)
+    return str(path)
+
+
+def _assert_loaded(backbone, reference_sd):
+    own = backbone.model.state_dict()
+    compared = 0
+    for k, v in reference_sd.items():
+        if k in own:
+            assert torch.equal(own[k], v), k
+            compared += 1
+    assert compared > 10
+
+
+def test_pretrained_resnet_from_timm_torchvision_and_mmseg_files(tmp_path):
+    kwargs = dict(stem_type="deep", stem_width=32, channels=(16, 24, 32, 48), layers=(1, 1, 1, 1))
+    reference = timm.create_model("resnet18", **kwargs).state_dict()  # timm == torchvision names (+ fc)
+    cfg = _cfg(**SMALL_RESNET, **{"MODEL.TIMM.STEM": "deep"})
+    cfg.MODEL.BACKBONE.PRETRAINED = _save(reference, tmp_path / "timm.pth")
+    _assert_loaded(_backbone(cfg), reference)
+    # mmseg / mmcv: {"state_dict": {"backbone.stem.0.weight": ...}} with the v1c stem as stem.0..stem.7
+    stem = {"conv1.0": "stem.0", "conv1.1": "stem.1", "conv1.3": "stem.3", "conv1.4": "stem.4", "conv1.6": "stem.6",
+            "bn1": "stem.7"}
+    mm = {}
+    for k, v in reference.items():
+        prefix = next((p for p in stem if k.startswith(p + ".")), None)
+        mm["backbone." + (stem[prefix] + k[len(prefix):] if prefix else k)] = v
+    cfg.MODEL.BACKBONE.PRETRAINED = _save({"meta": {}, "state_dict": mm}, tmp_path / "mmseg.pth")
+    _assert_loaded(_backbone(cfg), reference)
+
+
+def test_pretrained_mit_from_the_original_segformer_names(tmp_path):
+    reference = timm.create_model("pvt_v2_b0").state_dict()
+
+    def original_name(k):  # timm -> the MiT / PVTv2 release's names
+        k = k.replace("patch_embed.", "patch_embed1.")
+        k = re.sub(r"stages\.(\d)\.downsample\.", lambda m: f"patch_embed{int(m.group(1)) + 1}.", k)
+        k = re.sub(r"stages\.(\d)\.blocks\.(\d+)\.", lambda m: f"block{int(m.group(1)) + 1}.{m.group(2)}.", k)
+        k = re.sub(r"stages\.(\d)\.norm\.", lambda m: f"norm{int(m.group(1)) + 1}.", k)
+        return k.replace("mlp.dwconv.", "mlp.dwconv.dwconv.")
+
+    original = {original_name(k): v for k, v in reference.items()}
+    assert "block1.0.attn.q.weight" in original and "patch_embed2.proj.weight" in original
+    cfg = _cfg(**{"MODEL.BACKBONE.NAME": "build_mit_backbone", "MODEL.TIMM.ARCH": "pvt_v2_b0",
+                  "MODEL.BACKBONE.PRETRAINED": _save(original, tmp_path / "mit_b0.pth")})
+    _assert_loaded(_backbone(cfg), reference)
+
+
+def test_pretrained_file_errors(tmp_path):
+    cfg = _cfg(**SMALL_RESNET, **{"MODEL.BACKBONE.PRETRAINED": str(tmp_path / "missing.pth")})
+    with pytest.raises(FileNotFoundError, match="missing.pth' does not exist"):
+        _backbone(cfg)
+    cfg.MODEL.BACKBONE.PRETRAINED = _save({"conv1.weight": torch.zeros(1)}, tmp_path / "wrong.pth")
+    with pytest.raises(KeyError, match="parameters are missing"):
+        _backbone(cfg)
+    (tmp_path / "garbage.pth").write_bytes(b"not a checkpoint")
+    cfg.MODEL.BACKBONE.PRETRAINED = str(tmp_path / "garbage.pth")
+    with pytest.raises(OSError, match="could not be read"):
+        _backbone(cfg)
+
+
+def test_norm_options():
+    frozen = _backbone(_cfg(**SMALL_RESNET, **{"MODEL.BACKBONE.NORM": "FrozenBN"}))
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in frozen.modules())
+    gn = _backbone(_cfg(**SMALL_RESNET, **{"MODEL.BACKBONE.NORM": "GN"}))
+    assert any(isinstance(m, nn.GroupNorm) for m in gn.modules())
+    assert gn(torch.randn(1, 3, 32, 32))["res5"].shape[1] == 48
+
+
+def test_source_only_meta_arch_contract(tiny_cfg):
+    model = build_model(tiny_cfg)
+    image = torch.randint(0, 255, (3, 48, 96), dtype=torch.uint8)
+    label = torch.randint(0, 19, (48, 96))
+    model.train()
+    losses = model({"source": [{"image": image, "sem_seg": label}] * 2})
+    assert set(losses) == {"loss_source"} and losses["loss_source"].requires_grad
+    model.eval()
+    out = model([{"image": image, "height": 60, "width": 120}])
+    assert out[0]["sem_seg"].shape == (19, 60, 120)  # logits at the requested (original) size
+
+
+def test_slide_inference_equals_whole_for_a_pointwise_net():
+    net = nn.Conv2d(3, 5, 1)
+    x = torch.randn(1, 3, 37, 53)
+    whole = whole_inference(net, x)
+    slide = slide_inference(net, x, crop=(16, 20), stride=(10, 13), windows_per_batch=3)
+    assert torch.allclose(whole, slide, atol=1e-6)
+    assert torch.allclose(slide_inference(net, x, crop=(64, 64), stride=(32, 32), windows_per_batch=2), whole)

@@ -1,0 +1,81 @@
+"""The embedded synthetic domain pair: deterministic, two different styles, written in the Cityscapes layout."""
+import multiprocessing as mp
+import os
+
+import numpy as np
+
+from uda_plugins.d2 import DatasetCatalog, MetadataCatalog
+from uda_plugins.data.datasets.synthetic import (
+    CAR,
+    PERSON,
+    TINY_SPEC,
+    SyntheticPairSpec,
+    ensure_synthetic_pair,
+    present_classes,
+    render_image,
+)
+from uda_plugins.data.labels import CITYSCAPES_19, cityscapes_labelid_to_trainid
+from uda_plugins.data.datasets.common import read_label
+
+DRAWN_IDS = {7, 8, 11, 17, 20, 21, 23, 24, 26}
+
+
+def test_rendering_is_deterministic_and_uses_cityscapes_ids():
+    a_img, a_lab = render_image(TINY_SPEC, "target", "train", 3)
+    b_img, b_lab = render_image(TINY_SPEC, "target", "train", 3)
+    assert np.array_equal(a_img, b_img) and np.array_equal(a_lab, b_lab)
+    assert a_img.shape == (48, 96, 3) and a_img.dtype == np.uint8
+    assert set(np.unique(a_lab)) <= DRAWN_IDS
+    other_img, _ = render_image(TINY_SPEC, "target", "train", 4)
+    assert not np.array_equal(a_img, other_img)
+    assert len(present_classes()) == 9
+
+
+def test_the_two_domains_differ_in_appearance_and_class_frequencies():
+    spec = SyntheticPairSpec(height=64, width=128)
+    stats = {}
+    for domain in ("source", "target"):
+        car_person, sharpness, colours = [], [], []
+        for i in range(40):
+            img, lab = render_image(spec, domain, "train", i)
+            car_person.append(np.isin(lab, [CAR, PERSON]).mean())
+            sharpness.append(np.abs(np.diff(img.astype(float), axis=1)).mean())
+            colours.append(img[lab == CAR].mean(0) if (lab == CAR).any() else np.full(3, np.nan))
+        stats[domain] = (np.mean(car_person), np.nanstd(np.array(colours), axis=0).mean())
+    # more cars and persons in the target, and cars of many colours (the source paints them one colour)
+    assert stats["target"][0] > 1.5 * stats["source"][0]
+    assert stats["target"][1] > 2 * stats["source"][1]
+
+
+def test_files_are_in_the_cityscapes_layout_and_registered():
+    names = [f"synthetic_tiny_{d}_{s}" for d in ("source", "target") for s in ("train", "val")]
+    assert all(n in DatasetCatalog.list() for n in names)
+    dicts = DatasetCatalog.get("synthetic_tiny_target_val")
+    assert len(dicts) == TINY_SPEC.num_target_val
+    d = dicts[0]
+    assert d["file_name"].endswith("_leftImg8bit.png") and "/leftImg8bit/val/" in d["file_name"]
+    assert d["sem_seg_file_name"].endswith("_gtFine_labelTrainIds.png") and (d["height"], d["width"]) == (48, 96)
+    raw = read_label(d["sem_seg_file_name"].replace("labelTrainIds", "labelIds"))
+    train_ids = read_label(d["sem_seg_file_name"])
+    assert np.array_equal(cityscapes_labelid_to_trainid()[raw], train_ids)  # converted by the real prep code
+    assert MetadataCatalog.get("synthetic_tiny_target_val").stuff_classes == list(CITYSCAPES_19.classes)
+
+
+def _ensure(root, spec, queue):
+    queue.put(ensure_synthetic_pair(spec, root=root))
+
+
+def test_concurrent_first_use_generates_once(tmp_path):
+    spec = SyntheticPairSpec(height=16, width=32, num_source_train=3, num_source_val=1, num_target_train=3,
+                             num_target_val=1, seed=11)
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    procs = [ctx.Process(target=_ensure, args=(str(tmp_path), spec, queue)) for _ in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+    paths = {queue.get(timeout=5) for _ in procs}
+    assert len(paths) == 1
+    entries = [e for e in os.listdir(tmp_path) if not e.endswith(".lock")]
+    assert entries == [spec.key()]  # no leftover temporary folders
