@@ -90,3 +90,23 @@ def test_every_project_key_is_documented():
             if "#" not in line and not lines[j].strip().startswith("#") and "# " not in lines[j]:
                 undocumented.append(stripped)
     assert not undocumented, undocumented
+
+
+def _all_configs():
+    import glob
+
+    return sorted(p for p in glob.glob(os.path.join(REPO, "configs", "**", "*.yaml"), recursive=True)
+                  if not os.path.basename(p).startswith("Base-"))
+
+
+@pytest.mark.parametrize("path", _all_configs(), ids=lambda p: os.path.relpath(p, os.path.join(REPO, "configs")))
+def test_every_config_loads_and_names_registered_things(path):
+    from uda_plugins.d2 import BACKBONE_REGISTRY, META_ARCH_REGISTRY, SEM_SEG_HEADS_REGISTRY, DatasetCatalog
+
+    cfg = get_uda_cfg()
+    cfg.merge_from_file(path)
+    assert cfg.MODEL.META_ARCHITECTURE in META_ARCH_REGISTRY
+    assert cfg.MODEL.BACKBONE.NAME in BACKBONE_REGISTRY and cfg.MODEL.SEM_SEG_HEAD.NAME in SEM_SEG_HEADS_REGISTRY
+    for name in cfg.DATASETS.SOURCE_TRAIN + cfg.DATASETS.TARGET_TRAIN + cfg.DATASETS.TEST:
+        assert name in DatasetCatalog.list(), name
+    assert cfg.OUTPUT_DIR.startswith("output/")

@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from conftest import REPO, SYNTHETIC_BASE, tiny_overrides
+from conftest import REPO, tiny_overrides
 
 sys.path.insert(0, os.path.join(REPO, "tools"))
 import train_net  # noqa: E402

@@ -11,7 +11,7 @@ import os
 import sys
 
 import uda_plugins  # noqa: F401  (registers datasets, models and methods)
-from uda_plugins.d2 import comm, default_argument_parser, launch
+from uda_plugins.d2 import default_argument_parser, launch
 from uda_plugins.engine import UDACheckpointer, UDATrainer, setup_cfg
 
 logger = logging.getLogger("uda_plugins.train_net")

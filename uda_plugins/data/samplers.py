@@ -12,7 +12,6 @@ from __future__ import annotations
 
 from typing import Iterator, List
 
-import numpy as np
 import torch
 
 __all__ = ["EpochPermutationSampler", "InferenceSampler", "rank_positions"]

@@ -6,7 +6,7 @@ it into full-resolution predictions.
 """
 from __future__ import annotations
 
-from typing import Dict, List, Sequence
+from typing import Dict, Sequence
 
 import torch
 from torch import nn

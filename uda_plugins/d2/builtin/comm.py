@@ -6,7 +6,7 @@ Detectron2. Everything degrades to the single-process answer when torch.distribu
 from __future__ import annotations
 
 import functools
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List
 
 import numpy as np
 import torch

@@ -3,7 +3,7 @@ and registering a split in Detectron2's catalogs."""
 from __future__ import annotations
 
 import os
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, List, Sequence
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError

@@ -1,0 +1,100 @@
+#!/usr/bin/env python
+"""Training speed and memory of a config, measured on its real data pipeline.
+
+    python tools/benchmark.py --config-file configs/synthetic/source_only.yaml [--iters 100] [--warmup 10] [KEY VALUE ...]
+
+Prints one table: seconds per iteration (median and mean over the timed iterations), the part spent waiting for
+data, images per second (all domains), peak host memory (RSS) and peak device memory. Nothing is written except a
+throw-away OUTPUT_DIR in a temporary folder; no evaluation runs.
+"""
+import argparse
+import os
+import resource
+import statistics
+import sys
+import tempfile
+import time
+
+import torch
+from tabulate import tabulate
+
+import uda_plugins  # noqa: F401  (registration)
+from uda_plugins.config import get_uda_cfg
+from uda_plugins.d2 import EventStorage
+from uda_plugins.engine import UDATrainer
+from uda_plugins.engine.setup import merge_overrides, resolve_device
+
+
+def build_cfg(args, output_dir):
+    cfg = get_uda_cfg()
+    cfg.merge_from_file(args.config_file)
+    merge_overrides(cfg, list(args.opts or []))
+    warning = resolve_device(cfg)
+    if warning:
+        print(warning, file=sys.stderr)
+    cfg.OUTPUT_DIR = output_dir
+    cfg.TEST.EVAL_PERIOD = 0
+    cfg.VIS_PERIOD = 0
+    cfg.SOLVER.MAX_ITER = max(cfg.SOLVER.MAX_ITER, args.warmup + args.iters)
+    cfg.freeze()
+    return cfg
+
+
+def images_per_iteration(cfg, trainer) -> int:
+    req = type(trainer.model).data_requirements
+    n = cfg.SOLVER.IMS_PER_BATCH_SOURCE if req.source else 0
+    if req.target:
+        n += cfg.SOLVER.IMS_PER_BATCH_TARGET * len(cfg.DATASETS.TARGET_TRAIN)
+    return n
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config-file", required=True)
+    parser.add_argument("--iters", type=int, default=50, help="timed iterations")
+    parser.add_argument("--warmup", type=int, default=5, help="untimed iterations first")
+    parser.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE config overrides")
+    args = parser.parse_args(argv)
+    if not os.path.isfile(args.config_file):
+        parser.error(f"Config file '{args.config_file}' does not exist")
+
+    with tempfile.TemporaryDirectory(prefix="uda_benchmark_") as output_dir:
+        cfg = build_cfg(args, output_dir)
+        torch.manual_seed(0)
+        trainer = UDATrainer(cfg)
+        cuda = cfg.MODEL.DEVICE.startswith("cuda")
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+        step_times, data_times = [], []
+        with EventStorage(0) as storage:
+            trainer.storage = storage
+            for it in range(args.warmup + args.iters):
+                storage.iter = trainer.iter = it
+                start = time.perf_counter()
+                trainer.run_step()
+                if cuda:
+                    torch.cuda.synchronize()
+                elapsed = time.perf_counter() - start
+                if it >= args.warmup:
+                    step_times.append(elapsed)
+                    data_times.append(storage.history("data_time").latest())
+        sec = statistics.median(step_times)
+        rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        rows = [[
+            os.path.basename(args.config_file),
+            cfg.MODEL.DEVICE,
+            f"{sec:.4f}",
+            f"{statistics.mean(step_times):.4f}",
+            f"{statistics.median(data_times):.4f}",
+            f"{images_per_iteration(cfg, trainer) / sec:.1f}",
+            f"{rss_mb:.0f}",
+            f"{torch.cuda.max_memory_allocated() / 2**20:.0f}" if cuda else "-",
+        ]]
+        print(tabulate(rows, headers=["config", "device", "s/it (median)", "s/it (mean)", "data s/it", "img/s",
+                                      "peak RSS MiB", "peak device MiB"], tablefmt="github"))
+        print(f"({args.iters} timed iterations after {args.warmup} warm-up; torch threads: {torch.get_num_threads()})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
