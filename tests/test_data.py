@@ -1,4 +1,5 @@
 """Label tables, replayable transforms, the mapper and the UDA loader."""
+
 import numpy as np
 import pytest
 import torch
@@ -34,8 +35,21 @@ def test_cityscapes_trainid_table_is_cityscapesscripts():
 
 def test_mtaf7_table_and_synthia_subsets():
     lut = cityscapes_labelid_to_mtaf7()
-    expect = {7: "flat", 8: "flat", 11: "construction", 17: "object", 21: "nature", 22: "nature", 23: "sky",
-              25: "human", 29: "vehicle", 33: "vehicle", 9: None, 18: None, 0: None}
+    expect = {
+        7: "flat",
+        8: "flat",
+        11: "construction",
+        17: "object",
+        21: "nature",
+        22: "nature",
+        23: "sky",
+        25: "human",
+        29: "vehicle",
+        33: "vehicle",
+        9: None,
+        18: None,
+        0: None,
+    }
     for raw, name in expect.items():
         assert lut[raw] == (MTAF_7.index(name) if name else 255), raw
     assert len(EVAL_SUBSETS["synthia16"]) == 16 and len(EVAL_SUBSETS["synthia13"]) == 13
@@ -61,8 +75,9 @@ def test_apply_lut_rejects_values_outside_the_table():
 def test_geometry_is_recorded_and_replayable():
     rng = np.random.default_rng(0)
     label = np.random.default_rng(1).integers(0, 19, (60, 100)).astype(np.uint8)
-    geometry = sample_geometry(rng, label.shape, resize=(30, 60), ratio_range=(1.5, 2.0), crop_size=(32, 32),
-                               flip_prob=1.0)
+    geometry = sample_geometry(
+        rng, label.shape, resize=(30, 60), ratio_range=(1.5, 2.0), crop_size=(32, 32), flip_prob=1.0
+    )
     assert geometry.flip and geometry.output_size == (32, 32)
     assert Geometry.from_dict(geometry.to_dict()) == geometry
     numpy_out = apply_geometry(label, geometry, is_label=True)
@@ -89,8 +104,9 @@ def test_fit_scale_and_category_max_ratio():
     label = np.zeros((64, 64), dtype=np.uint8)
     label[:, 56:] = 1  # class 1 only in a thin strip: most crops are all class 0
     for seed in range(20):
-        g = sample_geometry(np.random.default_rng(seed), label.shape, crop_size=(16, 16), cat_max_ratio=0.75,
-                            label=label)
+        g = sample_geometry(
+            np.random.default_rng(seed), label.shape, crop_size=(16, 16), cat_max_ratio=0.75, label=label
+        )
         crop = apply_geometry(label, g, is_label=True)
         counts = np.bincount(crop.ravel(), minlength=2)
         if counts.min() > 0:
@@ -106,7 +122,9 @@ def _fake_cityscapes(root, n=2, size=(16, 32)):
             img_dir, gt_dir = root / "leftImg8bit" / split / "city", root / "gtFine" / split / "city"
             img_dir.mkdir(parents=True, exist_ok=True)
             gt_dir.mkdir(parents=True, exist_ok=True)
-            Image.fromarray(np.full(size + (3,), 40 * i, np.uint8)).save(img_dir / f"city_{i:06d}_000019_leftImg8bit.png")
+            Image.fromarray(np.full(size + (3,), 40 * i, np.uint8)).save(
+                img_dir / f"city_{i:06d}_000019_leftImg8bit.png"
+            )
             ids = np.full(size, 7, np.uint8)
             ids[: size[0] // 2] = 23
             Image.fromarray(ids).save(gt_dir / f"city_{i:06d}_000019_gtFine_labelIds.png")
@@ -158,7 +176,7 @@ def test_dataset_errors_missing_root_split_and_label(tmp_path):
     with pytest.raises(FileNotFoundError, match="folder '.*nowhere' does not exist.*UDA_DATASETS"):
         load_cityscapes_semseg(str(tmp_path / "nowhere"), "train")
     root = _fake_cityscapes(tmp_path / "cs", n=1)
-    with pytest.raises(FileNotFoundError, match="gtFine/test' does not exist"):
+    with pytest.raises(FileNotFoundError, match="leftImg8bit/test' does not exist"):
         load_cityscapes_semseg(str(root), "test")
     label = next((root / "gtFine" / "train" / "city").glob("*labelTrainIds.png"))
     label.unlink()

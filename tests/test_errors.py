@@ -1,10 +1,11 @@
 """Bad input through the command line: one clear line on stderr, exit status 1, nothing silently trained."""
+
 import os
 import sys
 
 import torch
-
 from conftest import REPO, tiny_overrides
+
 from uda_plugins.d2 import META_ARCH_REGISTRY, get_event_storage
 from uda_plugins.methods import SourceOnly
 
@@ -37,9 +38,10 @@ def test_unknown_config_key_in_a_file_and_on_the_command_line(capsys, tmp_path):
 def test_missing_dataset_root(capsys, tmp_path):
     from uda_plugins.data.datasets import register_cityscapes
 
-    register_cityscapes(str(tmp_path / "no_cityscapes_here"), prefix="errtest_cityscapes")
-    args = ["--config-file", SOURCE_ONLY] + tiny_overrides(str(tmp_path / "out"), **{
-        "DATASETS.SOURCE_TRAIN": "('errtest_cityscapes_train',)"})
+    register_cityscapes(str(tmp_path / "no_cityscapes_here"), name_prefix="errtest_cityscapes")
+    args = ["--config-file", SOURCE_ONLY] + tiny_overrides(
+        str(tmp_path / "out"), **{"DATASETS.SOURCE_TRAIN": "('errtest_cityscapes_train',)"}
+    )
     code, err = _run(capsys, args)
     assert code == 1 and "does not exist" in err and "datasets/README.md" in err and "cityscapes" in err
 
@@ -57,8 +59,9 @@ class NaNAtIteration3(SourceOnly):
 
 def test_non_finite_loss_stops_names_the_loss_and_keeps_the_last_good_checkpoint(capsys, tmp_path):
     out = tmp_path / "nan"
-    args = ["--config-file", SOURCE_ONLY] + tiny_overrides(str(out), **{
-        "MODEL.META_ARCHITECTURE": "NaNAtIteration3", "SOLVER.MAX_ITER": 6, "TEST.EVAL_PERIOD": 0})
+    args = ["--config-file", SOURCE_ONLY] + tiny_overrides(
+        str(out), **{"MODEL.META_ARCHITECTURE": "NaNAtIteration3", "SOLVER.MAX_ITER": 6, "TEST.EVAL_PERIOD": 0}
+    )
     code, err = _run(capsys, args)
     assert code == 1
     assert "Non-finite loss at iteration 3: loss_source=nan" in err

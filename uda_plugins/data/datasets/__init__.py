@@ -2,24 +2,44 @@
 
 * ``synthetic_{source,target}_{train,val}`` — the embedded synthetic pair (generated on first use), and
   ``synthetic_tiny_*``, a small variant for smoke runs and tests;
-* ``cityscapes_{train,val}``, ``cityscapes_7cls_{train,val}``.
+* ``cityscapes_{train,val}``, ``cityscapes_7cls_{train,val}``;
+* ``gta5_train``, ``gta5_7cls_train``, ``synthia_train``;
+* ``idd_{train,val}``, ``idd_7cls_{train,val}``, ``mapillary_{train,val}``, ``mapillary_7cls_{train,val}``.
 """
+
 import os
 
 from .cityscapes import load_cityscapes_semseg, prepare_cityscapes, register_cityscapes
 from .common import datasets_root, register_sem_seg
+from .gta5 import register_gta5
+from .idd import register_idd
+from .mapillary import register_mapillary
 from .synthetic import DEFAULT_SPEC, TINY_SPEC, SyntheticPairSpec, ensure_synthetic_pair, register_synthetic_pair
+from .synthia import register_synthia
 
 
 def register_all(root: str) -> None:
     register_synthetic_pair("synthetic", DEFAULT_SPEC)
     register_synthetic_pair("synthetic_tiny", TINY_SPEC)
     register_cityscapes(os.path.join(root, "cityscapes"))
+    register_gta5(os.path.join(root, "gta5"))
+    register_synthia(os.path.join(root, "synthia"))
+    register_idd(os.path.join(root, "idd"))
+    register_mapillary(os.path.join(root, "mapillary"))
 
 
 register_all(datasets_root())
 
 __all__ = [
-    "register_all", "register_sem_seg", "datasets_root", "load_cityscapes_semseg", "prepare_cityscapes",
-    "register_cityscapes", "SyntheticPairSpec", "DEFAULT_SPEC", "TINY_SPEC", "ensure_synthetic_pair", "register_synthetic_pair",
+    "register_all",
+    "register_sem_seg",
+    "datasets_root",
+    "load_cityscapes_semseg",
+    "prepare_cityscapes",
+    "register_cityscapes",
+    "SyntheticPairSpec",
+    "DEFAULT_SPEC",
+    "TINY_SPEC",
+    "ensure_synthetic_pair",
+    "register_synthetic_pair",
 ]

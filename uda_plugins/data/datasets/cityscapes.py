@@ -1,4 +1,4 @@
-"""Cityscapes (and anything in its layout, such as the embedded synthetic pair).
+"""Cityscapes, and any dataset in its layout (IDD, the embedded synthetic pair).
 
 Layout (``<root>`` = ``$UDA_DATASETS/cityscapes``)::
 
@@ -9,23 +9,35 @@ Layout (``<root>`` = ``$UDA_DATASETS/cityscapes``)::
 
 labelIds -> trainIds uses cityscapesscripts' label table (``uda_plugins.data.labels``).
 """
+
 from __future__ import annotations
 
 import glob
 import os
-from typing import List, Sequence
+from typing import Dict, List, Sequence
 
-from uda_plugins.data.labels import (
-    CITYSCAPES_19,
-    MTAF_7,
-    apply_lut,
-    cityscapes_labelid_to_mtaf7,
-    cityscapes_labelid_to_trainid,
+import numpy as np
+
+from uda_plugins.data.labels import CITYSCAPES_19, MTAF_7, cityscapes_labelid_to_mtaf7, cityscapes_labelid_to_trainid
+
+from .common import (
+    datasets_root,
+    image_label_dicts,
+    raw_label_files,
+    register_sem_seg,
+    require_dir,
+    write_prepared_labels,
 )
 
-from .common import convert_label_files, datasets_root, image_size, register_sem_seg, require_dir
-
-__all__ = ["LABEL_SUFFIXES", "load_cityscapes_semseg", "prepare_cityscapes", "register_cityscapes"]
+__all__ = [
+    "LABEL_SUFFIXES",
+    "load_cityscapes_layout",
+    "prepare_cityscapes_layout",
+    "load_cityscapes_semseg",
+    "prepare_cityscapes",
+    "register_cityscapes",
+    "default_root",
+]
 
 IMAGE_SUFFIX = "_leftImg8bit.png"
 RAW_LABEL_SUFFIX = "_gtFine_labelIds.png"
@@ -33,45 +45,59 @@ RAW_LABEL_SUFFIX = "_gtFine_labelIds.png"
 LABEL_SUFFIXES = {CITYSCAPES_19.name: "_gtFine_labelTrainIds.png", MTAF_7.name: "_gtFine_label7Ids.png"}
 
 
-def _image_files(root: str, split: str) -> List[str]:
-    image_dir = require_dir(os.path.join(root, "leftImg8bit", split), f"Cityscapes-layout image ({split})")
+def _image_files(root: str, split: str, dataset: str) -> List[str]:
+    require_dir(root, f"{dataset} dataset root")
+    image_dir = require_dir(os.path.join(root, "leftImg8bit", split), f"{dataset} image ({split})")
     files = sorted(glob.glob(os.path.join(image_dir, "*", "*" + IMAGE_SUFFIX)))
     if not files:
         raise FileNotFoundError(f"No '*{IMAGE_SUFFIX}' images under '{image_dir}/<city>/'")
     return files
 
 
-def _label_file(root: str, split: str, image_file: str, suffix: str) -> str:
-    city = os.path.basename(os.path.dirname(image_file))
-    stem = os.path.basename(image_file)[: -len(IMAGE_SUFFIX)]
-    return os.path.join(root, "gtFine", split, city, stem + suffix)
+def _label_file_of(root: str, split: str, suffix: str):
+    def label_file(image_file: str) -> str:
+        city = os.path.basename(os.path.dirname(image_file))
+        stem = os.path.basename(image_file)[: -len(IMAGE_SUFFIX)]
+        return os.path.join(root, "gtFine", split, city, stem + suffix)
+
+    return label_file
 
 
-def load_cityscapes_semseg(root: str, split: str, label_suffix: str = LABEL_SUFFIXES["cityscapes19"]) -> List[dict]:
+def _image_id(image_file: str) -> str:
+    return os.path.basename(os.path.dirname(image_file)) + "/" + os.path.basename(image_file)[: -len(IMAGE_SUFFIX)]
+
+
+def load_cityscapes_layout(root: str, split: str, label_suffix: str, dataset: str, prepare_command: str) -> List[dict]:
+    """The dicts of a split in the Cityscapes layout; ``dataset`` and ``prepare_command`` word the errors."""
+    image_files = _image_files(root, split, dataset)
+    require_dir(os.path.join(root, "gtFine", split), f"{dataset} label ({split})")
+    return image_label_dicts(
+        image_files, _label_file_of(root, split, label_suffix), _image_id, f"run: {prepare_command} --root {root}"
+    )
+
+
+def prepare_cityscapes_layout(
+    root: str,
+    splits: Sequence[str],
+    raw_suffix: str,
+    luts: Dict[str, np.ndarray],
+    dataset: str,
+    raw_hint: str = "",
+    skip_existing: bool = True,
+) -> int:
+    """Write the prepared label files (suffix -> LUT in ``luts``) next to every ``<stem><raw_suffix>``."""
+    written = 0
+    for split in splits:
+        require_dir(os.path.join(root, "gtFine", split), f"{dataset} label ({split})")
+        raw = raw_label_files(_image_files(root, split, dataset), _label_file_of(root, split, raw_suffix), raw_hint)
+        written += write_prepared_labels(raw, raw_suffix, luts, f"{dataset.lower()} {split}", skip_existing)
+    return written
+
+
+def load_cityscapes_semseg(root: str, split: str, label_suffix: str = LABEL_SUFFIXES[CITYSCAPES_19.name]) -> List[dict]:
     """One dict per image: ``file_name``, ``sem_seg_file_name``, ``height``, ``width``, ``image_id``.
     Every image must have its prepared label file (the error names both and the command that makes it)."""
-    require_dir(root, "Cityscapes-layout dataset root")
-    require_dir(os.path.join(root, "gtFine", split), f"Cityscapes-layout label ({split})")
-    dicts = []
-    for image_file in _image_files(root, split):
-        label_file = _label_file(root, split, image_file, label_suffix)
-        if not os.path.isfile(label_file):
-            raise FileNotFoundError(
-                f"Image '{image_file}' has no label file '{label_file}' "
-                f"(run: python tools/prepare_cityscapes.py --root {root})"
-            )
-        height, width = image_size(image_file)
-        city = os.path.basename(os.path.dirname(image_file))
-        dicts.append(
-            {
-                "file_name": image_file,
-                "sem_seg_file_name": label_file,
-                "height": height,
-                "width": width,
-                "image_id": city + "/" + os.path.basename(image_file)[: -len(IMAGE_SUFFIX)],
-            }
-        )
-    return dicts
+    return load_cityscapes_layout(root, split, label_suffix, "Cityscapes", "python tools/prepare_cityscapes.py")
 
 
 def prepare_cityscapes(root: str, splits: Sequence[str] = ("train", "val"), skip_existing: bool = True) -> int:
@@ -80,35 +106,21 @@ def prepare_cityscapes(root: str, splits: Sequence[str] = ("train", "val"), skip
         LABEL_SUFFIXES[CITYSCAPES_19.name]: cityscapes_labelid_to_trainid(),
         LABEL_SUFFIXES[MTAF_7.name]: cityscapes_labelid_to_mtaf7(),
     }
-    written = 0
-    for split in splits:
-        raw_files = []
-        for image_file in _image_files(root, split):
-            raw = _label_file(root, split, image_file, RAW_LABEL_SUFFIX)
-            if not os.path.isfile(raw):
-                raise FileNotFoundError(f"Image '{image_file}' has no label file '{raw}'")
-            raw_files.append(raw)
-        for suffix, lut in luts.items():
-            pairs = [(raw, raw[: -len(RAW_LABEL_SUFFIX)] + suffix) for raw in raw_files]
-            written += convert_label_files(
-                pairs, lambda label, src, lut=lut: apply_lut(label, lut, src), f"cityscapes {split} -> {suffix}",
-                skip_existing=skip_existing,
-            )
-    return written
+    return prepare_cityscapes_layout(root, splits, RAW_LABEL_SUFFIX, luts, "Cityscapes", skip_existing=skip_existing)
 
 
-def register_cityscapes(root: str, prefix: str = "cityscapes") -> None:
-    """``{prefix}_{train,val}`` (19 classes) and ``{prefix}_7cls_{train,val}`` (MTAF 7 classes)."""
+def register_cityscapes(root: str, name_prefix: str = "cityscapes") -> None:
+    """``<prefix>_{train,val}`` (19 classes) and ``<prefix>_7cls_{train,val}`` (MTAF 7 classes)."""
     for split in ("train", "val"):
         register_sem_seg(
-            f"{prefix}_{split}",
+            f"{name_prefix}_{split}",
             lambda split=split: load_cityscapes_semseg(root, split, LABEL_SUFFIXES[CITYSCAPES_19.name]),
             CITYSCAPES_19,
             eval_subsets=("synthia16", "synthia13"),
             dataset_root=root,
         )
         register_sem_seg(
-            f"{prefix}_7cls_{split}",
+            f"{name_prefix}_7cls_{split}",
             lambda split=split: load_cityscapes_semseg(root, split, LABEL_SUFFIXES[MTAF_7.name]),
             MTAF_7,
             dataset_root=root,

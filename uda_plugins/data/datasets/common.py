@@ -1,9 +1,10 @@
 """What every dataset module shares: where datasets live, reading images and labels with one-line errors,
 and registering a split in Detectron2's catalogs."""
+
 from __future__ import annotations
 
 import os
-from typing import Callable, List, Sequence
+from typing import Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -12,6 +13,10 @@ from uda_plugins.d2 import DatasetCatalog, MetadataCatalog
 from uda_plugins.data.labels import EVAL_SUBSETS, IGNORE_LABEL, ClassSet
 
 __all__ = [
+    "image_label_dicts",
+    "raw_label_files",
+    "convert_label_files",
+    "write_prepared_labels",
     "DATASETS_ROOT_ENV",
     "datasets_root",
     "require_dir",
@@ -108,11 +113,53 @@ def register_sem_seg(
     )
 
 
+def image_label_dicts(
+    image_files: Sequence[str],
+    label_file_of: Callable[[str], str],
+    image_id_of: Callable[[str], str],
+    prepare_hint: str,
+) -> List[dict]:
+    """One Detectron2 dict per image (``file_name``, ``sem_seg_file_name``, ``height``, ``width`` from the image
+    header, ``image_id``). An image without its label file fails naming both, and ``prepare_hint`` (the command
+    that makes the label files)."""
+    dicts = []
+    for image_file in image_files:
+        label_file = label_file_of(image_file)
+        if not os.path.isfile(label_file):
+            raise FileNotFoundError(f"Image '{image_file}' has no label file '{label_file}' ({prepare_hint})")
+        height, width = image_size(image_file)
+        dicts.append(
+            {
+                "file_name": image_file,
+                "sem_seg_file_name": label_file,
+                "height": height,
+                "width": width,
+                "image_id": image_id_of(image_file),
+            }
+        )
+    return dicts
+
+
+def raw_label_files(image_files: Sequence[str], raw_file_of: Callable[[str], str], hint: str = "") -> List[str]:
+    """The raw (as downloaded) label file of every image; a missing one fails naming the image and the file."""
+    out = []
+    for image_file in image_files:
+        raw = raw_file_of(image_file)
+        if not os.path.isfile(raw):
+            raise FileNotFoundError(f"Image '{image_file}' has no label file '{raw}'" + (f" ({hint})" if hint else ""))
+        out.append(raw)
+    return out
+
+
 def convert_label_files(
-    pairs: Sequence[tuple], convert: Callable[[np.ndarray, str], np.ndarray], desc: str, skip_existing: bool = True
+    pairs: Sequence[tuple],
+    convert: Callable[[np.ndarray, str], np.ndarray],
+    desc: str,
+    skip_existing: bool = True,
+    read: Callable[[str], np.ndarray] = read_label,
 ) -> int:
-    """Write ``convert(read_label(src), src)`` to ``dst`` for every ``(src, dst)`` pair, atomically, with a
-    progress bar. Returns the number of files written. Used by every ``tools/prepare_*`` script."""
+    """Write ``convert(read(src), src)`` to ``dst`` for every ``(src, dst)`` pair, atomically, with a progress bar.
+    Returns the number of files written."""
     from tqdm import tqdm
 
     from uda_plugins.utils.file_io import atomic_write_png
@@ -121,6 +168,32 @@ def convert_label_files(
     for src, dst in tqdm(pairs, desc=desc, unit="file"):
         if skip_existing and os.path.exists(dst):
             continue
-        atomic_write_png(dst, convert(read_label(src), src))
+        atomic_write_png(dst, convert(read(src), src))
         written += 1
+    return written
+
+
+def write_prepared_labels(
+    raw_files: Sequence[str],
+    raw_suffix: str,
+    luts: Dict[str, np.ndarray],
+    desc: str,
+    skip_existing: bool = True,
+    read: Callable[[str], np.ndarray] = read_label,
+    post: Optional[Callable[[np.ndarray, str], np.ndarray]] = None,
+) -> int:
+    """What every ``tools/prepare_*`` script does: for each prepared suffix -> LUT in ``luts``, map every raw label
+    file ``<stem><raw_suffix>`` through the LUT (unknown values fail naming the file), optionally ``post``-process
+    it, and write ``<stem><suffix>`` beside it. Returns the number of files written."""
+    from uda_plugins.data.labels import apply_lut
+
+    written = 0
+    for suffix, lut in luts.items():
+        pairs = [(raw, raw[: -len(raw_suffix)] + suffix) for raw in raw_files]
+
+        def convert(label: np.ndarray, src: str, lut: np.ndarray = lut) -> np.ndarray:
+            out = apply_lut(label, lut, src)
+            return post(out, src) if post is not None else out
+
+        written += convert_label_files(pairs, convert, f"{desc} -> {suffix}", skip_existing=skip_existing, read=read)
     return written

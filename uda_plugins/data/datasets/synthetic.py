@@ -22,6 +22,7 @@ images) and ``synthetic_tiny_*`` (48x96, 24/8/24/8 images, for smoke runs and te
 feasibility notes in the project's docs (synthetic-benchmark-notes.md): at shift 0.5 a from-scratch CNN trained on
 the source scores far below one trained on the target, and self-training can recover much of the gap.
 """
+
 from __future__ import annotations
 
 import fcntl
@@ -43,7 +44,14 @@ from uda_plugins.utils.file_io import atomic_write_png
 from .cityscapes import LABEL_SUFFIXES, load_cityscapes_semseg, prepare_cityscapes
 from .common import register_sem_seg
 
-__all__ = ["SyntheticPairSpec", "DEFAULT_SPEC", "TINY_SPEC", "synthetic_root", "ensure_synthetic_pair", "register_synthetic_pair"]
+__all__ = [
+    "SyntheticPairSpec",
+    "DEFAULT_SPEC",
+    "TINY_SPEC",
+    "synthetic_root",
+    "ensure_synthetic_pair",
+    "register_synthetic_pair",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -53,8 +61,15 @@ GENERATOR_VERSION = 1
 # Cityscapes labelIds drawn by the generator.
 ROAD, SIDEWALK, BUILDING, POLE, SIGN, VEGETATION, SKY, PERSON, CAR = 7, 8, 11, 17, 20, 21, 23, 24, 26
 _CS_COLOR = {  # the flat source palette = the Cityscapes colours
-    ROAD: (128, 64, 128), SIDEWALK: (244, 35, 232), BUILDING: (70, 70, 70), POLE: (153, 153, 153),
-    SIGN: (220, 220, 0), VEGETATION: (107, 142, 35), SKY: (70, 130, 180), PERSON: (220, 20, 60), CAR: (0, 0, 142),
+    ROAD: (128, 64, 128),
+    SIDEWALK: (244, 35, 232),
+    BUILDING: (70, 70, 70),
+    POLE: (153, 153, 153),
+    SIGN: (220, 220, 0),
+    VEGETATION: (107, 142, 35),
+    SKY: (70, 130, 180),
+    PERSON: (220, 20, 60),
+    CAR: (0, 0, 142),
 }
 # The target's per-class palettes (a real-world-ish look: grey asphalt, beige buildings, coloured cars ...).
 _TARGET_PALETTE = {
@@ -103,14 +118,30 @@ class SyntheticPairSpec:
 
     def source_style(self) -> DomainStyle:
         return DomainStyle(
-            palette_shift=0.0, textures=False, lighting=False, blur_sigma=(0.0, 0.0), noise_sigma=3.0,
-            color_jitter=12, cars=2.5, persons=1.5, poles=2.0, trees=1.5,
+            palette_shift=0.0,
+            textures=False,
+            lighting=False,
+            blur_sigma=(0.0, 0.0),
+            noise_sigma=3.0,
+            color_jitter=12,
+            cars=2.5,
+            persons=1.5,
+            poles=2.0,
+            trees=1.5,
         )
 
     def target_style(self) -> DomainStyle:
         return DomainStyle(
-            palette_shift=self.shift, textures=True, lighting=True, blur_sigma=(0.6, 1.1), noise_sigma=8.0,
-            color_jitter=18, cars=6.0, persons=4.0, poles=2.0, trees=1.5,
+            palette_shift=self.shift,
+            textures=True,
+            lighting=True,
+            blur_sigma=(0.6, 1.1),
+            noise_sigma=8.0,
+            color_jitter=18,
+            cars=6.0,
+            persons=4.0,
+            poles=2.0,
+            trees=1.5,
         )
 
     def key(self) -> str:
@@ -120,8 +151,9 @@ class SyntheticPairSpec:
 
 DEFAULT_SPEC = SyntheticPairSpec()
 # A small variant for smoke runs and the test suite: generated in about a second.
-TINY_SPEC = SyntheticPairSpec(height=48, width=96, num_source_train=24, num_source_val=8, num_target_train=24,
-                              num_target_val=8)
+TINY_SPEC = SyntheticPairSpec(
+    height=48, width=96, num_source_train=24, num_source_val=8, num_target_train=24, num_target_val=8
+)
 
 
 # ----------------------------------------------------------------------------------------------- scene drawing
@@ -204,8 +236,12 @@ def _draw_scene(rng: np.random.Generator, style: DomainStyle, height: int, width
                     wy = top + (r + 0.5) * (horizon - top) / (rows + 0.5)
                     for q in range(cols):
                         wx = x0 + (q + 0.3) * (x1 - x0) / cols
-                        c.paint(c.rect(wx, wy, wx + max(1.5, block_w / cols * 0.45), wy + max(1.5, H * 0.03)),
-                                BUILDING, tint=0.55, same_as=b)
+                        c.paint(
+                            c.rect(wx, wy, wx + max(1.5, block_w / cols * 0.45), wy + max(1.5, H * 0.03)),
+                            BUILDING,
+                            tint=0.55,
+                            same_as=b,
+                        )
             x = x_next
 
     # Ground: sidewalks, then the road with dashed lane marks.
@@ -233,8 +269,10 @@ def _draw_scene(rng: np.random.Generator, style: DomainStyle, height: int, width
 
     objects = []  # (y of the ground contact, kind, x, scale): drawn far to near
     for kind, mean, where in (
-        ("tree", style.trees, "walk"), ("pole", style.poles, "walk"),
-        ("car", style.cars, "road"), ("person", style.persons, "walk"),
+        ("tree", style.trees, "walk"),
+        ("pole", style.poles, "walk"),
+        ("car", style.cars, "road"),
+        ("person", style.persons, "walk"),
     ):
         for _ in range(int(rng.poisson(mean))):
             x, y, d = ground_point("road" if where == "road" or (kind == "person" and rng.uniform() < 0.15) else "walk")
@@ -251,15 +289,17 @@ def _draw_scene(rng: np.random.Generator, style: DomainStyle, height: int, width
             pole_h, half = 0.6 * s, max(0.5, 0.012 * s)
             c.paint(c.rect(x - half, y - pole_h, x + half, y), POLE)
             sign = max(1.5, 0.07 * s)
-            shape = c.ellipse(x, y - pole_h, sign, sign) if rng.uniform() < 0.5 else \
-                c.rect_mask(x - sign, y - pole_h - sign, x + sign, y - pole_h + sign)
+            shape = (
+                c.ellipse(x, y - pole_h, sign, sign)
+                if rng.uniform() < 0.5
+                else c.rect_mask(x - sign, y - pole_h - sign, x + sign, y - pole_h + sign)
+            )
             c.paint(shape, SIGN)
         elif kind == "car":
             cw, ch = 0.42 * s * rng.uniform(0.85, 1.15), 0.16 * s
             body = c.paint(c.rect(x - cw / 2, y - ch, x + cw / 2, y - 0.03 * s), CAR)
             cab_top = y - ch - 0.1 * s
-            cab = (yy >= cab_top) & (yy < y - ch + 1) & \
-                (np.abs(xx - x) <= cw * 0.3 + (yy - cab_top) * 0.5)
+            cab = (yy >= cab_top) & (yy < y - ch + 1) & (np.abs(xx - x) <= cw * 0.3 + (yy - cab_top) * 0.5)
             c.paint(cab, CAR, tint=0.5, same_as=body)  # windows: a darker part of the car
             for wx in (x - cw * 0.3, x + cw * 0.3):
                 c.paint(c.ellipse(wx, y - 0.035 * s, 0.05 * s, 0.045 * s), CAR, tint=0.15, same_as=body)
@@ -267,8 +307,9 @@ def _draw_scene(rng: np.random.Generator, style: DomainStyle, height: int, width
             ph = 0.36 * s * rng.uniform(0.85, 1.1)
             body = c.paint(c.rect(x - 0.05 * s, y - ph * 0.82, x + 0.05 * s, y - ph * 0.42), PERSON)
             for lx in (x - 0.028 * s, x + 0.028 * s):
-                c.paint(c.rect(lx - 0.018 * s - 0.3, y - ph * 0.45, lx + 0.018 * s + 0.3, y), PERSON, tint=0.6,
-                        same_as=body)
+                c.paint(
+                    c.rect(lx - 0.018 * s - 0.3, y - ph * 0.45, lx + 0.018 * s + 0.3, y), PERSON, tint=0.6, same_as=body
+                )
             c.paint(c.ellipse(x, y - ph * 0.9, 0.045 * s, 0.06 * s), PERSON, tint=1.35, same_as=body)
     return c
 
@@ -413,6 +454,15 @@ def register_synthetic_pair(prefix: str = "synthetic", spec: SyntheticPairSpec =
 
 def present_classes(spec: SyntheticPairSpec = DEFAULT_SPEC) -> Sequence[str]:
     """The Cityscapes classes the generator draws."""
-    lut = {ROAD: "road", SIDEWALK: "sidewalk", BUILDING: "building", POLE: "pole", SIGN: "traffic sign",
-           VEGETATION: "vegetation", SKY: "sky", PERSON: "person", CAR: "car"}
+    lut = {
+        ROAD: "road",
+        SIDEWALK: "sidewalk",
+        BUILDING: "building",
+        POLE: "pole",
+        SIGN: "traffic sign",
+        VEGETATION: "vegetation",
+        SKY: "sky",
+        PERSON: "person",
+        CAR: "car",
+    }
     return [c for c in CITYSCAPES_19.classes if c in lut.values()]

@@ -1,0 +1,37 @@
+#!/usr/bin/env python
+"""Prepare Cityscapes for training: write the 19-class (``*_gtFine_labelTrainIds.png``) and 7-class
+(``*_gtFine_label7Ids.png``) label files next to every ``*_gtFine_labelIds.png``.
+
+    python tools/prepare_cityscapes.py [--root $UDA_DATASETS/cityscapes] [--splits train val] [--overwrite]
+
+Files that already exist are kept unless ``--overwrite``; every file is written atomically, so an interrupted run
+can simply be started again. The expected layout and download links are in datasets/README.md.
+"""
+
+import argparse
+import sys
+
+from uda_plugins.data.datasets.cityscapes import default_root, prepare_cityscapes
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description="Write the training label files of Cityscapes.")
+    parser.add_argument(
+        "--root", default=default_root(), help="dataset folder (default: %(default)s, from $UDA_DATASETS)"
+    )
+    parser.add_argument(
+        "--splits", nargs="+", default=["train", "val"], choices=["train", "val"], help="splits to prepare"
+    )
+    parser.add_argument("--overwrite", action="store_true", help="rewrite label files that already exist")
+    args = parser.parse_args(argv)
+    try:
+        written = prepare_cityscapes(args.root, splits=args.splits, skip_existing=not args.overwrite)
+    except (FileNotFoundError, ValueError, OSError) as e:  # bad input: one line naming the file, no traceback
+        print(f"prepare_cityscapes.py: error: {e}", file=sys.stderr)
+        return 1
+    print(f"Wrote {written} label files under {args.root}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
