@@ -1,4 +1,5 @@
 """Shared test set-up: an isolated cache for the synthetic datasets and a tiny training config."""
+
 import os
 import tempfile
 

@@ -1,12 +1,13 @@
 """The backend seam and the config: which backend, default parity with Detectron2, unknown keys, _BASE_."""
+
 import importlib.util
 import os
 import subprocess
 import sys
 
 import pytest
-
 from conftest import REPO, SYNTHETIC_BASE
+
 from uda_plugins import d2
 from uda_plugins.config import get_uda_cfg
 from uda_plugins.d2.builtin.config import get_cfg as builtin_get_cfg
@@ -17,8 +18,13 @@ HAS_DETECTRON2 = importlib.util.find_spec("detectron2") is not None
 
 def _backend_in_subprocess(value):
     env = dict(os.environ, UDA_PLUGINS_BACKEND=value)
-    return subprocess.run([sys.executable, "-c", "import uda_plugins.d2 as d; print(d.BACKEND)"], env=env,
-                          capture_output=True, text=True, cwd=REPO)
+    return subprocess.run(
+        [sys.executable, "-c", "import uda_plugins.d2 as d; print(d.BACKEND)"],
+        env=env,
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+    )
 
 
 def test_backend_is_detectron2_when_importable_unless_forced():
@@ -95,8 +101,11 @@ def test_every_project_key_is_documented():
 def _all_configs():
     import glob
 
-    return sorted(p for p in glob.glob(os.path.join(REPO, "configs", "**", "*.yaml"), recursive=True)
-                  if not os.path.basename(p).startswith("Base-"))
+    return sorted(
+        p
+        for p in glob.glob(os.path.join(REPO, "configs", "**", "*.yaml"), recursive=True)
+        if not os.path.basename(p).startswith("Base-")
+    )
 
 
 @pytest.mark.parametrize("path", _all_configs(), ids=lambda p: os.path.relpath(p, os.path.join(REPO, "configs")))

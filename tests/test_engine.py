@@ -1,5 +1,6 @@
 """The Detectron2 engine subset (builtin, or Detectron2's own when installed): events and writers, the training
 loop and its hooks, schedules, comm and launch with two gloo processes."""
+
 import json
 import os
 
@@ -159,8 +160,21 @@ def test_optimizer_groups_and_scheduler(tiny_cfg):
 
 def test_argument_parser_has_the_detectron2_flags():
     args = default_argument_parser().parse_args(
-        ["--config-file", "a.yaml", "--resume", "--num-gpus", "2", "--num-machines", "2", "--machine-rank", "1",
-         "--dist-url", "tcp://1.2.3.4:5", "SOLVER.BASE_LR", "0.1"]
+        [
+            "--config-file",
+            "a.yaml",
+            "--resume",
+            "--num-gpus",
+            "2",
+            "--num-machines",
+            "2",
+            "--machine-rank",
+            "1",
+            "--dist-url",
+            "tcp://1.2.3.4:5",
+            "SOLVER.BASE_LR",
+            "0.1",
+        ]
     )
     assert args.resume and args.num_gpus == 2 and args.num_machines == 2 and args.machine_rank == 1
     assert args.dist_url == "tcp://1.2.3.4:5" and args.opts == ["SOLVER.BASE_LR", "0.1"]
@@ -179,8 +193,16 @@ def _collective_worker(out_dir):
     to_zero = comm.gather(rank)
     seed = comm.shared_random_seed()
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
-        json.dump({"all": gathered, "gather": to_zero, "seed": seed, "world": comm.get_world_size(),
-                   "local": comm.get_local_rank()}, f)
+        json.dump(
+            {
+                "all": gathered,
+                "gather": to_zero,
+                "seed": seed,
+                "world": comm.get_world_size(),
+                "local": comm.get_local_rank(),
+            },
+            f,
+        )
 
 
 def test_launch_two_gloo_processes(tmp_path):

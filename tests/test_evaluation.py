@@ -1,4 +1,5 @@
 """Metrics from a confusion matrix, the evaluator, and its distributed gather."""
+
 import json
 import math
 import os
@@ -14,12 +15,14 @@ from uda_plugins.evaluation import SemSegEvaluator, metrics_from_confusion
 def test_metrics_on_a_hand_made_confusion_matrix():
     # rows = ground truth, columns = prediction; class 2 never occurs in the ground truth but is predicted once,
     # class 3 occurs nowhere.
-    conf = np.array([
-        [8, 2, 0, 0],
-        [1, 4, 1, 0],
-        [0, 0, 0, 0],
-        [0, 0, 0, 0],
-    ])
+    conf = np.array(
+        [
+            [8, 2, 0, 0],
+            [1, 4, 1, 0],
+            [0, 0, 0, 0],
+            [0, 0, 0, 0],
+        ]
+    )
     res = metrics_from_confusion(conf, ["a", "b", "c", "d"], subsets={"ab": [0, 1], "ac": [0, 2]})
     iou_a, iou_b = 8 / (10 + 9 - 8), 4 / (6 + 6 - 4)
     assert res["IoU-a"] == pytest.approx(100 * iou_a)
@@ -36,8 +39,7 @@ def test_metrics_on_a_hand_made_confusion_matrix():
 
 def _register(name):
     if name not in MetadataCatalog.list():
-        MetadataCatalog.get(name).set(stuff_classes=["a", "b", "c"], ignore_label=255,
-                                      eval_subsets={"ab": [0, 1]})
+        MetadataCatalog.get(name).set(stuff_classes=["a", "b", "c"], ignore_label=255, eval_subsets={"ab": [0, 1]})
 
 
 def _logits(pred, n=3):
@@ -61,8 +63,10 @@ def test_evaluator_rejects_a_prediction_of_the_wrong_size():
     ev = SemSegEvaluator("eval_toy", distributed=False)
     ev.reset()
     with pytest.raises(ValueError, match="differ in size"):
-        ev.process([{"sem_seg": torch.zeros(4, 4, dtype=torch.long), "file_name": "x.png"}],
-                   [{"sem_seg": torch.zeros(3, 2, 2)}])
+        ev.process(
+            [{"sem_seg": torch.zeros(4, 4, dtype=torch.long), "file_name": "x.png"}],
+            [{"sem_seg": torch.zeros(3, 2, 2)}],
+        )
 
 
 def _distributed_eval(out_dir):

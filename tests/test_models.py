@@ -1,4 +1,5 @@
 """Backbones, heads, pretrained weights from local files, the Segmentor and inference."""
+
 import re
 
 import pytest
@@ -23,8 +24,9 @@ def _cfg(**kv):
     return cfg
 
 
-SMALL_RESNET = dict(**{"MODEL.TIMM.ARCH": "resnet18", "MODEL.TIMM.CHANNELS": (16, 24, 32, 48),
-                       "MODEL.TIMM.LAYERS": (1, 1, 1, 1)})
+SMALL_RESNET = dict(
+    **{"MODEL.TIMM.ARCH": "resnet18", "MODEL.TIMM.CHANNELS": (16, 24, 32, 48), "MODEL.TIMM.LAYERS": (1, 1, 1, 1)}
+)
 
 
 def _backbone(cfg):
@@ -54,16 +56,28 @@ def test_mit_backbone_is_pvt_v2():
 @pytest.mark.parametrize("head,stride", [("DeepLabV2Head", 8), ("SegFormerHead", 4), ("DAFormerHead", 4)])
 def test_heads(head, stride):
     features = ["res5"] if head == "DeepLabV2Head" else ["res2", "res3", "res4", "res5"]
-    cfg = _cfg(**SMALL_RESNET, **{"MODEL.SEM_SEG_HEAD.NAME": head, "MODEL.SEM_SEG_HEAD.IN_FEATURES": features,
-                                  "MODEL.SEM_SEG_HEAD.EMBED_DIM": 32, "MODEL.SEM_SEG_HEAD.NUM_CLASSES": 7})
+    cfg = _cfg(
+        **SMALL_RESNET,
+        **{
+            "MODEL.SEM_SEG_HEAD.NAME": head,
+            "MODEL.SEM_SEG_HEAD.IN_FEATURES": features,
+            "MODEL.SEM_SEG_HEAD.EMBED_DIM": 32,
+            "MODEL.SEM_SEG_HEAD.NUM_CLASSES": 7,
+        },
+    )
     net = Segmentor(cfg)
     logits = net(net.normalize(torch.randint(0, 255, (2, 3, 64, 96))))
     assert logits.shape == (2, 7, 64 // stride, 96 // stride)
 
 
 def test_daformer_head_structure():
-    cfg = _cfg(**SMALL_RESNET, **{"MODEL.SEM_SEG_HEAD.NAME": "DAFormerHead",
-                                  "MODEL.SEM_SEG_HEAD.IN_FEATURES": ["res2", "res3", "res4", "res5"]})
+    cfg = _cfg(
+        **SMALL_RESNET,
+        **{
+            "MODEL.SEM_SEG_HEAD.NAME": "DAFormerHead",
+            "MODEL.SEM_SEG_HEAD.IN_FEATURES": ["res2", "res3", "res4", "res5"],
+        },
+    )
     head = Segmentor(cfg).head
     # dilation 1 -> a 1x1 conv; 6, 12, 18 -> depthwise-separable 3x3 convs with that dilation
     assert head.fuse.branches[0][0].kernel_size == (1, 1)
@@ -94,12 +108,18 @@ def test_pretrained_resnet_from_timm_torchvision_and_mmseg_files(tmp_path):
     cfg.MODEL.BACKBONE.PRETRAINED = _save(reference, tmp_path / "timm.pth")
     _assert_loaded(_backbone(cfg), reference)
     # mmseg / mmcv: {"state_dict": {"backbone.stem.0.weight": ...}} with the v1c stem as stem.0..stem.7
-    stem = {"conv1.0": "stem.0", "conv1.1": "stem.1", "conv1.3": "stem.3", "conv1.4": "stem.4", "conv1.6": "stem.6",
-            "bn1": "stem.7"}
+    stem = {
+        "conv1.0": "stem.0",
+        "conv1.1": "stem.1",
+        "conv1.3": "stem.3",
+        "conv1.4": "stem.4",
+        "conv1.6": "stem.6",
+        "bn1": "stem.7",
+    }
     mm = {}
     for k, v in reference.items():
         prefix = next((p for p in stem if k.startswith(p + ".")), None)
-        mm["backbone." + (stem[prefix] + k[len(prefix):] if prefix else k)] = v
+        mm["backbone." + (stem[prefix] + k[len(prefix) :] if prefix else k)] = v
     cfg.MODEL.BACKBONE.PRETRAINED = _save({"meta": {}, "state_dict": mm}, tmp_path / "mmseg.pth")
     _assert_loaded(_backbone(cfg), reference)
 
@@ -116,8 +136,13 @@ def test_pretrained_mit_from_the_original_segformer_names(tmp_path):
 
     original = {original_name(k): v for k, v in reference.items()}
     assert "block1.0.attn.q.weight" in original and "patch_embed2.proj.weight" in original
-    cfg = _cfg(**{"MODEL.BACKBONE.NAME": "build_mit_backbone", "MODEL.TIMM.ARCH": "pvt_v2_b0",
-                  "MODEL.BACKBONE.PRETRAINED": _save(original, tmp_path / "mit_b0.pth")})
+    cfg = _cfg(
+        **{
+            "MODEL.BACKBONE.NAME": "build_mit_backbone",
+            "MODEL.TIMM.ARCH": "pvt_v2_b0",
+            "MODEL.BACKBONE.PRETRAINED": _save(original, tmp_path / "mit_b0.pth"),
+        }
+    )
     _assert_loaded(_backbone(cfg), reference)
 
 

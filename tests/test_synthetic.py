@@ -1,10 +1,12 @@
 """The embedded synthetic domain pair: deterministic, two different styles, written in the Cityscapes layout."""
+
 import multiprocessing as mp
 import os
 
 import numpy as np
 
 from uda_plugins.d2 import DatasetCatalog, MetadataCatalog
+from uda_plugins.data.datasets.common import read_label
 from uda_plugins.data.datasets.synthetic import (
     CAR,
     PERSON,
@@ -15,7 +17,6 @@ from uda_plugins.data.datasets.synthetic import (
     render_image,
 )
 from uda_plugins.data.labels import CITYSCAPES_19, cityscapes_labelid_to_trainid
-from uda_plugins.data.datasets.common import read_label
 
 DRAWN_IDS = {7, 8, 11, 17, 20, 21, 23, 24, 26}
 
@@ -66,8 +67,9 @@ def _ensure(root, spec, queue):
 
 
 def test_concurrent_first_use_generates_once(tmp_path):
-    spec = SyntheticPairSpec(height=16, width=32, num_source_train=3, num_source_val=1, num_target_train=3,
-                             num_target_val=1, seed=11)
+    spec = SyntheticPairSpec(
+        height=16, width=32, num_source_train=3, num_source_val=1, num_target_train=3, num_target_val=1, seed=11
+    )
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     procs = [ctx.Process(target=_ensure, args=(str(tmp_path), spec, queue)) for _ in range(2)]

@@ -1,5 +1,6 @@
 """tools/train_net.py end to end on the tiny synthetic pair: train, files on disk, TensorBoard, resume, eval-only,
 the oracle, and two processes."""
+
 import glob
 import json
 import os
@@ -7,7 +8,6 @@ import sys
 
 import pytest
 import torch
-
 from conftest import REPO, tiny_overrides
 
 sys.path.insert(0, os.path.join(REPO, "tools"))
@@ -78,7 +78,9 @@ def test_resume_continues_from_the_last_checkpoint(trained, tmp_path):
     out = str(tmp_path / "resumed")
     shutil.copytree(trained, out)
     os.remove(os.path.join(out, "metrics.json"))
-    assert train_net.cli(["--config-file", SOURCE_ONLY, "--resume"] + tiny_overrides(out, **{"SOLVER.MAX_ITER": 6})) == 0
+    assert (
+        train_net.cli(["--config-file", SOURCE_ONLY, "--resume"] + tiny_overrides(out, **{"SOLVER.MAX_ITER": 6})) == 0
+    )
     iters = [r["iteration"] for r in _metrics(out) if "total_loss" in r]
     assert min(iters) >= 4 and max(iters) == 5
     ckpt = torch.load(os.path.join(out, "model_final.pth"), map_location="cpu", weights_only=True)
@@ -101,7 +103,8 @@ def test_eval_only_reproduces_the_final_evaluation(trained, tmp_path):
 
 def test_eval_only_with_missing_weights_fails_clearly(tmp_path, capsys):
     args = ["--config-file", SOURCE_ONLY, "--eval-only"] + tiny_overrides(
-        str(tmp_path), **{"MODEL.WEIGHTS": str(tmp_path / "nope.pth")})
+        str(tmp_path), **{"MODEL.WEIGHTS": str(tmp_path / "nope.pth")}
+    )
     assert train_net.cli(args) == 1
     assert "nope.pth' does not exist" in capsys.readouterr().err
 
@@ -118,7 +121,8 @@ def test_oracle_trains_on_target_labels(tmp_path):
 def test_two_processes_on_cpu(tmp_path):
     out = str(tmp_path / "ddp")
     args = ["--config-file", SOURCE_ONLY, "--num-gpus", "2", "--dist-url", "auto"] + tiny_overrides(
-        out, **{"SOLVER.MAX_ITER": 3, "TEST.EVAL_PERIOD": 0, "VIS_PERIOD": 0, "MODEL.BACKBONE.NORM": "GN"})
+        out, **{"SOLVER.MAX_ITER": 3, "TEST.EVAL_PERIOD": 0, "VIS_PERIOD": 0, "MODEL.BACKBONE.NORM": "GN"}
+    )
     assert train_net.cli(args) == 0
     assert os.path.isfile(os.path.join(out, "model_final.pth"))
     assert os.path.isfile(os.path.join(out, "log.txt.rank1"))

@@ -11,6 +11,7 @@ selection on the target). "gap closed" = (method - source-only) / (oracle - sour
 one SourceOnly and one TargetOnly config among ``--configs``. A markdown copy of the tables is written to
 ``<output-dir>/results.md``.
 """
+
 import argparse
 import json
 import math
@@ -51,8 +52,16 @@ def meta_architecture(run_dir: str) -> str:
 
 def train(config: str, seed: int, run_dir: str, opts, threads: int) -> float:
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
-    cmd = [sys.executable, os.path.join(REPO, "tools", "train_net.py"), "--config-file", config,
-           "SEED", str(seed), "OUTPUT_DIR", run_dir] + list(opts)
+    cmd = [
+        sys.executable,
+        os.path.join(REPO, "tools", "train_net.py"),
+        "--config-file",
+        config,
+        "SEED",
+        str(seed),
+        "OUTPUT_DIR",
+        run_dir,
+    ] + list(opts)
     start = time.time()
     os.makedirs(run_dir, exist_ok=True)
     with open(os.path.join(run_dir, "stdout.txt"), "w") as log:
@@ -114,14 +123,17 @@ def main(argv=None) -> int:
         rows.append([n, fmt([m["mIoU"] for m in results[n]]), " / ".join(f"{m['mIoU']:.1f}" for m in results[n]), gap])
     summary = tabulate(rows, headers=["method", "mIoU (mean ± std)", "per seed", "gap closed"], tablefmt="github")
 
-    class_names = [k[len("IoU-"):] for k in results[names[0]][0] if k.startswith("IoU-")]
+    class_names = [k[len("IoU-") :] for k in results[names[0]][0] if k.startswith("IoU-")]
     present = [c for c in class_names if not all(math.isnan(m[f"IoU-{c}"]) for n in names for m in results[n])]
     per_class = tabulate(
         [[n] + [fmt([m[f"IoU-{c}"] for m in results[n]]) for c in present] for n in names],
-        headers=["method"] + present, tablefmt="github",
+        headers=["method"] + present,
+        tablefmt="github",
     )
-    text = (f"Seeds {args.seeds}; last evaluation of each run on its first test set.\n\n{summary}\n\n"
-            f"Per-class IoU (mean ± std over seeds):\n\n{per_class}\n")
+    text = (
+        f"Seeds {args.seeds}; last evaluation of each run on its first test set.\n\n{summary}\n\n"
+        f"Per-class IoU (mean ± std over seeds):\n\n{per_class}\n"
+    )
     print(text)
     os.makedirs(args.output_dir, exist_ok=True)
     with open(os.path.join(args.output_dir, "results.md"), "w") as f:

@@ -1,12 +1,13 @@
 #!/usr/bin/env python
 """Training speed and memory of a config, measured on its real data pipeline.
 
-    python tools/benchmark.py --config-file configs/synthetic/source_only.yaml [--iters 100] [--warmup 10] [KEY VALUE ...]
+    python tools/benchmark.py --config-file configs/synthetic/source_only.yaml [--iters 100] [KEY VALUE ...]
 
 Prints one table: seconds per iteration (median and mean over the timed iterations), the part spent waiting for
 data, images per second (all domains), peak host memory (RSS) and peak device memory. Nothing is written except a
 throw-away OUTPUT_DIR in a temporary folder; no evaluation runs.
 """
+
 import argparse
 import os
 import resource
@@ -80,18 +81,34 @@ def main(argv=None) -> int:
                     data_times.append(storage.history("data_time").latest())
         sec = statistics.median(step_times)
         rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-        rows = [[
-            os.path.basename(args.config_file),
-            cfg.MODEL.DEVICE,
-            f"{sec:.4f}",
-            f"{statistics.mean(step_times):.4f}",
-            f"{statistics.median(data_times):.4f}",
-            f"{images_per_iteration(cfg, trainer) / sec:.1f}",
-            f"{rss_mb:.0f}",
-            f"{torch.cuda.max_memory_allocated() / 2**20:.0f}" if cuda else "-",
-        ]]
-        print(tabulate(rows, headers=["config", "device", "s/it (median)", "s/it (mean)", "data s/it", "img/s",
-                                      "peak RSS MiB", "peak device MiB"], tablefmt="github"))
+        rows = [
+            [
+                os.path.basename(args.config_file),
+                cfg.MODEL.DEVICE,
+                f"{sec:.4f}",
+                f"{statistics.mean(step_times):.4f}",
+                f"{statistics.median(data_times):.4f}",
+                f"{images_per_iteration(cfg, trainer) / sec:.1f}",
+                f"{rss_mb:.0f}",
+                f"{torch.cuda.max_memory_allocated() / 2**20:.0f}" if cuda else "-",
+            ]
+        ]
+        print(
+            tabulate(
+                rows,
+                headers=[
+                    "config",
+                    "device",
+                    "s/it (median)",
+                    "s/it (mean)",
+                    "data s/it",
+                    "img/s",
+                    "peak RSS MiB",
+                    "peak device MiB",
+                ],
+                tablefmt="github",
+            )
+        )
         print(f"({args.iters} timed iterations after {args.warmup} warm-up; torch threads: {torch.get_num_threads()})")
     return 0
 

@@ -1,11 +1,12 @@
 #!/usr/bin/env python
 """Train or evaluate a UDA method, the Detectron2 way.
 
-    python tools/train_net.py --config-file configs/synthetic/source_only.yaml [--num-gpus N] [KEY VALUE ...]
-    python tools/train_net.py --config-file <cfg> --resume                 # continue from OUTPUT_DIR
-    python tools/train_net.py --config-file <cfg> --eval-only MODEL.WEIGHTS <checkpoint>
-    tensorboard --logdir <OUTPUT_DIR>
+python tools/train_net.py --config-file configs/synthetic/source_only.yaml [--num-gpus N] [KEY VALUE ...]
+python tools/train_net.py --config-file <cfg> --resume                 # continue from OUTPUT_DIR
+python tools/train_net.py --config-file <cfg> --eval-only MODEL.WEIGHTS <checkpoint>
+tensorboard --logdir <OUTPUT_DIR>
 """
+
 import logging
 import os
 import sys
@@ -35,8 +36,14 @@ def main(args):
 def cli(argv=None) -> int:
     args = default_argument_parser().parse_args(argv)
     try:
-        launch(main, args.num_gpus, num_machines=args.num_machines, machine_rank=args.machine_rank,
-               dist_url=args.dist_url, args=(args,))
+        launch(
+            main,
+            args.num_gpus,
+            num_machines=args.num_machines,
+            machine_rank=args.machine_rank,
+            dist_url=args.dist_url,
+            args=(args,),
+        )
     except (FileNotFoundError, KeyError, ValueError, OSError, FloatingPointError, NotImplementedError) as e:
         # Bad input gets one line; the traceback is in OUTPUT_DIR/log.txt when logging was set up.
         logger.debug("Traceback:", exc_info=True)

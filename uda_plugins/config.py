@@ -8,6 +8,7 @@ Detectron2 meaning; for a few of them this function sets a project-wide default 
 Batch sizes are *global* (summed over all processes), as Detectron2's ``SOLVER.IMS_PER_BATCH``.
 Sizes are ``(height, width)`` in pixels everywhere.
 """
+
 from __future__ import annotations
 
 from uda_plugins.d2 import CfgNode as CN

@@ -8,6 +8,7 @@ subset with the same names, signatures and semantics. ``UDA_PLUGINS_BACKEND=buil
 One deliberate exception: ``create_ddp_model`` is the builtin one on both backends, because Detectron2's passes
 ``device_ids`` even for CPU models and so fails with several CPU processes (docs/detectron2-api.md §4.7).
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -16,26 +17,53 @@ import os
 __all__ = [
     "BACKEND",
     # config
-    "CfgNode", "get_cfg",
+    "CfgNode",
+    "get_cfg",
     # modeling
-    "META_ARCH_REGISTRY", "BACKBONE_REGISTRY", "SEM_SEG_HEADS_REGISTRY", "Backbone", "ShapeSpec", "build_model",
+    "META_ARCH_REGISTRY",
+    "BACKBONE_REGISTRY",
+    "SEM_SEG_HEADS_REGISTRY",
+    "Backbone",
+    "ShapeSpec",
+    "build_model",
     # engine
-    "HookBase", "TrainerBase", "SimpleTrainer", "DefaultTrainer", "hooks", "launch",
-    "default_argument_parser", "default_setup", "default_writers", "create_ddp_model",
+    "HookBase",
+    "TrainerBase",
+    "SimpleTrainer",
+    "DefaultTrainer",
+    "hooks",
+    "launch",
+    "default_argument_parser",
+    "default_setup",
+    "default_writers",
+    "create_ddp_model",
     # events
-    "EventStorage", "get_event_storage", "has_event_storage", "EventWriter", "JSONWriter", "TensorboardXWriter", "CommonMetricPrinter",
+    "EventStorage",
+    "get_event_storage",
+    "has_event_storage",
+    "EventWriter",
+    "JSONWriter",
+    "TensorboardXWriter",
+    "CommonMetricPrinter",
     # distributed
     "comm",
     # data
-    "DatasetCatalog", "MetadataCatalog",
+    "DatasetCatalog",
+    "MetadataCatalog",
     # checkpoint
     "DetectionCheckpointer",
     # evaluation
-    "DatasetEvaluator", "DatasetEvaluators", "inference_on_dataset", "inference_context", "print_csv_format",
+    "DatasetEvaluator",
+    "DatasetEvaluators",
+    "inference_on_dataset",
+    "inference_context",
+    "print_csv_format",
     # solver
-    "LRMultiplier", "WarmupParamScheduler",
+    "LRMultiplier",
+    "WarmupParamScheduler",
     # utils
-    "setup_logger", "seed_all_rng",
+    "setup_logger",
+    "seed_all_rng",
 ]
 
 

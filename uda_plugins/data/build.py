@@ -10,6 +10,7 @@ Whole batches are built by data-loader workers (iteration ``k`` by worker ``k % 
 fixed), and every sample is a function of its global position (see :mod:`uda_plugins.data.samplers`), which
 makes the stream independent of the number of workers and processes and lets ``--resume`` continue it exactly.
 """
+
 from __future__ import annotations
 
 import itertools
@@ -79,7 +80,9 @@ def get_dataset_dicts(names: Sequence[str]) -> List[dict]:
     dicts: List[dict] = []
     for name in names:
         if name not in DatasetCatalog.list():
-            raise KeyError(f"Dataset '{name}' is not registered. Registered: {', '.join(sorted(DatasetCatalog.list()))}")
+            raise KeyError(
+                f"Dataset '{name}' is not registered. Registered: {', '.join(sorted(DatasetCatalog.list()))}"
+            )
         items = DatasetCatalog.get(name)
         if not items:
             raise ValueError(f"Dataset '{name}' is empty")
@@ -163,8 +166,13 @@ class UDATrainLoader:
         if self.num_workers == 0:
             return iter(self.dataset)
         loader = DataLoader(
-            self.dataset, batch_size=None, num_workers=self.num_workers, collate_fn=_identity,
-            worker_init_fn=_worker_init, prefetch_factor=2, persistent_workers=False,
+            self.dataset,
+            batch_size=None,
+            num_workers=self.num_workers,
+            collate_fn=_identity,
+            worker_init_fn=_worker_init,
+            prefetch_factor=2,
+            persistent_workers=False,
         )
         return iter(loader)
 
@@ -241,6 +249,10 @@ def build_test_loader(cfg: CfgNode, dataset_name: str, load_label: bool = True) 
     dataset = _MappedList(dicts, mapper)
     sampler = InferenceSampler(len(dataset), comm.get_rank(), comm.get_world_size())
     return DataLoader(
-        dataset, batch_size=cfg.TEST.IMS_PER_BATCH, sampler=sampler, num_workers=cfg.DATALOADER.NUM_WORKERS,
-        collate_fn=_identity, worker_init_fn=_worker_init,
+        dataset,
+        batch_size=cfg.TEST.IMS_PER_BATCH,
+        sampler=sampler,
+        num_workers=cfg.DATALOADER.NUM_WORKERS,
+        collate_fn=_identity,
+        worker_init_fn=_worker_init,
     )

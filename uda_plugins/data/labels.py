@@ -9,6 +9,7 @@ Maps are lookup tables (LUTs) over raw label values. A LUT entry is a class inde
 the protocol deliberately ignores) or ``UNKNOWN`` (a value that should not occur in that dataset at all).
 :func:`apply_lut` raises on UNKNOWN values naming the file, so a wrong label format never trains silently.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -57,11 +58,11 @@ class ClassSet:
         return self.classes.index(class_name)
 
 
-_TRAIN_LABELS = sorted((l for l in _CITYSCAPES_LABELS if 0 <= l.trainId < 255), key=lambda l: l.trainId)
+_TRAIN_LABELS = sorted((lab for lab in _CITYSCAPES_LABELS if 0 <= lab.trainId < 255), key=lambda lab: lab.trainId)
 CITYSCAPES_19 = ClassSet(
     name="cityscapes19",
-    classes=tuple(l.name for l in _TRAIN_LABELS),
-    colors=tuple(tuple(l.color) for l in _TRAIN_LABELS),
+    classes=tuple(lab.name for lab in _TRAIN_LABELS),
+    colors=tuple(tuple(lab.color) for lab in _TRAIN_LABELS),
 )
 assert CITYSCAPES_19.num_classes == 19
 
@@ -131,25 +132,39 @@ def check_label_values(label: np.ndarray, num_classes: int, source: str, ignore_
         )
 
 
-_CITYSCAPES_IDS = [l.id for l in _CITYSCAPES_LABELS if l.id >= 0]
+_CITYSCAPES_IDS = [lab.id for lab in _CITYSCAPES_LABELS if lab.id >= 0]
 
 
 def cityscapes_labelid_to_trainid() -> np.ndarray:
     """Cityscapes labelIds (0..33) -> 19 trainIds; void/ignored ids -> 255 (cityscapesscripts' table)."""
-    mapping = {l.id: l.trainId for l in _CITYSCAPES_LABELS if l.id >= 0 and 0 <= l.trainId < 255}
+    mapping = {lab.id: lab.trainId for lab in _CITYSCAPES_LABELS if lab.id >= 0 and 0 <= lab.trainId < 255}
     return build_lut(mapping, known_ignored=_CITYSCAPES_IDS)
 
 
 # MTAF info7class.json (Cityscapes labelIds). Note: terrain is "nature" here but "flat" for GTA5 and Mapillary,
 # a quirk of the protocol that MCL inherits (docs/methods.md §3.7); each dataset module carries its own table.
 _CITYSCAPES_TO_MTAF7 = {
-    7: 0, 8: 0,  # road, sidewalk -> flat
-    11: 1, 12: 1, 13: 1,  # building, wall, fence -> construction
-    17: 2, 19: 2, 20: 2,  # pole, traffic light, traffic sign -> object
-    21: 3, 22: 3,  # vegetation, terrain -> nature
+    7: 0,
+    8: 0,  # road, sidewalk -> flat
+    11: 1,
+    12: 1,
+    13: 1,  # building, wall, fence -> construction
+    17: 2,
+    19: 2,
+    20: 2,  # pole, traffic light, traffic sign -> object
+    21: 3,
+    22: 3,  # vegetation, terrain -> nature
     23: 4,  # sky
-    24: 5, 25: 5,  # person, rider -> human
-    26: 6, 27: 6, 28: 6, 29: 6, 30: 6, 31: 6, 32: 6, 33: 6,  # car .. bicycle (with caravan, trailer) -> vehicle
+    24: 5,
+    25: 5,  # person, rider -> human
+    26: 6,
+    27: 6,
+    28: 6,
+    29: 6,
+    30: 6,
+    31: 6,
+    32: 6,
+    33: 6,  # car .. bicycle (with caravan, trailer) -> vehicle
 }
 
 

@@ -7,6 +7,7 @@ loaded), ``height``/``width`` (the original size: predictions are scored at it),
 Every input is checked and fails with one line naming the file: missing or corrupt image, image size different
 from the dict's, label size different from the image's, label values outside the class table.
 """
+
 from __future__ import annotations
 
 from typing import Optional
@@ -35,7 +36,12 @@ class UDADatasetMapper:
     """
 
     def __init__(
-        self, *, is_train: bool, input_cfg: CfgNode, num_classes: int, load_label: bool,
+        self,
+        *,
+        is_train: bool,
+        input_cfg: CfgNode,
+        num_classes: int,
+        load_label: bool,
         ignore_label: int = IGNORE_LABEL,
     ) -> None:
         self.is_train = is_train
@@ -87,8 +93,15 @@ class UDADatasetMapper:
         if self.is_train:
             rng = rng if rng is not None else np.random.default_rng()
             geometry = sample_geometry(
-                rng, image.shape[:2], resize=c.RESIZE, ratio_range=c.RATIO_RANGE, crop_size=c.CROP_SIZE,
-                cat_max_ratio=c.CROP_CAT_MAX_RATIO, flip_prob=c.FLIP_PROB, label=label, ignore_label=self.ignore_label,
+                rng,
+                image.shape[:2],
+                resize=c.RESIZE,
+                ratio_range=c.RATIO_RANGE,
+                crop_size=c.CROP_SIZE,
+                cat_max_ratio=c.CROP_CAT_MAX_RATIO,
+                flip_prob=c.FLIP_PROB,
+                label=label,
+                ignore_label=self.ignore_label,
             )
             image = apply_geometry(image, geometry, is_label=False)
             if label is not None:

@@ -8,6 +8,7 @@ epoch, seeded by (seed, epoch)), and the augmentation RNG of a sample is seeded 
 * the samples of an iteration do not depend on the number of processes or data workers;
 * ``--resume`` at iteration ``i`` continues the exact stream by starting at position ``i*G``.
 """
+
 from __future__ import annotations
 
 from typing import Iterator, List

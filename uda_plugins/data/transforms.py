@@ -5,6 +5,7 @@ on another array — a second view of the image, a pseudo-label map read from di
 full image — gives pixel-aligned results: :func:`apply_geometry` works on numpy arrays (data workers) and
 :func:`apply_geometry_tensor` on torch tensors (the device).
 """
+
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
@@ -104,8 +105,9 @@ def sample_geometry(
         resized_label = resize_label(label, (rh, rw)) if label is not None and cat_max_ratio < 1.0 else None
         for _ in range(10):
             top, left = int(rng.integers(0, rh - ch + 1)), int(rng.integers(0, rw - cw + 1))
-            if resized_label is None or _crop_ok(resized_label[top : top + ch, left : left + cw], cat_max_ratio,
-                                                 ignore_label):
+            if resized_label is None or _crop_ok(
+                resized_label[top : top + ch, left : left + cw], cat_max_ratio, ignore_label
+            ):
                 break
         crop = (top, left, ch, cw)
     else:

@@ -1,5 +1,6 @@
 """Checkpoints written atomically: a crash while saving never leaves a truncated file or a ``last_checkpoint``
 pointing at one."""
+
 from __future__ import annotations
 
 import os

@@ -5,6 +5,7 @@ Parameter groups follow mmcv's ``paramwise_cfg`` as DAFormer/MIC use it: paramet
 ``SOLVER.WEIGHT_DECAY_NORM`` (Detectron2's key, 0 by default) and names containing a
 ``SOLVER.NO_WEIGHT_DECAY_KEYWORDS`` entry get no decay. Frozen parameters (a teacher) are left out.
 """
+
 from __future__ import annotations
 
 from typing import Dict, List, Tuple
@@ -54,8 +55,9 @@ def build_optimizer(cfg: CfgNode, model: nn.Module) -> torch.optim.Optimizer:
         raise ValueError("The model has no trainable parameters")
     name = s.OPTIMIZER.upper()
     if name == "SGD":
-        return torch.optim.SGD(groups, lr=s.BASE_LR, momentum=s.MOMENTUM, nesterov=s.NESTEROV,
-                               weight_decay=s.WEIGHT_DECAY)
+        return torch.optim.SGD(
+            groups, lr=s.BASE_LR, momentum=s.MOMENTUM, nesterov=s.NESTEROV, weight_decay=s.WEIGHT_DECAY
+        )
     if name == "ADAMW":
         return torch.optim.AdamW(groups, lr=s.BASE_LR, betas=tuple(s.BETAS), weight_decay=s.WEIGHT_DECAY)
     raise ValueError(f"Unknown SOLVER.OPTIMIZER '{s.OPTIMIZER}' (SGD or ADAMW)")
@@ -82,7 +84,10 @@ def build_lr_scheduler(cfg: CfgNode, optimizer: torch.optim.Optimizer) -> torch.
     name = s.LR_SCHEDULER_NAME
     if name == "WarmupPolyLR":
         sched: ParamScheduler = PolyWithWarmup(
-            s.MAX_ITER, s.POLY_LR_POWER, s.POLY_LR_END / s.BASE_LR if s.BASE_LR else 0.0, s.WARMUP_ITERS,
+            s.MAX_ITER,
+            s.POLY_LR_POWER,
+            s.POLY_LR_END / s.BASE_LR if s.BASE_LR else 0.0,
+            s.WARMUP_ITERS,
             s.WARMUP_FACTOR,
         )
     else:
@@ -97,4 +102,3 @@ def build_lr_scheduler(cfg: CfgNode, optimizer: torch.optim.Optimizer) -> torch.
             raise ValueError(f"Unknown SOLVER.LR_SCHEDULER_NAME '{name}'")
         sched = WarmupParamScheduler(base, s.WARMUP_FACTOR, min(s.WARMUP_ITERS / s.MAX_ITER, 1.0), s.WARMUP_METHOD)
     return LRMultiplier(optimizer, multiplier=sched, max_iter=s.MAX_ITER)
-

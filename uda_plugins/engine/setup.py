@@ -1,4 +1,5 @@
 """Turning command-line arguments into a frozen config, the Detectron2 way."""
+
 from __future__ import annotations
 
 import logging

@@ -1,6 +1,7 @@
 """The per-iteration step of every method: one forward of the meta-architecture, one backward, one optimizer
 step — Detectron2's SimpleTrainer, plus a finiteness check on every rank *before* the step, so a NaN never
 reaches the weights and the error names the offending losses."""
+
 from __future__ import annotations
 
 import time

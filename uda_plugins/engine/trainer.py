@@ -12,6 +12,7 @@ What it changes, and why:
 * ``test`` evaluates the student, the teacher or both (``TEST.EVAL_MODEL``), with a progress bar.
 * A non-finite loss stops training with the loss names and the last good checkpoint.
 """
+
 from __future__ import annotations
 
 import logging
@@ -68,8 +69,11 @@ class _ProgressLoader:
         return len(self.loader)
 
     def __iter__(self):
-        return iter(tqdm(self.loader, desc=self.desc, unit="batch", disable=None if comm.is_main_process() else True,
-                         leave=False))
+        return iter(
+            tqdm(
+                self.loader, desc=self.desc, unit="batch", disable=None if comm.is_main_process() else True, leave=False
+            )
+        )
 
 
 class UDATrainer(DefaultTrainer):
@@ -97,8 +101,9 @@ class UDATrainer(DefaultTrainer):
         model = build_model(cfg)
         n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
         n_all = sum(p.numel() for p in model.parameters())
-        logger.info(f"Model {cfg.MODEL.META_ARCHITECTURE}: {n_train / 1e6:.2f} M trainable / {n_all / 1e6:.2f} M "
-                    f"parameters")
+        logger.info(
+            f"Model {cfg.MODEL.META_ARCHITECTURE}: {n_train / 1e6:.2f} M trainable / {n_all / 1e6:.2f} M parameters"
+        )
         logger.debug("Model:\n{}".format(model))
         return model
 
@@ -138,8 +143,15 @@ class UDATrainer(DefaultTrainer):
 
         ret.append(hooks.EvalHook(cfg.TEST.EVAL_PERIOD, test_and_save_results))
         if cfg.TEST.SAVE_BEST_ON_TEST and comm.is_main_process():
-            ret.append(hooks.BestCheckpointer(cfg.TEST.EVAL_PERIOD, self.checkpointer, self.best_metric_name(cfg),
-                                              "max", file_prefix="model_best_on_test"))
+            ret.append(
+                hooks.BestCheckpointer(
+                    cfg.TEST.EVAL_PERIOD,
+                    self.checkpointer,
+                    self.best_metric_name(cfg),
+                    "max",
+                    file_prefix="model_best_on_test",
+                )
+            )
         if comm.is_main_process():
             ret.append(hooks.PeriodicWriter(self.build_writers(), period=min(20, max(1, cfg.SOLVER.MAX_ITER // 10))))
         return ret

@@ -10,6 +10,7 @@ present, this equals mmseg's convention used by the papers. Class subsets from t
 Unlike Detectron2's evaluator it reads the label from the input dict (the test mapper loads it at full
 resolution) instead of re-reading the file, and encodes no per-image prediction JSON.
 """
+
 from __future__ import annotations
 
 import json

@@ -9,6 +9,7 @@ applied; in eval mode it behaves like Detectron2's ``SemanticSegmentor``: a list
 
 Subclasses implement :meth:`forward_train` and declare what data they read in ``data_requirements``.
 """
+
 from __future__ import annotations
 
 from typing import Dict, List, Optional, Tuple
@@ -62,7 +63,11 @@ class UDAMetaArch(nn.Module):
         if self.eval_model not in models:
             raise KeyError(f"TEST.EVAL_MODEL '{self.eval_model}': this method has only {sorted(models)}")
         return segment(
-            models[self.eval_model], batched_inputs, self.test_mode, self.slide_crop, self.slide_stride,
+            models[self.eval_model],
+            batched_inputs,
+            self.test_mode,
+            self.slide_crop,
+            self.slide_stride,
             self.slide_batch,
         )
 
@@ -77,7 +82,9 @@ class UDAMetaArch(nn.Module):
 
     def should_visualize(self) -> bool:
         return (
-            self.vis_period > 0 and comm.is_main_process() and has_event_storage()
+            self.vis_period > 0
+            and comm.is_main_process()
+            and has_event_storage()
             and get_event_storage().iter % self.vis_period == 0
         )
 

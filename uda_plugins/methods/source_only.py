@@ -1,5 +1,6 @@
 """Source-only training: supervised cross-entropy on the labelled source domain; the lower bound of every
 adaptation table."""
+
 from __future__ import annotations
 
 from typing import Dict

@@ -1,5 +1,6 @@
 """Target-only ("oracle") training: supervised cross-entropy on the labelled target training set. It is the upper
 bound adaptation is measured against; it reads target labels, which no adaptation method may do."""
+
 from __future__ import annotations
 
 from typing import Dict

@@ -1,8 +1,16 @@
 """Networks: timm backbones, decode heads, the Segmentor, losses and inference. Importing registers them."""
+
 from . import backbones, heads  # noqa: F401  (registration)
 from .inference import segment, slide_inference, whole_inference
 from .losses import seg_cross_entropy, upsample_like
 from .segmentor import Segmentor, stack_images
 
-__all__ = ["Segmentor", "stack_images", "seg_cross_entropy", "upsample_like", "segment", "slide_inference",
-           "whole_inference"]
+__all__ = [
+    "Segmentor",
+    "stack_images",
+    "seg_cross_entropy",
+    "upsample_like",
+    "segment",
+    "slide_inference",
+    "whole_inference",
+]

@@ -1,5 +1,6 @@
 """Whole-image and sliding-window inference, Detectron2's ``SemanticSegmentor`` output contract:
 ``[{"sem_seg": logits (C, height, width)}]`` at each input's original size."""
+
 from __future__ import annotations
 
 from typing import Dict, List, Sequence
@@ -48,7 +49,11 @@ def slide_inference(
 
 
 def segment(
-    net: Segmentor, batched_inputs: List[dict], mode: str = "whole", crop=(512, 512), stride=(341, 341),
+    net: Segmentor,
+    batched_inputs: List[dict],
+    mode: str = "whole",
+    crop=(512, 512),
+    stride=(341, 341),
     windows_per_batch: int = 4,
 ) -> List[Dict[str, torch.Tensor]]:
     """Predict every input dict (``image`` uint8 CHW, optional ``height``/``width``) and return logits resized

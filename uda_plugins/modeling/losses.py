@@ -1,4 +1,5 @@
 """Segmentation losses with the reference code's conventions."""
+
 from __future__ import annotations
 
 from typing import Optional

@@ -1,10 +1,11 @@
 """Normalisation layers by name, as Detectron2's ``get_norm``: "BN", "SyncBN", "FrozenBN", "GN", "" (none)."""
+
 from __future__ import annotations
 
 import math
 
-from torchvision.ops import FrozenBatchNorm2d
 from torch import nn
+from torchvision.ops import FrozenBatchNorm2d
 
 __all__ = ["get_norm", "freeze_batch_norm"]
 

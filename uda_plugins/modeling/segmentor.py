@@ -4,6 +4,7 @@
 ``forward`` maps normalised images to logits at the head's stride; :mod:`uda_plugins.modeling.inference` turns
 it into full-resolution predictions.
 """
+
 from __future__ import annotations
 
 from typing import Dict, Sequence
@@ -30,7 +31,9 @@ class Segmentor(nn.Module):
 
     def __init__(self, cfg: CfgNode) -> None:
         super().__init__()
-        self.backbone = BACKBONE_REGISTRY.get(cfg.MODEL.BACKBONE.NAME)(cfg, ShapeSpec(channels=len(cfg.MODEL.PIXEL_MEAN)))
+        self.backbone = BACKBONE_REGISTRY.get(cfg.MODEL.BACKBONE.NAME)(
+            cfg, ShapeSpec(channels=len(cfg.MODEL.PIXEL_MEAN))
+        )
         self.head = SEM_SEG_HEADS_REGISTRY.get(cfg.MODEL.SEM_SEG_HEAD.NAME)(cfg, self.backbone.output_shape())
         self.num_classes: int = cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES
         self.ignore_value: int = cfg.MODEL.SEM_SEG_HEAD.IGNORE_VALUE
@@ -57,4 +60,3 @@ class Segmentor(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Normalised images -> logits at the head's output stride."""
         return self.decode(self.extract_features(x))
-

@@ -1,4 +1,5 @@
 """Atomic file writes: a reader (another rank, a data-loader worker, a resumed run) never sees half a file."""
+
 from __future__ import annotations
 
 import os

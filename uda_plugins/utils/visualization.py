@@ -1,4 +1,5 @@
 """Pictures for TensorBoard: colourised label maps and side-by-side panels."""
+
 from __future__ import annotations
 
 from typing import Optional, Sequence

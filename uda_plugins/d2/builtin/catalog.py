@@ -1,4 +1,5 @@
 """Detectron2's ``DatasetCatalog`` and ``MetadataCatalog``."""
+
 from __future__ import annotations
 
 from collections import UserDict

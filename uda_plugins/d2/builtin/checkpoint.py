@@ -1,5 +1,6 @@
 """Detectron2's ``DetectionCheckpointer``: fvcore's Checkpointer that saves on the main process only and
 checks, under DDP, that every rank can read the file it is asked to load."""
+
 from __future__ import annotations
 
 import logging

@@ -3,6 +3,7 @@
 Object collectives (``all_gather``, ``gather``) go through a gloo group so they never use device memory, as in
 Detectron2. Everything degrades to the single-process answer when torch.distributed is not initialised.
 """
+
 from __future__ import annotations
 
 import functools

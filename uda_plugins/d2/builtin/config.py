@@ -4,6 +4,7 @@ Only the default keys this project reads are defined here, with Detectron2's def
 on top lives in :func:`uda_plugins.config.add_uda_config`. A test checks that each key below exists in the real
 ``detectron2.config.get_cfg()`` with the same default, so a config file means the same on both backends.
 """
+
 from __future__ import annotations
 
 import os

@@ -1,5 +1,6 @@
 """Detectron2's ``engine.defaults``: the argument parser, ``default_setup``, the default writers,
 ``create_ddp_model`` and ``DefaultTrainer``."""
+
 from __future__ import annotations
 
 import argparse

@@ -1,4 +1,5 @@
 """Detectron2's evaluation loop: ``DatasetEvaluator(s)``, ``inference_on_dataset`` and result helpers."""
+
 from __future__ import annotations
 
 import datetime

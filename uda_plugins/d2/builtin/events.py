@@ -1,4 +1,5 @@
 """Detectron2's event storage and its three writers (console, JSON lines, TensorBoard)."""
+
 from __future__ import annotations
 
 import datetime
@@ -28,7 +29,9 @@ _CURRENT_STORAGE_STACK: List["EventStorage"] = []
 
 def get_event_storage() -> "EventStorage":
     """The innermost active ``EventStorage`` (one must be active: ``with EventStorage(): ...``)."""
-    assert len(_CURRENT_STORAGE_STACK), "get_event_storage() has to be called inside a 'with EventStorage(...)' context!"
+    assert len(_CURRENT_STORAGE_STACK), (
+        "get_event_storage() has to be called inside a 'with EventStorage(...)' context!"
+    )
     return _CURRENT_STORAGE_STACK[-1]
 
 

@@ -1,4 +1,5 @@
 """Detectron2's standard hooks: timing, LR schedule, periodic checkpoints, evaluation, writers."""
+
 from __future__ import annotations
 
 import datetime
@@ -141,7 +142,11 @@ class BestCheckpointer(HookBase):
     """Saves ``{file_prefix}.pth`` whenever ``val_metric`` improves (register after the EvalHook)."""
 
     def __init__(
-        self, eval_period: int, checkpointer: Checkpointer, val_metric: str, mode: str = "max",
+        self,
+        eval_period: int,
+        checkpointer: Checkpointer,
+        val_metric: str,
+        mode: str = "max",
         file_prefix: str = "model_best",
     ) -> None:
         self._logger = logging.getLogger(__name__)
@@ -256,7 +261,9 @@ class EvalHook(HookBase):
                     float(v)
                 except Exception as e:
                     raise ValueError(
-                        "[EvalHook] eval_function should return a nested dict of float. Got '{}: {}' instead.".format(k, v)
+                        "[EvalHook] eval_function should return a nested dict of float. Got '{}: {}' instead.".format(
+                            k, v
+                        )
                     ) from e
             self.trainer.storage.put_scalars(**flattened_results, smoothing_hint=False)
         comm.synchronize()

@@ -1,4 +1,5 @@
 """Detectron2's ``launch``: one process per device, NCCL on GPUs, gloo on CPU, several machines by URL."""
+
 from __future__ import annotations
 
 import logging

@@ -1,4 +1,5 @@
 """Detectron2's ``setup_logger`` and ``seed_all_rng``."""
+
 from __future__ import annotations
 
 import functools

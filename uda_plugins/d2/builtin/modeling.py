@@ -1,4 +1,5 @@
 """Detectron2's model registries, ``Backbone`` and ``ShapeSpec``, and ``build_model``."""
+
 from __future__ import annotations
 
 from abc import ABCMeta, abstractmethod

@@ -1,4 +1,5 @@
 """Detectron2's ``LRMultiplier`` and ``WarmupParamScheduler`` (fvcore schedulers driving a torch scheduler)."""
+
 from __future__ import annotations
 
 from typing import List

@@ -1,4 +1,5 @@
 """Detectron2's training loop: ``HookBase``, ``TrainerBase`` and ``SimpleTrainer``."""
+
 from __future__ import annotations
 
 import logging
@@ -194,9 +195,7 @@ class SimpleTrainer(TrainerBase):
             SimpleTrainer.write_metrics(loss_dict, data_time, iter, prefix)
 
     @staticmethod
-    def write_metrics(
-        loss_dict: Mapping[str, torch.Tensor], data_time: float, cur_iter: int, prefix: str = ""
-    ) -> None:
+    def write_metrics(loss_dict: Mapping[str, torch.Tensor], data_time: float, cur_iter: int, prefix: str = "") -> None:
         """Gather the losses to rank 0, average them over ranks and put them into the event storage.
         Raises ``FloatingPointError`` when their sum is not finite."""
         metrics_dict = {k: v.detach().cpu().item() for k, v in loss_dict.items()}

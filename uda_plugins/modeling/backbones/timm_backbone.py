@@ -9,6 +9,7 @@ file in ``MODEL.BACKBONE.PRETRAINED``; nothing is downloaded.
 pvt_v2_bN and MiT-BN share depths, widths, heads, MLP ratios and spatial-reduction ratios (both from the
 PVTv2/SegFormer authors), so pvt_v2_b5 is the MiT-B5 encoder of DAFormer.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -25,7 +26,13 @@ from uda_plugins.d2 import BACKBONE_REGISTRY, Backbone, CfgNode, ShapeSpec
 
 from ..norm import freeze_batch_norm, get_norm
 
-__all__ = ["TimmBackbone", "build_dilated_resnet_backbone", "build_mit_backbone", "load_pretrained", "convert_state_dict"]
+__all__ = [
+    "TimmBackbone",
+    "build_dilated_resnet_backbone",
+    "build_mit_backbone",
+    "load_pretrained",
+    "convert_state_dict",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -140,8 +147,9 @@ def build_mit_backbone(cfg: CfgNode, input_shape: ShapeSpec) -> TimmBackbone:
     t = cfg.MODEL.TIMM
     if not t.ARCH.startswith("pvt_v2"):
         raise ValueError(f"build_mit_backbone needs a timm pvt_v2 arch, not '{t.ARCH}'")
-    model = timm.create_model(t.ARCH, pretrained=False, in_chans=input_shape.channels or 3,
-                              drop_path_rate=t.DROP_PATH_RATE)
+    model = timm.create_model(
+        t.ARCH, pretrained=False, in_chans=input_shape.channels or 3, drop_path_rate=t.DROP_PATH_RATE
+    )
     if cfg.MODEL.BACKBONE.PRETRAINED:
         load_pretrained(model, cfg.MODEL.BACKBONE.PRETRAINED)
     return TimmBackbone(model, [0, 1, 2, 3], cfg.MODEL.BACKBONE.OUT_FEATURES)

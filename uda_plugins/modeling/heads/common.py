@@ -1,4 +1,5 @@
 """Building blocks shared by the decode heads."""
+
 from __future__ import annotations
 
 from torch import nn
@@ -11,8 +12,16 @@ __all__ = ["ConvNormAct", "DepthwiseSeparableConv"]
 class ConvNormAct(nn.Sequential):
     """conv -> norm -> ReLU (mmcv's ConvModule); the conv has no bias when a norm follows."""
 
-    def __init__(self, in_ch: int, out_ch: int, kernel: int = 1, dilation: int = 1, groups: int = 1, norm: str = "BN",
-                 act: bool = True) -> None:
+    def __init__(
+        self,
+        in_ch: int,
+        out_ch: int,
+        kernel: int = 1,
+        dilation: int = 1,
+        groups: int = 1,
+        norm: str = "BN",
+        act: bool = True,
+    ) -> None:
         padding = dilation * (kernel // 2)
         super().__init__(
             nn.Conv2d(in_ch, out_ch, kernel, padding=padding, dilation=dilation, groups=groups, bias=not norm),

@@ -5,6 +5,7 @@ norm + ReLU, concatenated and fused by a 3x3 conv — then dropout and a 1x1 cla
 Follows ``DAFormerHead`` with its published decoder_params (``embed_cfg=mlp``, ``fusion_cfg=aspp, sep=True,
 dilations=(1, 6, 12, 18), pool=False``) in lhoyer/MIC ``seg/mmseg/models/decode_heads/daformer_head.py``.
 """
+
 from __future__ import annotations
 
 from typing import Dict

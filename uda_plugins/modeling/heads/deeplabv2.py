@@ -3,6 +3,7 @@
 Follows DAFormer's ``DLV2Head`` (lhoyer/MIC ``seg/mmseg/models/decode_heads/dlv2_head.py``): no dropout, no
 shared convs, weights initialised N(0, 0.01). Output stride is the backbone's (8 for the dilated ResNets).
 """
+
 from __future__ import annotations
 
 from typing import Dict
@@ -23,9 +24,7 @@ class DeepLabV2Head(nn.Module):
         self.in_feature = h.IN_FEATURES[-1]
         in_ch = input_shape[self.in_feature].channels
         self.common_stride = input_shape[self.in_feature].stride
-        self.aspp = nn.ModuleList(
-            nn.Conv2d(in_ch, h.NUM_CLASSES, 3, padding=d, dilation=d) for d in h.ASPP_DILATIONS
-        )
+        self.aspp = nn.ModuleList(nn.Conv2d(in_ch, h.NUM_CLASSES, 3, padding=d, dilation=d) for d in h.ASPP_DILATIONS)
         for conv in self.aspp:
             nn.init.normal_(conv.weight, 0.0, 0.01)
             nn.init.zeros_(conv.bias)

@@ -1,5 +1,6 @@
 """The SegFormer all-MLP head (Xie et al. 2021): per-level linear embedding, upsampling to the finest level,
 concatenation, a 1x1 fusion conv (norm + ReLU), dropout and a 1x1 classifier. Output stride 4 on MiT."""
+
 from __future__ import annotations
 
 from typing import Dict
@@ -19,8 +20,10 @@ def upsample_and_concat(embedded: list) -> torch.Tensor:
     """Bilinearly resize every map to the first (finest) one's size and concatenate along channels."""
     size = embedded[0].shape[-2:]
     return torch.cat(
-        [e if e.shape[-2:] == size else F.interpolate(e, size=size, mode="bilinear", align_corners=False)
-         for e in embedded],
+        [
+            e if e.shape[-2:] == size else F.interpolate(e, size=size, mode="bilinear", align_corners=False)
+            for e in embedded
+        ],
         dim=1,
     )
 
