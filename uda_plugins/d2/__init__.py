@@ -5,8 +5,14 @@ Detectron2's own objects; otherwise they come from :mod:`uda_plugins.d2.builtin`
 subset with the same names, signatures and semantics. ``UDA_PLUGINS_BACKEND=builtin|detectron2`` forces one;
 :data:`BACKEND` says which is active.
 
-One deliberate exception: ``create_ddp_model`` is the builtin one on both backends, because Detectron2's passes
-``device_ids`` even for CPU models and so fails with several CPU processes (docs/detectron2-api.md §4.7).
+Two deliberate exceptions, the builtin versions on both backends:
+
+* ``create_ddp_model``: Detectron2's passes ``device_ids`` even for CPU models and so fails with several CPU
+  processes (docs/detectron2-api.md §4.7).
+* ``launch``: Detectron2's never destroys the process groups its worker processes create, and ``comm`` keeps the
+  default gloo group in an lru_cache; destructed at interpreter exit it aborts about one worker in five
+  ("terminate called without an active exception", measured on torch 2.14). Ours is the same function with a
+  clean teardown, using the active backend's ``comm``.
 """
 
 from __future__ import annotations
@@ -98,7 +104,6 @@ if BACKEND == "detectron2":
         default_setup,
         default_writers,
         hooks,
-        launch,
     )
     from detectron2.evaluation import (
         DatasetEvaluator,
@@ -130,6 +135,7 @@ if BACKEND == "detectron2":
     from detectron2.utils.logger import setup_logger
 
     from .builtin.defaults import create_ddp_model
+    from .builtin.launch import launch
 else:
     from .builtin import comm, hooks
     from .builtin.catalog import DatasetCatalog, MetadataCatalog

@@ -11,8 +11,6 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from . import comm
-
 __all__ = ["DEFAULT_TIMEOUT", "launch"]
 
 DEFAULT_TIMEOUT = timedelta(minutes=30)
@@ -67,6 +65,8 @@ def _distributed_worker(
     args: Tuple,
     timeout: timedelta = DEFAULT_TIMEOUT,
 ) -> None:
+    from uda_plugins.d2 import comm  # the active backend's comm (this launch serves both backends)
+
     has_gpu = torch.cuda.is_available()
     if has_gpu:
         assert num_gpus_per_machine <= torch.cuda.device_count()
@@ -87,6 +87,21 @@ def _distributed_worker(
         torch.cuda.set_device(local_rank)
     comm.synchronize()
     main_func(*args)
-    comm.synchronize()
-    # Leave cleanly so the next launch in the same interpreter (tests) does not find a stale group.
+    shutdown_process_groups(comm)
+
+
+def shutdown_process_groups(comm_module) -> None:
+    """Wait for every rank, drop the references ``comm`` caches to process groups, then destroy them.
+
+    ``comm._get_global_gloo_group`` (ours and Detectron2's) is an lru_cache that, under gloo, holds the default
+    process group itself; if it outlives ``destroy_process_group`` it is destructed during interpreter shutdown,
+    which aborts the process ("terminate called without an active exception") in about one run in five.
+    """
+    comm_module.synchronize()
+    for cached in ("_get_global_gloo_group", "create_local_process_group"):
+        fn = getattr(comm_module, cached, None)
+        if fn is not None and hasattr(fn, "cache_clear"):
+            fn.cache_clear()
+    if hasattr(comm_module, "_LOCAL_PROCESS_GROUP"):
+        comm_module._LOCAL_PROCESS_GROUP = None
     dist.destroy_process_group()
