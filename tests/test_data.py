@@ -231,6 +231,14 @@ def test_uda_loader_is_the_same_with_workers_and_after_a_restart(tiny_cfg):
     assert _names(next(iter(restarted))) == _names(batches[3])
 
 
+def test_uda_loader_state_restores_a_drawn_seed(tiny_cfg):
+    original = build_uda_train_loader(tiny_cfg, DataRequirements(), seed=123)
+    resumed = build_uda_train_loader(tiny_cfg, DataRequirements(), seed=999)  # as if SEED -1 drew another seed
+    assert _names(next(iter(resumed))) != _names(next(iter(original)))
+    resumed.load_state_dict(original.state_dict())
+    assert _names(next(iter(resumed))) == _names(next(iter(original)))
+
+
 def test_uda_loader_splits_a_global_batch_over_ranks(tiny_cfg):
     tiny_cfg.SOLVER.IMS_PER_BATCH_SOURCE = 4
     one = build_uda_train_loader(tiny_cfg, DataRequirements(target=False), seed=1).dataset

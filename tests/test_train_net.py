@@ -48,6 +48,7 @@ def test_training_writes_checkpoints_logs_metrics(trained):
     ckpt = torch.load(os.path.join(trained, "model_final.pth"), map_location="cpu", weights_only=True)
     assert ckpt["iteration"] == 3 and "optimizer" in ckpt["trainer"]["_trainer"]
     assert "LRScheduler" in ckpt["trainer"]["hooks"]
+    assert ckpt["trainer"]["data_loader"] == {"seed": 0}  # SEED of the config
     rows = _metrics(trained)
     # One loss: Detectron2's write_metrics logs it as total_loss only.
     assert any("total_loss" in r and "lr" in r and "data_time" in r for r in rows)

@@ -100,9 +100,12 @@ class DomainStream:
         self.dataset = SerializedList(dicts)
         self.mapper = mapper
         self.global_batch = global_batch
-        self.seed = seed
         self.salt = salt
-        self.sampler = EpochPermutationSampler(len(self.dataset), seed + salt)
+        self.set_seed(seed)
+
+    def set_seed(self, seed: int) -> None:
+        self.seed = int(seed)
+        self.sampler = EpochPermutationSampler(len(self.dataset), self.seed + self.salt)
 
     def batch(self, iteration: int, rank: int, world_size: int) -> List[dict]:
         out = []
@@ -152,15 +155,26 @@ def _worker_init(_worker_id: int) -> None:
 
 
 class UDATrainLoader:
-    """An infinite iterable of UDA batches. ``set_start_iter`` (called on resume) makes the next iterator
-    start at that iteration's samples."""
+    """An infinite iterable of UDA batches. Its whole state is (seed, start iteration): ``state_dict`` goes into
+    the checkpoint and ``set_start_iter`` (on resume) makes the next iterator start at that iteration's samples,
+    so a resumed run reads exactly the samples the uninterrupted run would have read."""
 
-    def __init__(self, dataset: UDABatchDataset, num_workers: int) -> None:
+    def __init__(self, dataset: UDABatchDataset, num_workers: int, seed: int) -> None:
         self.dataset = dataset
         self.num_workers = num_workers
+        self.seed = seed
 
     def set_start_iter(self, start_iter: int) -> None:
         self.dataset.start_iter = int(start_iter)
+
+    def state_dict(self) -> dict:
+        return {"seed": self.seed}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore the data seed (it differs from the config's when SEED < 0 drew a random one)."""
+        self.seed = int(state["seed"])
+        for stream in ([self.dataset.source] if self.dataset.source else []) + self.dataset.targets:
+            stream.set_seed(self.seed)
 
     def __iter__(self) -> Iterator[Dict[str, list]]:
         if self.num_workers == 0:
@@ -224,7 +238,7 @@ def build_uda_train_loader(cfg: CfgNode, requirements: DataRequirements, seed: O
         [f"{len(t.dataset)} images x{t.global_batch}" for t in targets] or "unused",
         seed,
     )
-    return UDATrainLoader(UDABatchDataset(source, targets, rank, world_size), cfg.DATALOADER.NUM_WORKERS)
+    return UDATrainLoader(UDABatchDataset(source, targets, rank, world_size), cfg.DATALOADER.NUM_WORKERS, seed)
 
 
 class _MappedList(Dataset):

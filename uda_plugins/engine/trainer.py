@@ -5,7 +5,8 @@ What it changes, and why:
 * ``__init__`` is rebuilt (as adaptive_teacher does) so that the step runner is :class:`UDAStepRunner` and DDP is
   created with the CPU-safe ``create_ddp_model``; everything else is DefaultTrainer's order of construction.
 * The training loader is the UDA loader, reading what the meta-architecture's ``data_requirements`` declare;
-  ``resume_or_load`` moves it to the resumed iteration, so the data stream continues exactly.
+  its seed is part of the checkpoint and ``resume_or_load`` moves it to the resumed iteration, so the data
+  stream continues exactly.
 * Hooks: Detectron2's defaults, plus the meta-architecture's own (``training_hooks``, e.g. an EMA update) placed
   before the checkpointer so checkpoints see their effect, and optionally ``BestCheckpointer`` (off by default:
   it selects on labelled target data).
@@ -170,6 +171,16 @@ class UDATrainer(DefaultTrainer):
     def resume_or_load(self, resume: bool = True) -> None:
         super().resume_or_load(resume=resume)
         self.data_loader.set_start_iter(self.start_iter)
+
+    def state_dict(self) -> dict:
+        ret = super().state_dict()
+        ret["data_loader"] = self.data_loader.state_dict()
+        return ret
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        super().load_state_dict(state_dict)
+        if "data_loader" in state_dict:
+            self.data_loader.load_state_dict(state_dict["data_loader"])
 
     def run_step(self) -> None:
         try:
