@@ -9,12 +9,15 @@ decodes target images and adaptation methods never read target labels.
 Whole batches are built by data-loader workers (iteration ``k`` by worker ``k % NUM_WORKERS``, so the order is
 fixed), and every sample is a function of its global position (see :mod:`uda_plugins.data.samplers`), which
 makes the stream independent of the number of workers and processes and lets ``--resume`` continue it exactly.
+With ``DATALOADER.RCS.ENABLED`` the source stream draws its images by rare-class sampling
+(:class:`~uda_plugins.data.samplers.RareClassSampler`) from the same position-seeded RNG, so this still holds.
 """
 
 from __future__ import annotations
 
 import itertools
 import logging
+import os
 import pickle
 from dataclasses import dataclass
 from typing import Dict, Iterator, List, Optional, Sequence
@@ -23,10 +26,11 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 
-from uda_plugins.d2 import CfgNode, DatasetCatalog, comm
+from uda_plugins.d2 import CfgNode, DatasetCatalog, MetadataCatalog, comm
 
+from .class_stats import ensure_class_stats
 from .mapper import UDADatasetMapper
-from .samplers import EpochPermutationSampler, InferenceSampler, rank_positions
+from .samplers import EpochPermutationSampler, InferenceSampler, RareClassSampler, rank_positions
 
 __all__ = [
     "DataRequirements",
@@ -36,6 +40,7 @@ __all__ = [
     "UDATrainLoader",
     "build_uda_train_loader",
     "build_test_loader",
+    "build_rare_class_sampler",
     "get_dataset_dicts",
 ]
 
@@ -91,16 +96,34 @@ def get_dataset_dicts(names: Sequence[str]) -> List[dict]:
 
 
 class DomainStream:
-    """One domain's sample stream: dataset dicts, a position->index sampler, a mapper and a global batch."""
+    """One domain's sample stream: dataset dicts, a position->index sampler, a mapper and a global batch.
+
+    With ``rare_class_sampler`` the image of a position and the class its crop must show are drawn by it (and
+    recorded in the sample as ``"rcs_class"``) instead of the epoch permutation; both draws come first from the
+    sample's own RNG, seeded by (seed, salt, position), so the sample stays a function of its position.
+    """
 
     def __init__(
-        self, name: str, dicts: Sequence[dict], mapper: UDADatasetMapper, global_batch: int, seed: int, salt: int
+        self,
+        name: str,
+        dicts: Sequence[dict],
+        mapper: UDADatasetMapper,
+        global_batch: int,
+        seed: int,
+        salt: int,
+        rare_class_sampler: Optional[RareClassSampler] = None,
     ) -> None:
         self.name = name
         self.dataset = SerializedList(dicts)
         self.mapper = mapper
         self.global_batch = global_batch
         self.salt = salt
+        self.rare_class_sampler = rare_class_sampler
+        if rare_class_sampler is not None and rare_class_sampler.num_images != len(self.dataset):
+            raise ValueError(
+                f"The rare-class sampler of '{name}' has statistics of {rare_class_sampler.num_images} images, "
+                f"the stream {len(self.dataset)}"
+            )
         self.set_seed(seed)
 
     def set_seed(self, seed: int) -> None:
@@ -111,7 +134,13 @@ class DomainStream:
         out = []
         for position in rank_positions(iteration, self.global_batch, rank, world_size):
             rng = np.random.default_rng([self.seed, self.salt, position])
-            out.append(self.mapper(self.dataset[self.sampler.index(position)], rng=rng))
+            if self.rare_class_sampler is None:
+                out.append(self.mapper(self.dataset[self.sampler.index(position)], rng=rng))
+            else:
+                index, class_id = self.rare_class_sampler.sample(rng)
+                sample = self.mapper(self.dataset[index], rng=rng, required_class=class_id)
+                sample["rcs_class"] = class_id
+                out.append(sample)
         return out
 
 
@@ -196,6 +225,41 @@ def _data_seed(cfg: CfgNode) -> int:
     return cfg.SEED if cfg.SEED >= 0 else comm.shared_random_seed()
 
 
+def build_rare_class_sampler(
+    cfg: CfgNode, names: Sequence[str], dicts_per_name: Sequence[Sequence[dict]]
+) -> RareClassSampler:
+    """The :class:`RareClassSampler` of the source datasets ``names`` (dicts concatenated in that order), from
+    their cached class statistics (:mod:`uda_plugins.data.class_stats`). A missing or stale cache is computed by
+    the main process while the others wait, then read by all (a process that still finds none, e.g. on another
+    machine without a shared file system, computes it itself)."""
+    rcs = cfg.DATALOADER.RCS
+    num_classes = cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES
+    ignore = cfg.MODEL.SEM_SEG_HEAD.IGNORE_VALUE
+    jobs = min(8, os.cpu_count() or 1)
+    parts = []
+    for name, dicts in zip(names, dicts_per_name):
+        kwargs = dict(stats_dir=rcs.STATS_DIR, jobs=jobs)
+        if comm.is_main_process():
+            pixels, path = ensure_class_stats(name, dicts, num_classes, ignore, **kwargs)
+        comm.synchronize()
+        if not comm.is_main_process():
+            pixels, path = ensure_class_stats(name, dicts, num_classes, ignore, progress=False, **kwargs)
+        logger.info("Class statistics of '%s': %s", name, path)
+        parts.append(pixels)
+    class_names = MetadataCatalog.get(names[0]).get("stuff_classes")
+    if class_names is not None and len(class_names) != num_classes:
+        class_names = None
+    sampler = RareClassSampler(np.concatenate(parts), rcs.TEMPERATURE, rcs.MIN_PIXELS, class_names)
+    logger.info(
+        "Rare-class sampling of the source (T=%s, > %s pixels per image, crops > %s pixels): class probabilities\n%s",
+        rcs.TEMPERATURE,
+        rcs.MIN_PIXELS,
+        rcs.MIN_PIXELS * rcs.MIN_CROP_RATIO,
+        sampler.describe(),
+    )
+    return sampler
+
+
 def build_uda_train_loader(cfg: CfgNode, requirements: DataRequirements, seed: Optional[int] = None) -> UDATrainLoader:
     """The training loader for ``cfg`` (``DATASETS.SOURCE_TRAIN``, ``DATASETS.TARGET_TRAIN``, the per-domain
     ``INPUT`` and global batch sizes), reading only what ``requirements`` asks for."""
@@ -203,13 +267,24 @@ def build_uda_train_loader(cfg: CfgNode, requirements: DataRequirements, seed: O
     rank, world_size = comm.get_rank(), comm.get_world_size()
     source = None
     if requirements.source:
+        rare_class_sampler = None
+        if cfg.DATALOADER.RCS.ENABLED:
+            names = (
+                [cfg.DATASETS.SOURCE_TRAIN] if isinstance(cfg.DATASETS.SOURCE_TRAIN, str) else cfg.DATASETS.SOURCE_TRAIN
+            )
+            dicts_per_name = [get_dataset_dicts([name]) for name in names]
+            source_dicts = [d for dicts in dicts_per_name for d in dicts]
+            rare_class_sampler = build_rare_class_sampler(cfg, names, dicts_per_name)
+        else:
+            source_dicts = get_dataset_dicts(cfg.DATASETS.SOURCE_TRAIN)
         source = DomainStream(
             "source",
-            get_dataset_dicts(cfg.DATASETS.SOURCE_TRAIN),
+            source_dicts,
             UDADatasetMapper.from_config(cfg, "source", load_label=requirements.source_labels),
             cfg.SOLVER.IMS_PER_BATCH_SOURCE,
             seed,
             _SOURCE_SALT,
+            rare_class_sampler=rare_class_sampler,
         )
     targets = []
     if requirements.target:

@@ -33,6 +33,11 @@ class UDADatasetMapper:
         input_cfg: ``cfg.INPUT.SOURCE``, ``cfg.INPUT.TARGET`` or ``cfg.INPUT.TEST``.
         num_classes: labels must hold 0..num_classes-1 or the ignore label.
         load_label: read ``sem_seg_file_name`` (unlabelled target images are never read by adaptation methods).
+        class_crop_pixels, class_crop_redraws: rare-class sampling
+            (:class:`~uda_plugins.data.samplers.RareClassSampler`): a sample mapped with ``required_class=c``
+            re-draws its random geometry up to ``class_crop_redraws`` times until the crop holds more than
+            ``class_crop_pixels`` pixels of ``c`` (``DATALOADER.RCS.MIN_PIXELS * MIN_CROP_RATIO`` and
+            ``CROP_REDRAWS``; 0 pixels: no re-draw).
     """
 
     def __init__(
@@ -43,26 +48,33 @@ class UDADatasetMapper:
         num_classes: int,
         load_label: bool,
         ignore_label: int = IGNORE_LABEL,
+        class_crop_pixels: float = 0.0,
+        class_crop_redraws: int = 10,
     ) -> None:
         self.is_train = is_train
         self.input_cfg = input_cfg
         self.num_classes = num_classes
         self.load_label = load_label
         self.ignore_label = ignore_label
+        self.class_crop_pixels = float(class_crop_pixels)
+        self.class_crop_redraws = int(class_crop_redraws)
 
     @classmethod
     def from_config(cls, cfg: CfgNode, domain: str, load_label: bool) -> "UDADatasetMapper":
         """``domain``: "source", "target" (training) or "test"."""
         input_cfg = {"source": cfg.INPUT.SOURCE, "target": cfg.INPUT.TARGET, "test": cfg.INPUT.TEST}[domain]
+        rcs = cfg.DATALOADER.RCS
         return cls(
             is_train=domain != "test",
             input_cfg=input_cfg,
             num_classes=cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES,
             load_label=load_label,
             ignore_label=cfg.MODEL.SEM_SEG_HEAD.IGNORE_VALUE,
+            class_crop_pixels=rcs.MIN_PIXELS * rcs.MIN_CROP_RATIO,
+            class_crop_redraws=rcs.CROP_REDRAWS,
         )
 
-    def _read(self, dataset_dict: dict):
+    def _read(self, dataset_dict: dict, load_label: bool):
         file_name = dataset_dict["file_name"]
         image = read_image(file_name)
         expected = (dataset_dict.get("height"), dataset_dict.get("width"))
@@ -72,7 +84,7 @@ class UDADatasetMapper:
                 f"{expected[0]}x{expected[1]}"
             )
         label = None
-        if self.load_label:
+        if load_label:
             label_file = dataset_dict.get("sem_seg_file_name")
             if label_file is None:
                 raise KeyError(f"Image '{file_name}' has no label ('sem_seg_file_name') but labels were requested")
@@ -85,10 +97,15 @@ class UDADatasetMapper:
             check_label_values(label, self.num_classes, label_file, self.ignore_label)
         return image, label
 
-    def __call__(self, dataset_dict: dict, rng: Optional[np.random.Generator] = None) -> dict:
+    def __call__(
+        self, dataset_dict: dict, rng: Optional[np.random.Generator] = None, required_class: Optional[int] = None
+    ) -> dict:
         """``rng`` draws the training geometry; the UDA loader passes one seeded by the sample's position, so a
-        sample is the same whatever the number of workers or processes, and after a resume."""
-        image, label = self._read(dataset_dict)
+        sample is the same whatever the number of workers or processes, and after a resume. ``required_class``:
+        the class rare-class sampling drew this file for; the crop is re-drawn until it holds enough of it (the
+        label is read for that even when labels are not returned)."""
+        class_crop = self.is_train and required_class is not None and self.class_crop_pixels > 0
+        image, label = self._read(dataset_dict, self.load_label or class_crop)
         c = self.input_cfg
         if self.is_train:
             rng = rng if rng is not None else np.random.default_rng()
@@ -102,8 +119,13 @@ class UDADatasetMapper:
                 flip_prob=c.FLIP_PROB,
                 label=label,
                 ignore_label=self.ignore_label,
+                required_class=required_class if class_crop else None,
+                required_pixels=self.class_crop_pixels,
+                max_redraws=self.class_crop_redraws,
             )
             image = apply_geometry(image, geometry, is_label=False)
+            if not self.load_label:
+                label = None  # read only to place the crop
             if label is not None:
                 label = apply_geometry(label, geometry, is_label=True)
         else:

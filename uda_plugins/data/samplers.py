@@ -7,15 +7,22 @@ epoch, seeded by (seed, epoch)), and the augmentation RNG of a sample is seeded 
 
 * the samples of an iteration do not depend on the number of processes or data workers;
 * ``--resume`` at iteration ``i`` continues the exact stream by starting at position ``i*G``.
+
+:class:`RareClassSampler` replaces the permutation for a source stream with DAFormer's rare-class sampling; it
+draws from the sample's own position-seeded RNG, so it keeps all of the above.
 """
 
 from __future__ import annotations
 
-from typing import Iterator, List
+import logging
+from typing import Iterator, List, Optional, Sequence, Tuple
 
+import numpy as np
 import torch
 
-__all__ = ["EpochPermutationSampler", "InferenceSampler", "rank_positions"]
+__all__ = ["EpochPermutationSampler", "InferenceSampler", "RareClassSampler", "rcs_class_probs", "rank_positions"]
+
+logger = logging.getLogger(__name__)
 
 
 class EpochPermutationSampler:
@@ -40,6 +47,95 @@ class EpochPermutationSampler:
             self._perm = torch.randperm(self.size, generator=g).tolist()
             self._epoch = epoch
         return self._perm[offset]
+
+
+def rcs_class_probs(class_pixels: Sequence[float], temperature: float) -> Tuple[np.ndarray, np.ndarray]:
+    """DAFormer's class distribution (lhoyer/MIC ``seg/mmseg/datasets/uda_dataset.py``, ``get_rcs_class_probs``
+    and ``calculate_frequencies``): over the classes that have any pixel, ``f_c = n_c / sum(n)`` and
+    ``P(c) = softmax((1 - f_c) / temperature)``. Returns (those class ids ascending, their probabilities)."""
+    if temperature <= 0:
+        raise ValueError(f"The rare-class sampling temperature must be > 0, not {temperature}")
+    pixels = np.asarray(class_pixels, dtype=np.float64)
+    classes = np.flatnonzero(pixels > 0)  # the reference's stats only list classes that occur
+    if len(classes) == 0:
+        raise ValueError("Rare-class sampling: the source labels hold no pixel of any class")
+    logits = (1.0 - pixels[classes] / pixels.sum()) / temperature
+    probs = np.exp(logits - logits.max())  # shifted for stability; softmax is shift-invariant
+    return classes, probs / probs.sum()
+
+
+class RareClassSampler:
+    """DAFormer's rare-class sampling (lhoyer/MIC ``seg/mmseg/datasets/uda_dataset.py``, ``UDADataset`` and
+    ``get_rare_class_sample``): draw a class ``c`` with :func:`rcs_class_probs`, then uniformly one image whose
+    label holds more than ``min_pixels`` pixels of ``c``.
+
+    Args:
+        pixels: (num_images, num_classes) class pixel counts per image (:mod:`uda_plugins.data.class_stats`), rows
+            in the order of the stream's dataset.
+        temperature, min_pixels: ``DATALOADER.RCS.TEMPERATURE`` / ``MIN_PIXELS`` (0.01 / 3000 in DAFormer).
+
+    The frequencies ``f_c`` are over all images. A class that occurs but where no image has more than
+    ``min_pixels`` of it is not drawn (the reference asserts instead); the remaining probabilities are the
+    softmax over the remaining classes, and a warning names the dropped ones.
+
+    Attributes:
+        class_probs: (num_classes,) float64, P(c); 0 for classes never drawn.
+        classes: the class ids that can be drawn, ascending.
+    """
+
+    def __init__(
+        self,
+        pixels: np.ndarray,
+        temperature: float,
+        min_pixels: float,
+        class_names: Optional[Sequence[str]] = None,
+    ) -> None:
+        pixels = np.asarray(pixels)
+        if pixels.ndim != 2 or pixels.shape[0] == 0:
+            raise ValueError(f"Rare-class sampling needs (num_images, num_classes) pixel counts, got {pixels.shape}")
+        num_classes = pixels.shape[1]
+        self.class_names = list(class_names) if class_names else [str(c) for c in range(num_classes)]
+        present, probs = rcs_class_probs(pixels.sum(axis=0), temperature)
+        self._images: List[np.ndarray] = [np.zeros(0, dtype=np.int64)] * num_classes
+        keep = []
+        for c in present:
+            self._images[c] = np.flatnonzero(pixels[:, c] > min_pixels)
+            keep.append(len(self._images[c]) > 0)
+        keep = np.asarray(keep, dtype=bool)
+        if not keep.any():
+            raise ValueError(
+                f"Rare-class sampling: no source image has more than {min_pixels} pixels of any class "
+                f"(lower DATALOADER.RCS.MIN_PIXELS)"
+            )
+        if not keep.all():
+            logger.warning(
+                "Rare-class sampling: no source image has more than %s pixels of %s; these classes are not drawn",
+                min_pixels,
+                ", ".join(self.class_names[c] for c in present[~keep]),
+            )
+        self.classes = present[keep]
+        self.class_probs = np.zeros(num_classes, dtype=np.float64)
+        self.class_probs[self.classes] = probs[keep] / probs[keep].sum()
+        self.num_images = pixels.shape[0]
+        self.temperature = float(temperature)
+        self.min_pixels = min_pixels
+
+    def images_with_class(self, class_id: int) -> np.ndarray:
+        """The dataset indices an image is drawn from after drawing ``class_id``."""
+        return self._images[class_id]
+
+    def sample(self, rng: np.random.Generator) -> Tuple[int, int]:
+        """(dataset index, class id) for one sample; ``rng`` is the sample's position-seeded generator."""
+        class_id = int(rng.choice(len(self.class_probs), p=self.class_probs))
+        images = self._images[class_id]
+        return int(images[rng.integers(len(images))]), class_id
+
+    def describe(self) -> str:
+        """One line per drawable class: name, probability and the number of eligible images (for the log)."""
+        return "\n".join(
+            f"  {self.class_names[c]:<16s} P={self.class_probs[c]:.4f}  images={len(self._images[c])}"
+            for c in self.classes
+        )
 
 
 def rank_positions(iteration: int, global_batch: int, rank: int, world_size: int) -> List[int]:

@@ -83,6 +83,13 @@ def _crop_ok(label_crop: np.ndarray, cat_max_ratio: float, ignore_label: int) ->
     return len(counts) > 1 and counts.max() / counts.sum() < cat_max_ratio
 
 
+def _class_pixels_in_crop(label: np.ndarray, geometry: Geometry, class_id: int) -> int:
+    top, left, ch, cw = geometry.crop
+    return int(
+        np.count_nonzero(resize_label(label, geometry.resized_size)[top : top + ch, left : left + cw] == class_id)
+    )
+
+
 def sample_geometry(
     rng: np.random.Generator,
     size: Sequence[int],
@@ -94,26 +101,42 @@ def sample_geometry(
     flip_prob: float = 0.0,
     label: Optional[np.ndarray] = None,
     ignore_label: int = IGNORE_LABEL,
+    required_class: Optional[int] = None,
+    required_pixels: float = 0.0,
+    max_redraws: int = 10,
 ) -> Geometry:
     """Draw a resize (fit ``resize`` x a factor in ``ratio_range``), a random crop of ``crop_size`` (re-drawn up
-    to 10 times while one class dominates, when ``label`` is given and ``cat_max_ratio`` < 1) and a flip."""
+    to 10 times while one class dominates, when ``label`` is given and ``cat_max_ratio`` < 1) and a flip.
+
+    Rare-class sampling: with ``required_class`` (and ``label``), the whole draw is repeated up to ``max_redraws``
+    more times until the crop holds more than ``required_pixels`` pixels of that class, counted on the label as
+    resized and cropped; the last draw is kept even if it misses. This is lhoyer/MIC
+    ``seg/mmseg/datasets/uda_dataset.py`` ``get_rare_class_sample``, which re-runs the whole source pipeline
+    (random resize, cat_max_ratio crop, flip) on the same file up to 10 times. Without ``required_class`` the
+    random draws are exactly those of a single attempt.
+    """
     h, w = int(size[0]), int(size[1])
-    scale = fit_scale((h, w), resize) * float(rng.uniform(ratio_range[0], ratio_range[1]))
-    rh, rw = resized_size((h, w), scale)
-    if crop_size[0] > 0 and crop_size[1] > 0:
-        ch, cw = min(int(crop_size[0]), rh), min(int(crop_size[1]), rw)
-        resized_label = resize_label(label, (rh, rw)) if label is not None and cat_max_ratio < 1.0 else None
-        for _ in range(10):
-            top, left = int(rng.integers(0, rh - ch + 1)), int(rng.integers(0, rw - cw + 1))
-            if resized_label is None or _crop_ok(
-                resized_label[top : top + ch, left : left + cw], cat_max_ratio, ignore_label
-            ):
-                break
-        crop = (top, left, ch, cw)
-    else:
-        crop = (0, 0, rh, rw)
-    flip = bool(rng.uniform() < flip_prob)
-    return Geometry((h, w), (rh, rw), crop, flip)
+    attempts = 1 + max(0, int(max_redraws)) if required_class is not None and label is not None else 1
+    for _ in range(attempts):
+        scale = fit_scale((h, w), resize) * float(rng.uniform(ratio_range[0], ratio_range[1]))
+        rh, rw = resized_size((h, w), scale)
+        if crop_size[0] > 0 and crop_size[1] > 0:
+            ch, cw = min(int(crop_size[0]), rh), min(int(crop_size[1]), rw)
+            resized_label = resize_label(label, (rh, rw)) if label is not None and cat_max_ratio < 1.0 else None
+            for _ in range(10):
+                top, left = int(rng.integers(0, rh - ch + 1)), int(rng.integers(0, rw - cw + 1))
+                if resized_label is None or _crop_ok(
+                    resized_label[top : top + ch, left : left + cw], cat_max_ratio, ignore_label
+                ):
+                    break
+            crop = (top, left, ch, cw)
+        else:
+            crop = (0, 0, rh, rw)
+        flip = bool(rng.uniform() < flip_prob)
+        geometry = Geometry((h, w), (rh, rw), crop, flip)
+        if attempts == 1 or _class_pixels_in_crop(label, geometry, required_class) > required_pixels:
+            break
+    return geometry
 
 
 def apply_geometry(array: np.ndarray, geometry: Geometry, is_label: bool) -> np.ndarray:
