@@ -3,9 +3,13 @@
 
     python tools/benchmark.py --config-file configs/synthetic/source_only.yaml [--iters 100] [KEY VALUE ...]
 
-Prints one table: seconds per iteration (median and mean over the timed iterations), the part spent waiting for
-data, images per second (all domains), peak host memory (RSS) and peak device memory. Nothing is written except a
-throw-away OUTPUT_DIR in a temporary folder; no evaluation runs.
+Prints two tables. The first: seconds per iteration (median and mean over the timed iterations), the part spent
+waiting for data, images per second (all domains), peak host memory (RSS) and peak device memory. The second: the
+mean time per iteration of each named section of the step (``uda_plugins.utils.profiling.timed``: data wait,
+teacher forward, student forwards with their losses, backward, optimizer, mixing/masking/augmentation, EMA) and
+the "adaptation machinery" share = everything that is not a network forward/backward or the optimizer. Sections
+synchronise the device, which slows a GPU run slightly. The training hooks run as in training (EMA updates
+included); nothing is written except a throw-away OUTPUT_DIR in a temporary folder; no evaluation runs.
 """
 
 import argparse
@@ -24,6 +28,10 @@ from uda_plugins.config import get_uda_cfg
 from uda_plugins.d2 import EventStorage
 from uda_plugins.engine import UDATrainer
 from uda_plugins.engine.setup import merge_overrides, resolve_device
+from uda_plugins.utils.profiling import collect_timings
+
+# Sections that are network compute; the rest of the step is adaptation machinery or bookkeeping.
+NETWORK_SECTIONS = ("student_forward", "teacher_forward", "backward", "optimizer")
 
 
 def build_cfg(args, output_dir):
@@ -36,6 +44,7 @@ def build_cfg(args, output_dir):
     cfg.OUTPUT_DIR = output_dir
     cfg.TEST.EVAL_PERIOD = 0
     cfg.VIS_PERIOD = 0
+    cfg.SOLVER.CHECKPOINT_PERIOD = 10**9
     cfg.SOLVER.MAX_ITER = max(cfg.SOLVER.MAX_ITER, args.warmup + args.iters)
     cfg.freeze()
     return cfg
@@ -47,6 +56,18 @@ def images_per_iteration(cfg, trainer) -> int:
     if req.target:
         n += cfg.SOLVER.IMS_PER_BATCH_TARGET * len(cfg.DATASETS.TARGET_TRAIN)
     return n
+
+
+def breakdown_table(sections: dict, step_times: list) -> str:
+    """Mean seconds per iteration of each section, its share of the step, and the machinery total."""
+    n = len(step_times)
+    step = sum(step_times) / n
+    per_it = {k: v / n for k, v in sections.items()}
+    per_it["other (hooks, metrics, host<->device)"] = step - sum(per_it.values())
+    machinery = sum(v for k, v in per_it.items() if k not in NETWORK_SECTIONS and k != "data_wait")
+    rows = [[k, f"{v:.4f}", f"{100 * v / step:.1f}%"] for k, v in sorted(per_it.items(), key=lambda kv: -kv[1])]
+    rows.append(["adaptation machinery (not network, not data)", f"{machinery:.4f}", f"{100 * machinery / step:.1f}%"])
+    return tabulate(rows, headers=["section", "s/it", "share of step"], tablefmt="github")
 
 
 def main(argv=None) -> int:
@@ -67,18 +88,26 @@ def main(argv=None) -> int:
         if cuda:
             torch.cuda.reset_peak_memory_stats()
         step_times, data_times = [], []
+        sections = {}
         with EventStorage(0) as storage:
             trainer.storage = storage
+            trainer.before_train()
             for it in range(args.warmup + args.iters):
                 storage.iter = trainer.iter = it
-                start = time.perf_counter()
-                trainer.run_step()
-                if cuda:
-                    torch.cuda.synchronize()
-                elapsed = time.perf_counter() - start
+                with collect_timings() as timings:
+                    start = time.perf_counter()
+                    trainer.before_step()
+                    trainer.run_step()
+                    trainer.after_step()
+                    if cuda:
+                        torch.cuda.synchronize()
+                    elapsed = time.perf_counter() - start
                 if it >= args.warmup:
                     step_times.append(elapsed)
                     data_times.append(storage.history("data_time").latest())
+                    timings["data_wait"] = data_times[-1]
+                    for k, v in timings.items():
+                        sections[k] = sections.get(k, 0.0) + v
         sec = statistics.median(step_times)
         rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         rows = [
@@ -110,6 +139,8 @@ def main(argv=None) -> int:
             )
         )
         print(f"({args.iters} timed iterations after {args.warmup} warm-up; torch threads: {torch.get_num_threads()})")
+        print()
+        print(breakdown_table(sections, step_times))
     return 0
 
 

@@ -44,6 +44,27 @@ def add_uda_config(cfg: CN) -> None:
     _C.DATASETS.TARGET_TRAIN = ("synthetic_target_train",)
     # DATASETS.TEST (Detectron2's key) names the evaluation sets.
 
+    # ------------------------------------------------------------------ rare-class sampling (DAFormer)
+    _C.DATALOADER.RCS = CN()
+    # DAFormer's rare-class sampling of the source stream (lhoyer/MIC seg/mmseg/datasets/uda_dataset.py): each
+    # source sample first draws a class c with P(c) = softmax((1 - f_c) / TEMPERATURE), f_c = c's share of all
+    # labelled source pixels, then uniformly one source image with > MIN_PIXELS pixels of c. Targets stay uniform.
+    _C.DATALOADER.RCS.ENABLED = False
+    # Softmax temperature: smaller draws rare classes more often (DAFormer/HRDA/MIC: 0.01).
+    _C.DATALOADER.RCS.TEMPERATURE = 0.01
+    # An image is eligible for class c when its label file, at its stored resolution, has more than this many
+    # pixels of c (3000 for GTA5/SYNTHIA). Classes no image reaches are not drawn (a warning names them).
+    _C.DATALOADER.RCS.MIN_PIXELS = 3000
+    # Re-draw the image's random resize/crop/flip until the crop has > MIN_PIXELS * MIN_CROP_RATIO pixels of c
+    # (0.5 for 512x512 crops, 2.0 for HRDA's 1024x1024 crops; 0 keeps the first draw) ...
+    _C.DATALOADER.RCS.MIN_CROP_RATIO = 0.5
+    # ... at most this many times (the reference's 10); the last draw is kept even when it misses c.
+    _C.DATALOADER.RCS.CROP_REDRAWS = 10
+    # Folder of the per-image class-pixel caches (tools/compute_class_stats.py). "": beside each source dataset's
+    # label folder, or ~/.cache/uda_plugins/class_stats where that is not writable. Missing or stale caches are
+    # computed by the main process when training starts.
+    _C.DATALOADER.RCS.STATS_DIR = ""
+
     # ------------------------------------------------------------------ input
     # Channel order of MODEL.PIXEL_MEAN/STD and of images given to the model (project default).
     _C.INPUT.FORMAT = "RGB"
@@ -102,6 +123,97 @@ def add_uda_config(cfg: CN) -> None:
     _C.MODEL.SEM_SEG_HEAD.FUSION_DILATIONS = (1, 6, 12, 18)
     # Dropout before the classifier.
     _C.MODEL.SEM_SEG_HEAD.DROPOUT = 0.1
+
+    # ------------------------------------------------------------------ HRDA multi-resolution training
+    _C.MODEL.HRDA = CN()
+    # Wrap the segmentor in HRDA's context + detail scales (lhoyer/MIC hrda_encoder_decoder.py / hrda_head.py).
+    _C.MODEL.HRDA.ENABLED = False
+    # Input scales (context, detail): the context view is the whole crop resized by the first, the detail view a
+    # crop of the image resized by the second (which must be 1.0: the label is cropped with the same box).
+    _C.MODEL.HRDA.SCALES = (0.5, 1.0)
+    # Detail crop (h, w) in pixels of the detail-scale image, clamped to the image; (0, 0) = the whole image.
+    _C.MODEL.HRDA.HR_CROP_SIZE = (512, 512)
+    # Detail-crop offsets are multiples of this (8 = head stride 4 / context scale 0.5: aligned fusion).
+    _C.MODEL.HRDA.CROP_COORD_DIVISIBLE = 8
+    # Loss = (1 - HR - LR) * CE(fused) + HR * CE(detail logits, label in the box) + LR * CE(context logits).
+    _C.MODEL.HRDA.HR_LOSS_WEIGHT = 0.1
+    _C.MODEL.HRDA.LR_LOSS_WEIGHT = 0.0
+    # One scale attention per class channel (True) or a single map for all classes (the "singleatt" ablation).
+    _C.MODEL.HRDA.ATTENTION_CLASSWISE = True
+    # Width of the scale-attention head's embeddings and fusion conv when the decode head is a DAFormerHead.
+    _C.MODEL.HRDA.ATTENTION_EMBED_DIM = 256
+    # >= 0: a constant scale attention instead of the learned head (the "fixedatt" ablation uses 0.5); -1 = learned.
+    _C.MODEL.HRDA.FIXED_ATTENTION = -1.0
+    # Inference (pseudo-labels, test): the detail logits come from sliding HR_CROP_SIZE windows over the whole
+    # image (True) or from one pass over the whole full-resolution image (False).
+    _C.MODEL.HRDA.HR_SLIDE_INFERENCE = True
+    # Those windows overlap by half (stride = HR_CROP_SIZE // 2) or tile the image (stride = HR_CROP_SIZE).
+    _C.MODEL.HRDA.HR_SLIDE_OVERLAPPING = True
+    # Replace the detail view by the image down- and up-sampled by 0.5 (the "blurhr" ablation).
+    _C.MODEL.HRDA.BLUR_HR_CROP = False
+    # The scale (one of SCALES) whose encoder features forward_train returns for the feature distance.
+    _C.MODEL.HRDA.FEATURE_SCALE = 0.5
+    # Reproduce the reference's detail-crop offsets, randint(0, (margin + 1) // CROP_COORD_DIVISIBLE) *
+    # CROP_COORD_DIVISIBLE, which never draws the last aligned offset (the box never touches the bottom/right
+    # edge). False (fixed): every multiple of CROP_COORD_DIVISIBLE in [0, margin].
+    _C.MODEL.HRDA.REFERENCE_CROP_OFFSETS = False
+    # Reproduce the reference's LR loss on the attention-weighted context logits (1 - att) * LR instead of the
+    # context logits themselves (only matters when LR_LOSS_WEIGHT > 0).
+    _C.MODEL.HRDA.LR_LOSS_ON_ATTENDED_LOGITS = False
+
+    # ------------------------------------------------------------------ self-training (DACS / DAFormer / MIC)
+    _C.UDA = CN()
+    _C.UDA.TEACHER = CN()
+    # EMA teacher: after the k-th optimizer step, teacher <- a_k * teacher + (1 - a_k) * student over the
+    # parameters (not the BN buffers), a_k = min(1 - 1/(k + 1), ALPHA). 0.99 in DACS's base config, 0.999 in
+    # the DAFormer/HRDA/MIC experiments ("a999").
+    _C.UDA.TEACHER.ALPHA = 0.99
+
+    _C.UDA.PSEUDO_LABEL = CN()
+    # Quality weight of the target pseudo-labels = fraction of target-batch pixels whose teacher confidence is
+    # >= THRESHOLD (one scalar per rank's batch, as the single-GPU reference).
+    _C.UDA.PSEUDO_LABEL.THRESHOLD = 0.968
+    # DAFormer's "croppl": zero the pseudo-label weight of this many rows at the top / bottom of each target
+    # crop (15 / 120 for 512x512 Cityscapes crops); 0 disables.
+    _C.UDA.PSEUDO_LABEL.IGNORE_TOP = 0
+    _C.UDA.PSEUDO_LABEL.IGNORE_BOTTOM = 0
+    # HRDA/MIC's variant: margins (top, bottom, left, right) in pixels of the *original* target frame whose
+    # pseudo-labels get weight 0, wherever the crop falls ((30, 240, 30, 30) on 1024x2048 Cityscapes). Exclusive
+    # with IGNORE_TOP/IGNORE_BOTTOM, as in the reference.
+    _C.UDA.PSEUDO_LABEL.FRAME_MARGINS = (0, 0, 0, 0)
+
+    _C.UDA.MIX = CN()
+    # "class": DACS ClassMix (half of the source classes pasted onto the target); "none": train on the
+    # strongly augmented target image itself (plain mean-teacher self-training).
+    _C.UDA.MIX.MODE = "class"
+    # Reference quirk (lhoyer/MIC dacs_transforms.get_class_masks): draw the classes from the labels of the
+    # whole source batch, the ignore label included. False (default): from each image's own labelled classes.
+    _C.UDA.MIX.CLASSES_FROM_BATCH = False
+
+    _C.UDA.STRONG_AUG = CN()
+    # Colour jitter (brightness, contrast, saturation, hue, each of this strength) applied with probability
+    # 1 - COLOR_JITTER_SKIP_PROB (the reference's color_jitter_probability 0.2 means "skip when U < 0.2").
+    _C.UDA.STRONG_AUG.COLOR_JITTER_STRENGTH = 0.2
+    _C.UDA.STRONG_AUG.COLOR_JITTER_SKIP_PROB = 0.2
+    # Gaussian blur (sigma ~ U(0.15, 1.15), kernel ~10% of the image side) with probability 0.5.
+    _C.UDA.STRONG_AUG.BLUR = True
+
+    _C.UDA.FD = CN()
+    # DAFormer's thing-class ImageNet feature distance on source images: weight (0 = off; 0.005 in DAFormer).
+    _C.UDA.FD.LAMBDA = 0.0
+    # Classes whose feature cells are pulled towards the frozen ImageNet encoder (Cityscapes things).
+    _C.UDA.FD.CLASSES = (6, 7, 11, 12, 13, 14, 15, 16, 17, 18)
+    # A feature cell takes a class only if at least this fraction of its pixels have it (else it is ignored).
+    _C.UDA.FD.SCALE_MIN_RATIO = 0.75
+    # The encoder output compared (the bottleneck: the last stage).
+    _C.UDA.FD.FEATURE = "res5"
+
+    _C.UDA.MIC = CN()
+    # Masked image consistency: weight of the loss on masked target images (0 = off; 1 in MIC).
+    _C.UDA.MIC.LAMBDA = 0.0
+    # Square blocks of this many input pixels are dropped with probability RATIO.
+    _C.UDA.MIC.BLOCK_SIZE = 64
+    _C.UDA.MIC.RATIO = 0.7
 
     # ------------------------------------------------------------------ solver
     # Source images per iteration (global).

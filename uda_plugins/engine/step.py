@@ -1,18 +1,31 @@
 """The per-iteration step of every method: one forward of the meta-architecture, one backward, one optimizer
-step — Detectron2's SimpleTrainer, plus a finiteness check on every rank *before* the step, so a NaN never
-reaches the weights and the error names the offending losses."""
+step — Detectron2's SimpleTrainer, plus:
+
+* torch's global RNG is seeded from (data seed, iteration, rank) before the forward, so every random draw of a
+  method (class choice, augmentation, masks, dropout) is a function of the iteration: a resumed run draws what
+  the uninterrupted run drew, with no RNG state to checkpoint;
+* a finiteness check on every rank *before* the optimizer step, so a NaN never reaches the weights and the
+  error names the offending losses."""
 
 from __future__ import annotations
 
 import time
 from typing import Dict
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
 from uda_plugins.d2 import SimpleTrainer, comm
+from uda_plugins.utils.profiling import timed
 
-__all__ = ["UDAStepRunner", "NonFiniteLossError"]
+__all__ = ["UDAStepRunner", "NonFiniteLossError", "step_seed"]
+
+
+def step_seed(seed: int, iteration: int, rank: int) -> int:
+    """A well-mixed 63-bit seed for (seed, iteration, rank)."""
+    state = np.random.SeedSequence([int(seed) & 0xFFFFFFFF, int(iteration), int(rank)]).generate_state(2)
+    return int((int(state[0]) << 31) ^ int(state[1]))
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -25,14 +38,17 @@ class UDAStepRunner(SimpleTrainer):
         start = time.perf_counter()
         data = next(self._data_loader_iter)
         data_time = time.perf_counter() - start
+        torch.manual_seed(step_seed(getattr(self.data_loader, "seed", 0), self.iter, comm.get_rank()))
         loss_dict: Dict[str, torch.Tensor] = self.model(data)
         losses = sum(loss_dict.values())
         self.optimizer.zero_grad(set_to_none=True)
-        losses.backward()
+        with timed("backward"):
+            losses.backward()
         self.after_backward()
         self.check_finite(loss_dict)
         self._write_metrics(loss_dict, data_time)
-        self.optimizer.step()
+        with timed("optimizer"):
+            self.optimizer.step()
 
     def check_finite(self, loss_dict: Dict[str, torch.Tensor]) -> None:
         """Raise NonFiniteLossError on every rank if any rank has a non-finite loss (one host sync)."""

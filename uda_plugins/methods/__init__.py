@@ -1,7 +1,9 @@
 """One module per UDA method, each registering its meta-architecture."""
 
 from .base import UDAMetaArch
+from .dacs import DACS
+from .self_training import SelfTrainingArch
 from .source_only import SourceOnly
 from .target_only import TargetOnly
 
-__all__ = ["UDAMetaArch", "SourceOnly", "TargetOnly"]
+__all__ = ["UDAMetaArch", "SelfTrainingArch", "SourceOnly", "TargetOnly", "DACS"]

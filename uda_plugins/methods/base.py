@@ -7,20 +7,26 @@ modules). In training mode it is called once per iteration with the UDA batch
 applied; in eval mode it behaves like Detectron2's ``SemanticSegmentor``: a list of input dicts in,
 ``[{"sem_seg": logits (C, height, width)}]`` out, computed by the network named in ``eval_model``.
 
-Subclasses implement :meth:`forward_train` and declare what data they read in ``data_requirements``.
+Subclasses implement :meth:`forward_train` and declare what data they read in ``data_requirements``. The base
+class also owns the method-independent DAFormer strategy that acts on the source loss: the thing-class ImageNet
+feature distance (``UDA.FD.LAMBDA`` > 0), so every method (source-only included) can switch it on.
 """
 
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from uda_plugins.d2 import CfgNode, comm, get_event_storage, has_event_storage
 from uda_plugins.data.build import DataRequirements
-from uda_plugins.modeling import Segmentor, segment, stack_images
+from uda_plugins.modeling import SegmentorOutput, build_segmentor, segment, stack_images
+from uda_plugins.utils.profiling import timed
 from uda_plugins.utils.visualization import colorize, palette_for_dataset, panel
+
+from .feature_distance import FeatureDistance
 
 __all__ = ["UDAMetaArch"]
 
@@ -30,7 +36,7 @@ class UDAMetaArch(nn.Module):
 
     def __init__(self, cfg: CfgNode) -> None:
         super().__init__()
-        self.student = Segmentor(cfg)
+        self.student = build_segmentor(cfg)
         self.ignore_value = cfg.MODEL.SEM_SEG_HEAD.IGNORE_VALUE
         self.test_mode = cfg.TEST.MODE
         self.slide_crop = tuple(cfg.TEST.SLIDE_CROP_SIZE)
@@ -40,6 +46,19 @@ class UDAMetaArch(nn.Module):
         self.eval_model = "student"
         source = cfg.DATASETS.SOURCE_TRAIN[0] if cfg.DATASETS.SOURCE_TRAIN else None
         self._palette = palette_for_dataset(source, cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES)
+        fd = cfg.UDA.FD
+        self.feature_distance: Optional[FeatureDistance] = None
+        if fd.LAMBDA > 0:
+            # A copy of the encoder as initialised (ImageNet weights from MODEL.BACKBONE.PRETRAINED).
+            self.feature_distance = FeatureDistance(
+                self.student.backbone,
+                fd.LAMBDA,
+                fd.CLASSES,
+                fd.SCALE_MIN_RATIO,
+                fd.FEATURE,
+                cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES,
+                self.ignore_value,
+            )
 
     @property
     def device(self) -> torch.device:
@@ -72,6 +91,23 @@ class UDAMetaArch(nn.Module):
         )
 
     # -------------------------------------------------------------------------------------------- helpers
+    def source_losses(
+        self, images: torch.Tensor, labels: torch.Tensor
+    ) -> Tuple[Dict[str, torch.Tensor], SegmentorOutput]:
+        """The supervised source loss (``loss_source``) and, when enabled, the feature distance
+        (``loss_feature_distance``) on the same forward, as DAFormer; returns the losses and the forward output."""
+        with timed("student_forward"):
+            out = self.student.forward_train(images)
+            losses = {"loss_source": self.student.loss(out, labels)}
+            if self.feature_distance is not None:
+                scale = self.student.feature_scale
+                fd_images = images
+                if scale != 1.0:
+                    fd_images = F.interpolate(images, scale_factor=scale, mode="bilinear", align_corners=False)
+                feature = out.features[self.feature_distance.feature]
+                losses["loss_feature_distance"] = self.feature_distance(fd_images, labels, feature)
+        return losses, out
+
     def images_and_labels(self, dicts: List[dict]) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
         """Normalised (N, 3, H, W) images and (N, H, W) labels (None if the dicts carry none) on the device."""
         images = self.student.normalize(stack_images(dicts, self.device))
@@ -91,11 +127,30 @@ class UDAMetaArch(nn.Module):
     @torch.no_grad()
     def visualize(self, name: str, images: torch.Tensor, labels: Optional[torch.Tensor], logits: torch.Tensor) -> None:
         """Put ``name`` = [input | ground truth | prediction] of the first image into the event storage."""
-        image = self.student.denormalize(images[:1])[0].clamp(0, 255).to(torch.uint8)
-        pred = logits[:1].argmax(1)[0]
-        pred = torch.nn.functional.interpolate(pred[None, None].float(), size=image.shape[-2:], mode="nearest")[0, 0]
-        parts = [image]
-        if labels is not None:
-            parts.append(colorize(labels[0], self._palette))
-        parts.append(colorize(pred, self._palette))
-        get_event_storage().put_image(name, panel(parts))
+        self.visualize_panel(name, [images, labels, logits])
+
+    @torch.no_grad()
+    def visualize_panel(self, name: str, parts: Sequence[Optional[torch.Tensor]]) -> None:
+        """Put a side-by-side picture of the first batch element of each part into the event storage. A part is
+        a normalised image batch (N, 3, H, W), logits (N, C, h, w) with C != 3 (shown as the argmax), a label
+        batch (N, H, W) of integers (coloured with the palette) or a float map batch (N, H, W) in [0, 1] (grey);
+        None parts are skipped."""
+        size = None
+        pictures = []
+        for part in parts:
+            if part is None:
+                continue
+            x = part[0].detach()
+            if x.dim() == 3 and x.shape[0] == 3:
+                picture = self.student.denormalize(x[None].float())[0].clamp(0, 255).to(torch.uint8)
+            elif x.dim() == 3:
+                picture = colorize(x.argmax(0), self._palette)
+            elif torch.is_floating_point(x):
+                picture = (x.clamp(0, 1) * 255).to(torch.uint8)[None].expand(3, -1, -1)
+            else:
+                picture = colorize(x, self._palette)
+            size = size or tuple(picture.shape[-2:])
+            if tuple(picture.shape[-2:]) != size:
+                picture = F.interpolate(picture[None].float(), size=size, mode="nearest")[0].to(torch.uint8)
+            pictures.append(picture)
+        get_event_storage().put_image(name, panel(pictures))

@@ -1,5 +1,5 @@
-"""Source-only training: supervised cross-entropy on the labelled source domain; the lower bound of every
-adaptation table."""
+"""Source-only training: supervised cross-entropy on the labelled source domain (plus DAFormer's feature distance
+when ``UDA.FD.LAMBDA`` > 0, and rare-class sampling when it is on); the lower bound of every adaptation table."""
 
 from __future__ import annotations
 
@@ -9,7 +9,6 @@ import torch
 
 from uda_plugins.d2 import META_ARCH_REGISTRY
 from uda_plugins.data.build import DataRequirements
-from uda_plugins.modeling import seg_cross_entropy
 
 from .base import UDAMetaArch
 
@@ -22,7 +21,7 @@ class SourceOnly(UDAMetaArch):
 
     def forward_train(self, batch: Dict[str, list]) -> Dict[str, torch.Tensor]:
         images, labels = self.images_and_labels(batch["source"])
-        logits = self.student(images)
+        losses, out = self.source_losses(images, labels)
         if self.should_visualize():
-            self.visualize("source/input_gt_pred", images, labels, logits)
-        return {"loss_source": seg_cross_entropy(logits, labels, ignore_index=self.ignore_value)}
+            self.visualize("source/input_gt_pred", images, labels, out.logits)
+        return losses

@@ -9,7 +9,6 @@ import torch
 
 from uda_plugins.d2 import META_ARCH_REGISTRY
 from uda_plugins.data.build import DataRequirements
-from uda_plugins.modeling import seg_cross_entropy
 
 from .base import UDAMetaArch
 
@@ -24,9 +23,9 @@ class TargetOnly(UDAMetaArch):
         losses = {}
         for k, target_batch in enumerate(batch["target"]):
             images, labels = self.images_and_labels(target_batch)
-            logits = self.student(images)
+            out = self.student.forward_train(images)
             if k == 0 and self.should_visualize():
-                self.visualize("target/input_gt_pred", images, labels, logits)
+                self.visualize("target/input_gt_pred", images, labels, out.logits)
             key = "loss_target" if len(batch["target"]) == 1 else f"loss_target{k}"
-            losses[key] = seg_cross_entropy(logits, labels, ignore_index=self.ignore_value)
+            losses[key] = self.student.loss(out, labels)
         return losses

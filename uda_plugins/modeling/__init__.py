@@ -3,10 +3,12 @@
 from . import backbones, heads  # noqa: F401  (registration)
 from .inference import segment, slide_inference, whole_inference
 from .losses import seg_cross_entropy, upsample_like
-from .segmentor import Segmentor, stack_images
+from .segmentor import Segmentor, SegmentorOutput, build_segmentor, stack_images
 
 __all__ = [
     "Segmentor",
+    "SegmentorOutput",
+    "build_segmentor",
     "stack_images",
     "seg_cross_entropy",
     "upsample_like",

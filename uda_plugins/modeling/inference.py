@@ -15,7 +15,10 @@ __all__ = ["whole_inference", "slide_inference", "segment"]
 
 
 def whole_inference(net: Segmentor, x: torch.Tensor) -> torch.Tensor:
-    """Logits at the input resolution for a normalised batch."""
+    """Logits at the input resolution for a normalised batch (``net.predict``; a plain module's output is
+    upsampled)."""
+    if hasattr(net, "predict"):
+        return net.predict(x)
     return upsample_like(net(x), x.shape[-2:])
 
 

@@ -1,20 +1,42 @@
 """The segmentation network a method trains: pixel normalisation, a backbone and a decode head.
 
-``Segmentor`` is what a meta-architecture holds as ``student`` (and deep-copies as ``teacher``). Its
-``forward`` maps normalised images to logits at the head's stride; :mod:`uda_plugins.modeling.inference` turns
-it into full-resolution predictions.
+``Segmentor`` is what a meta-architecture holds as ``student`` (and deep-copies as ``teacher``). The contract a
+method relies on (HRDA's multi-resolution segmentor keeps it, so every method composes with HRDA):
+
+* ``forward_train(x)`` -> :class:`SegmentorOutput` (logits and the encoder features, for FD);
+* ``loss(output, labels, pixel_weight)`` -> the supervised loss of that output (a weighted sum where a model
+  has several outputs);
+* ``predict(x)`` -> logits at the input resolution (pseudo-labels, whole-image and sliding-window inference);
+* ``forward(x)`` -> logits at the head's stride.
 """
 
 from __future__ import annotations
 
-from typing import Dict, Sequence
+from dataclasses import dataclass, field
+from typing import Dict, Optional, Sequence
 
 import torch
 from torch import nn
 
 from uda_plugins.d2 import BACKBONE_REGISTRY, SEM_SEG_HEADS_REGISTRY, CfgNode, ShapeSpec
 
-__all__ = ["Segmentor", "stack_images"]
+from .losses import seg_cross_entropy, upsample_like
+
+__all__ = ["Segmentor", "SegmentorOutput", "build_segmentor", "stack_images"]
+
+
+@dataclass
+class SegmentorOutput:
+    """What one training forward of a segmentor produced.
+
+    ``logits``: (N, C, h, w) at the head's stride over the whole input. ``features``: the encoder outputs; for a
+    multi-resolution model those of the scale ``Segmentor.feature_scale`` says. ``extras``: model-specific
+    outputs its ``loss`` needs (HRDA: the detail logits and the detail crop box).
+    """
+
+    logits: torch.Tensor
+    features: Dict[str, torch.Tensor]
+    extras: dict = field(default_factory=dict)
 
 
 def stack_images(dicts: Sequence[dict], device: torch.device, key: str = "image") -> torch.Tensor:
@@ -60,3 +82,29 @@ class Segmentor(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Normalised images -> logits at the head's output stride."""
         return self.decode(self.extract_features(x))
+
+    # The input scale at which ``SegmentorOutput.features`` were computed (HRDA: its context scale).
+    feature_scale: float = 1.0
+
+    def forward_train(self, x: torch.Tensor) -> SegmentorOutput:
+        features = self.extract_features(x)
+        return SegmentorOutput(self.decode(features), features)
+
+    def loss(
+        self, output: SegmentorOutput, labels: torch.Tensor, pixel_weight: Optional[torch.Tensor] = None
+    ) -> torch.Tensor:
+        """Cross-entropy of ``output`` against (N, H, W) ``labels`` at the input resolution."""
+        return seg_cross_entropy(output.logits, labels, pixel_weight, ignore_index=self.ignore_value)
+
+    def predict(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits at the input resolution for a normalised batch."""
+        return upsample_like(self(x), x.shape[-2:])
+
+
+def build_segmentor(cfg: CfgNode) -> Segmentor:
+    """The network ``cfg`` describes: HRDA's multi-resolution segmentor when ``MODEL.HRDA.ENABLED``."""
+    if cfg.MODEL.HRDA.ENABLED:
+        from .hrda import HRDASegmentor
+
+        return HRDASegmentor(cfg)
+    return Segmentor(cfg)

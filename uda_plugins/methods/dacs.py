@@ -1,0 +1,102 @@
+"""DACS (Tranheden et al. 2021) as in the DAFormer/HRDA/MIC code base, with MIC's masked image consistency as a
+switch.
+
+Follows lhoyer/MIC ``seg/mmseg/models/uda/dacs.py`` (``DACS.forward_train``) and
+``seg/mmseg/models/uda/masking_consistency_module.py``. One iteration:
+
+1. source: ``L_src = CE(S(x_s), y_s)`` (+ ``L_FD`` on the same forward when ``UDA.FD.LAMBDA`` > 0);
+2. pseudo-labels: the EMA teacher on the target images -> labels, confidence, the batch quality weight
+   (threshold ``UDA.PSEUDO_LABEL.THRESHOLD``), with the crop-row or frame-margin rule;
+3. ClassMix (``UDA.MIX.MODE class``): half of each source image's classes pasted onto target image i
+   (source image i mod N_s); the mixed label takes the source label there and the pseudo-label elsewhere, the
+   pixel weight 1 there and the pseudo-label weight elsewhere; then the strong augmentation on the mixed
+   image: ``L_mix = CE_w(S(x_mix), y_mix, w_mix)``;
+4. MIC (``UDA.MIC.LAMBDA`` > 0): the target images with a fresh strong augmentation and a block mask,
+   ``L_MIC = lambda * CE_w(S(masked), pseudo-labels, weights)``.
+
+The reference back-propagates each loss separately into the same gradients before one optimizer step; here
+they are summed and back-propagated once (same gradients, one DDP all-reduce). The EMA update runs in a hook
+after the optimizer step (:class:`~uda_plugins.hooks.EMATeacherHook`), which is the same sequence as the
+reference's update at the start of the next iteration. With ``UDA.MIX.MODE none`` the student trains on the
+strongly augmented target image itself (plain mean-teacher self-training).
+
+Per-rank statistics: the quality weight is computed over this rank's target images (the reference is
+single-GPU: over its batch).
+"""
+
+from __future__ import annotations
+
+from typing import Dict
+
+import torch
+
+from uda_plugins.d2 import META_ARCH_REGISTRY, CfgNode
+from uda_plugins.data.build import DataRequirements
+from uda_plugins.utils.profiling import timed
+
+from .class_mix import class_mix_masks, mix
+from .masking import block_mask
+from .self_training import SelfTrainingArch
+
+__all__ = ["DACS"]
+
+
+@META_ARCH_REGISTRY.register()
+class DACS(SelfTrainingArch):
+    data_requirements = DataRequirements(source=True, source_labels=True, target=True, target_labels=False)
+
+    def __init__(self, cfg: CfgNode) -> None:
+        super().__init__(cfg)
+        self.mix_mode = cfg.UDA.MIX.MODE
+        if self.mix_mode not in ("class", "none"):
+            raise ValueError(f"UDA.MIX.MODE must be 'class' or 'none', not '{self.mix_mode}'")
+        self.classes_from_batch = cfg.UDA.MIX.CLASSES_FROM_BATCH
+        mic = cfg.UDA.MIC
+        self.mic_lambda, self.mic_block, self.mic_ratio = mic.LAMBDA, mic.BLOCK_SIZE, mic.RATIO
+
+    def forward_train(self, batch: Dict[str, list]) -> Dict[str, torch.Tensor]:
+        if len(batch["target"]) != 1:
+            raise ValueError(f"{type(self).__name__} adapts to one target domain; DATASETS.TARGET_TRAIN has several")
+        src_images, src_labels = self.images_and_labels(batch["source"])
+        tgt_dicts = batch["target"][0]
+        tgt_images, _ = self.images_and_labels(tgt_dicts)
+        visualize = self.should_visualize()
+
+        losses, src_out = self.source_losses(src_images, src_labels)
+        with timed("teacher_forward"):
+            pseudo_labels, pseudo_weight, confidence, _ = self.pseudo_labels(tgt_images, tgt_dicts)
+
+        n = tgt_images.shape[0]
+        with timed("mix_mask_augment"):
+            if self.mix_mode == "class":
+                pair = torch.arange(n, device=src_images.device) % src_images.shape[0]
+                masks = class_mix_masks(src_labels, self.ignore_value, self.classes_from_batch)[pair]
+                mixed = mix(masks, src_images[pair], tgt_images)
+                mixed_labels = mix(masks, src_labels[pair], pseudo_labels).long()
+                mixed_weight = mix(masks, torch.ones_like(pseudo_weight), pseudo_weight)
+            else:
+                masks, mixed, mixed_labels, mixed_weight = None, tgt_images, pseudo_labels, pseudo_weight
+            mixed = self.strong_aug(mixed, self.sample_strong_aug(n))
+        with timed("student_forward"):
+            mix_out = self.student.forward_train(mixed)
+            losses["loss_mix"] = self.student.loss(mix_out, mixed_labels, mixed_weight)
+
+        if self.mic_lambda > 0:
+            with timed("mix_mask_augment"):
+                masked = self.strong_aug(tgt_images, self.sample_strong_aug(n))
+                masked = masked * block_mask(n, *masked.shape[-2:], self.mic_block, self.mic_ratio, masked.device)
+            with timed("student_forward"):
+                masked_out = self.student.forward_train(masked)
+                losses["loss_mic"] = self.mic_lambda * self.student.loss(masked_out, pseudo_labels, pseudo_weight)
+
+        if visualize:
+            self.visualize("source/input_gt_pred", src_images, src_labels, src_out.logits)
+            self.visualize_panel(
+                "target/input_pseudolabel_confidence_weight", [tgt_images, pseudo_labels, confidence, pseudo_weight]
+            )
+            self.visualize_panel(
+                "mix/input_mask_label_weight_pred", [mixed, masks, mixed_labels, mixed_weight, mix_out.logits]
+            )
+            if self.mic_lambda > 0:
+                self.visualize_panel("mic/masked_pred", [masked, masked_out.logits])
+        return losses
