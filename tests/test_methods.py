@@ -29,6 +29,10 @@ METHODS = {
             "UDA.PSEUDO_LABEL.THRESHOLD": 0.0,  # every pixel confident: the margins are what zeroes weights
         },
     ),
+    "mic_hrda_rcs": (
+        "mic_hrda.yaml",
+        {"MODEL.HRDA.HR_CROP_SIZE": "(24, 48)", "DATALOADER.RCS.ENABLED": True, "DATALOADER.RCS.MIN_PIXELS": 40},
+    ),
 }
 
 
