@@ -26,6 +26,7 @@ from uda_plugins.data.build import get_dataset_dicts
 from uda_plugins.data.class_stats import ensure_class_stats
 from uda_plugins.data.labels import IGNORE_LABEL
 from uda_plugins.data.samplers import RareClassSampler
+from uda_plugins.utils.cli import print_error
 
 
 def _parse(argv):
@@ -108,9 +109,7 @@ def main(argv=None) -> int:
             print(f"{name}: class statistics of {len(dicts)} images in {path}")
             _report(name, pixels, temperature, min_pixels)
     except (FileNotFoundError, KeyError, ValueError, OSError) as e:  # bad input: one line naming the file
-        message = e.args[0] if isinstance(e, KeyError) and e.args else e
-        print(f"compute_class_stats.py: error: {message}", file=sys.stderr)
-        return 1
+        return print_error("compute_class_stats.py", e)
     return 0
 
 

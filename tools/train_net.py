@@ -14,6 +14,7 @@ import sys
 import uda_plugins  # noqa: F401  (registers datasets, models and methods)
 from uda_plugins.d2 import default_argument_parser, launch
 from uda_plugins.engine import UDACheckpointer, UDATrainer, setup_cfg
+from uda_plugins.utils.cli import print_error
 
 logger = logging.getLogger("uda_plugins.train_net")
 
@@ -47,9 +48,7 @@ def cli(argv=None) -> int:
     except (FileNotFoundError, KeyError, ValueError, OSError, FloatingPointError, NotImplementedError) as e:
         # Bad input gets one line; the traceback is in OUTPUT_DIR/log.txt when logging was set up.
         logger.debug("Traceback:", exc_info=True)
-        message = e.args[0] if isinstance(e, KeyError) and e.args else e
-        print(f"train_net.py: error: {message}", file=sys.stderr)
-        return 1
+        return print_error("train_net.py", e)
     return 0
 
 

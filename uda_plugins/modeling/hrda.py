@@ -69,7 +69,7 @@ Other decisions:
 
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -77,6 +77,7 @@ from torch import nn
 
 from uda_plugins.d2 import SEM_SEG_HEADS_REGISTRY, CfgNode
 
+from .inference import Box, clamp_crop_size, slide_windows
 from .losses import seg_cross_entropy, upsample_like
 from .segmentor import Segmentor, SegmentorOutput
 
@@ -89,15 +90,6 @@ __all__ = [
     "slide_windows",
     "build_scale_attention_head",
 ]
-
-# (y1, y2, x1, x2) in pixels, the reference's order.
-Box = Tuple[int, int, int, int]
-
-
-def clamp_crop_size(crop_size: Sequence[int], height: int, width: int) -> Tuple[int, int]:
-    """``crop_size`` (h, w) limited to the image; a non-positive entry means the whole extent."""
-    ch, cw = int(crop_size[0]), int(crop_size[1])
-    return (min(ch, height) if ch > 0 else height, min(cw, width) if cw > 0 else width)
 
 
 def get_crop_box(
@@ -130,21 +122,6 @@ def crop(t: torch.Tensor, box: Box) -> torch.Tensor:
 def scale_box(box: Box, scale: float) -> Box:
     """``box`` divided by ``scale`` and truncated (the reference's ``scale_box``)."""
     return tuple(int(v / scale) for v in box)  # type: ignore[return-value]
-
-
-def slide_windows(height: int, width: int, crop_size: Sequence[int], stride: Sequence[int]) -> List[Box]:
-    """Windows of ``crop_size`` every ``stride``, the last one shifted back inside the image (mmseg's slide
-    grid, as ``extract_slide_feat``); they cover the image."""
-    ch, cw = clamp_crop_size(crop_size, height, width)
-    sh, sw = max(int(stride[0]), 1), max(int(stride[1]), 1)
-    rows = max(height - ch + sh - 1, 0) // sh + 1
-    cols = max(width - cw + sw - 1, 0) // sw + 1
-    boxes = []
-    for r in range(rows):
-        for c in range(cols):
-            y2, x2 = min(r * sh + ch, height), min(c * sw + cw, width)
-            boxes.append((max(y2 - ch, 0), y2, max(x2 - cw, 0), x2))
-    return boxes
 
 
 def build_scale_attention_head(cfg: CfgNode, input_shape: dict) -> nn.Module:

@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from typing import Dict, List, Sequence
+from typing import Dict, List, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -11,7 +11,31 @@ import torch.nn.functional as F
 from .losses import upsample_like
 from .segmentor import Segmentor
 
-__all__ = ["whole_inference", "slide_inference", "segment"]
+__all__ = ["whole_inference", "slide_inference", "slide_windows", "clamp_crop_size", "segment"]
+
+# A box (y1, y2, x1, x2) in pixels, end-exclusive (the order of HRDA's reference code).
+Box = Tuple[int, int, int, int]
+
+
+def clamp_crop_size(crop_size: Sequence[int], height: int, width: int) -> Tuple[int, int]:
+    """``crop_size`` (h, w) limited to the image; a non-positive entry means the whole extent."""
+    ch, cw = int(crop_size[0]), int(crop_size[1])
+    return (min(ch, height) if ch > 0 else height, min(cw, width) if cw > 0 else width)
+
+
+def slide_windows(height: int, width: int, crop_size: Sequence[int], stride: Sequence[int]) -> List[Box]:
+    """Windows of ``crop_size`` every ``stride``, the last one shifted back inside the image (mmseg's slide
+    grid, as ``extract_slide_feat``); they cover the image."""
+    ch, cw = clamp_crop_size(crop_size, height, width)
+    sh, sw = max(int(stride[0]), 1), max(int(stride[1]), 1)
+    rows = max(height - ch + sh - 1, 0) // sh + 1
+    cols = max(width - cw + sw - 1, 0) // sw + 1
+    boxes = []
+    for r in range(rows):
+        for c in range(cols):
+            y2, x2 = min(r * sh + ch, height), min(c * sw + cw, width)
+            boxes.append((max(y2 - ch, 0), y2, max(x2 - cw, 0), x2))
+    return boxes
 
 
 def whole_inference(net: Segmentor, x: torch.Tensor) -> torch.Tensor:
@@ -28,24 +52,16 @@ def slide_inference(
     """Average the logits of overlapping ``crop`` windows placed every ``stride`` (mmseg's slide mode; windows
     are clamped to the image and run ``windows_per_batch`` at a time)."""
     n, _, h, w = x.shape
-    ch, cw = min(crop[0], h), min(crop[1], w)
-    sh, sw = stride
-    rows = max(h - ch + sh - 1, 0) // sh + 1
-    cols = max(w - cw + sw - 1, 0) // sw + 1
-    boxes = []
-    for r in range(rows):
-        for c in range(cols):
-            y1, x1 = min(r * sh + ch, h), min(c * sw + cw, w)
-            boxes.append((max(y1 - ch, 0), max(x1 - cw, 0), y1, x1))
+    boxes = slide_windows(h, w, crop, stride)
     logits = None
     count = x.new_zeros((1, 1, h, w))
     for i in range(0, len(boxes), windows_per_batch):
         chunk = boxes[i : i + windows_per_batch]
-        crops = torch.cat([x[:, :, y0:y1, x0:x1] for y0, x0, y1, x1 in chunk])
+        crops = torch.cat([x[:, :, y0:y1, x0:x1] for y0, y1, x0, x1 in chunk])
         out = whole_inference(net, crops)
         if logits is None:
             logits = x.new_zeros((n, out.shape[1], h, w))
-        for j, (y0, x0, y1, x1) in enumerate(chunk):
+        for j, (y0, y1, x0, x1) in enumerate(chunk):
             logits[:, :, y0:y1, x0:x1] += out[j * n : (j + 1) * n]
             count[:, :, y0:y1, x0:x1] += 1
     return logits / count
