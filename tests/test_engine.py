@@ -212,3 +212,18 @@ def test_launch_two_gloo_processes(tmp_path):
     assert r0["all"] == r1["all"] == [0, 10]
     assert r0["gather"] == [0, 1] and r1["gather"] == []
     assert r0["seed"] == r1["seed"] and r0["world"] == 2 and r1["local"] == 1
+
+
+def test_metrics_log_pruned_on_resume_and_read_past_damage(tmp_path):
+    from uda_plugins.engine.metrics_log import prune_metrics_log, read_metrics_log
+
+    path = str(tmp_path / "metrics.json")
+    with open(path, "w") as f:
+        f.write("".join(json.dumps({"iteration": i, "loss": i}) + "\n" for i in range(5)) + '{"iteration": 5, "lo')
+    assert [r["iteration"] for r in read_metrics_log(path)] == [0, 1, 2, 3, 4]
+    appender = open(path, "a")  # the writer of the resumed run opened it before the resume
+    assert prune_metrics_log(path, start_iter=3) == 3
+    appender.write(json.dumps({"iteration": 3, "loss": 30}) + "\n")
+    appender.close()
+    assert [(r["iteration"], r["loss"]) for r in read_metrics_log(path)] == [(0, 0), (1, 1), (2, 2), (3, 30)]
+    assert prune_metrics_log(str(tmp_path / "absent.json"), 3) == 0

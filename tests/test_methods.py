@@ -1,9 +1,11 @@
-"""Every meta-architecture end to end on the tiny synthetic pair: a few iterations, an exact ``--resume`` (final
-weights bitwise equal to an uninterrupted run's, teacher and EMA counter included), ``--eval-only`` of the student
-and the teacher, and the TensorBoard pictures of each method."""
+"""Every meta-architecture end to end on the tiny synthetic pair: a few iterations; a run SIGKILLed mid-way and
+continued with ``--resume`` ends with weights bitwise equal to an uninterrupted run's (teacher and EMA counter
+included; with data-loader workers too); ``--eval-only`` of the student and the teacher; the TensorBoard pictures
+of each method. Every method issue adds its method to ``METHODS``."""
 
 import os
-import shutil
+import signal
+import subprocess
 import sys
 
 import pytest
@@ -13,7 +15,10 @@ from conftest import REPO, tiny_overrides
 sys.path.insert(0, os.path.join(REPO, "tools"))
 import train_net  # noqa: E402
 
+from uda_plugins.engine.metrics_log import read_metrics_log  # noqa: E402
+
 CONFIGS = os.path.join(REPO, "configs", "synthetic")
+KILLER = os.path.join(REPO, "tests", "kill_after_iteration.py")
 
 # name -> (config file, extra overrides)
 METHODS = {
@@ -33,6 +38,8 @@ METHODS = {
         "mic_hrda.yaml",
         {"MODEL.HRDA.HR_CROP_SIZE": "(24, 48)", "DATALOADER.RCS.ENABLED": True, "DATALOADER.RCS.MIN_PIXELS": 40},
     ),
+    # The killed and resumed runs read their data through 2 worker processes, the uninterrupted one in-process.
+    "mic_2_workers": ("mic.yaml", {"UDA.MIC.BLOCK_SIZE": 16, "DATALOADER.NUM_WORKERS": 2}),
 }
 
 
@@ -49,26 +56,33 @@ def _state(path):
 def test_method_trains_resumes_exactly_and_evaluates(name, tmp_path):
     config, extra = METHODS[name]
     extra = dict(extra, **{"TEST.EVAL_PERIOD": 0, "VIS_PERIOD": 1, "TEST.EVAL_MODEL": "both"})
+    extra.update({"SOLVER.MAX_ITER": 7, "SOLVER.CHECKPOINT_PERIOD": 3})  # checkpoints after iterations 2 and 5
     if name == "source_only_fd":
         extra["TEST.EVAL_MODEL"] = "student"
     full = str(tmp_path / "full")
-    _run(config, full, extra)
+    _run(config, full, {k: v for k, v in extra.items() if k != "DATALOADER.NUM_WORKERS"})
 
-    # Interrupted after iteration 1 (its checkpoint), then resumed: the same final weights, bit for bit.
+    # SIGKILLed right after iteration 3, 4 or 5 (before or after its checkpoint), then resumed: the same final
+    # weights, bit for bit.
+    kill_after = 3 + sorted(METHODS).index(name) % 3
     resumed = str(tmp_path / "resumed")
-    os.makedirs(resumed)
-    shutil.copy(os.path.join(full, "model_0000001.pth"), resumed)
-    with open(os.path.join(resumed, "last_checkpoint"), "w") as f:
-        f.write("model_0000001.pth")
+    args = ["--config-file", os.path.join(CONFIGS, config)] + tiny_overrides(resumed, **extra)
+    killed = subprocess.run([sys.executable, KILLER, str(kill_after), *args], capture_output=True, text=True)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    assert not os.path.exists(os.path.join(resumed, "model_final.pth"))
     _run(config, resumed, extra, "--resume")
     with open(os.path.join(resumed, "log.txt")) as f:
-        assert "Starting training from iteration 2" in f.read()  # not a silent fresh start
+        start = 6 if kill_after == 5 else 3
+        assert f"Starting training from iteration {start}" in f.read()  # not a silent fresh start
+    # metrics.json reads like the uninterrupted run's: every iteration once, in order.
+    logged = [r["iteration"] for r in read_metrics_log(os.path.join(resumed, "metrics.json")) if "total_loss" in r]
+    assert logged == list(range(7))
     a, b = _state(os.path.join(full, "model_final.pth")), _state(os.path.join(resumed, "model_final.pth"))
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k
     if "teacher" in extra.get("TEST.EVAL_MODEL", ""):
-        assert int(a["ema_updates"]) == 4
+        assert int(a["ema_updates"]) == 7
         assert any(
             not torch.equal(a[k], a[k.replace("teacher.", "student.", 1)]) for k in a if k.startswith("teacher.")
         )

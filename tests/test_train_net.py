@@ -90,6 +90,34 @@ def test_resume_continues_from_the_last_checkpoint(trained, tmp_path):
         assert "Starting training from iteration 4" in f.read()
 
 
+def test_resume_falls_back_past_damaged_checkpoints(trained, tmp_path, capsys):
+    import shutil
+
+    out = str(tmp_path / "damaged")
+    shutil.copytree(trained, out)
+    final, third = os.path.join(out, "model_final.pth"), os.path.join(out, "model_0000003.pth")
+    with open(final, "r+b") as f:
+        f.truncate(os.path.getsize(final) // 2)  # a copy cut short
+    with open(third, "wb") as f:
+        f.write(os.urandom(1000))  # not a checkpoint at all
+    args = ["--config-file", SOURCE_ONLY, "--resume"] + tiny_overrides(out, **{"SOLVER.MAX_ITER": 5})
+    assert train_net.cli(args) == 0
+    with open(os.path.join(out, "log.txt")) as f:
+        log = f.read()
+    assert f"Cannot resume from {final}" in log and f"Cannot resume from {third}" in log
+    assert "Starting training from iteration 2" in log  # from model_0000001.pth, the newest readable one
+    assert torch.load(final, map_location="cpu", weights_only=True)["iteration"] == 4
+
+    # Nothing readable left: a clear error, not a silent fresh start.
+    for name in os.listdir(out):
+        if name.endswith(".pth"):
+            with open(os.path.join(out, name), "wb") as f:
+                f.write(b"garbage")
+    assert train_net.cli(args) != 0
+    err = capsys.readouterr().err
+    assert "no readable checkpoint" in err and "model_0000001.pth" in err
+
+
 def test_eval_only_reproduces_the_final_evaluation(trained, tmp_path):
     out = str(tmp_path / "eval")
     weights = os.path.join(trained, "model_final.pth")

@@ -6,7 +6,7 @@ What it changes, and why:
   created with the CPU-safe ``create_ddp_model``; everything else is DefaultTrainer's order of construction.
 * The training loader is the UDA loader, reading what the meta-architecture's ``data_requirements`` declare;
   its seed is part of the checkpoint and ``resume_or_load`` moves it to the resumed iteration, so the data
-  stream continues exactly.
+  stream continues exactly; on resume, ``metrics.json`` drops the records the resumed run re-does.
 * Hooks: Detectron2's defaults, plus the meta-architecture's own (``training_hooks``, e.g. an EMA update) placed
   before the checkpointer so checkpoints see their effect, and optionally ``BestCheckpointer`` (off by default:
   it selects on labelled target data).
@@ -40,6 +40,7 @@ from uda_plugins.data.build import build_test_loader, build_uda_train_loader
 from uda_plugins.evaluation import SemSegEvaluator
 
 from .checkpoint import UDACheckpointer
+from .metrics_log import prune_metrics_log
 from .optim import build_lr_scheduler, build_optimizer
 from .step import NonFiniteLossError, UDAStepRunner
 
@@ -171,6 +172,8 @@ class UDATrainer(DefaultTrainer):
     def resume_or_load(self, resume: bool = True) -> None:
         super().resume_or_load(resume=resume)
         self.data_loader.set_start_iter(self.start_iter)
+        if resume and comm.is_main_process():
+            prune_metrics_log(os.path.join(self.cfg.OUTPUT_DIR, "metrics.json"), self.start_iter)
 
     def state_dict(self) -> dict:
         ret = super().state_dict()
