@@ -227,3 +227,59 @@ def test_metrics_log_pruned_on_resume_and_read_past_damage(tmp_path):
     appender.close()
     assert [(r["iteration"], r["loss"]) for r in read_metrics_log(path)] == [(0, 0), (1, 1), (2, 2), (3, 30)]
     assert prune_metrics_log(str(tmp_path / "absent.json"), 3) == 0
+
+
+def test_amp_precision_choice():
+    from uda_plugins.engine.step import amp_dtype
+
+    assert amp_dtype(False, "float16", "cpu") is None
+    assert amp_dtype(True, "bfloat16", "cpu") == torch.bfloat16
+    assert amp_dtype(True, "float16", "cuda") == torch.float16
+    with pytest.raises(ValueError, match="needs a CUDA device"):
+        amp_dtype(True, "float16", "cpu")
+    with pytest.raises(ValueError, match="PRECISION"):
+        amp_dtype(True, "fp8", "cuda")
+
+
+def test_split_batch_matches_the_rank_split():
+    from uda_plugins.data.samplers import rank_positions
+    from uda_plugins.engine.step import split_batch
+
+    # One process, 2 micro-batches of a global batch of 4 == two processes with 2 images each.
+    batch = {"source": rank_positions(0, 4, 0, 1), "target": [rank_positions(0, 4, 0, 1)]}
+    micro = split_batch(batch, 2)
+    for m in range(2):
+        assert micro[m]["source"] == rank_positions(0, 4, m, 2)
+        assert micro[m]["target"] == [rank_positions(0, 4, m, 2)]
+    with pytest.raises(ValueError):
+        split_batch({"source": [1, 2, 3]}, 2)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="fp16 loss scaling needs CUDA")
+def test_fp16_grad_scaler_is_checkpointed():
+    from uda_plugins.engine.step import UDAStepRunner
+
+    model = torch.nn.Linear(2, 2).cuda()
+    runner = UDAStepRunner(model, [], torch.optim.SGD(model.parameters(), lr=0.1), amp=torch.float16)
+    runner.grad_scaler.update(new_scale=1024.0)
+    state = runner.state_dict()
+    other = UDAStepRunner(model, [], torch.optim.SGD(model.parameters(), lr=0.1), amp=torch.float16)
+    other.load_state_dict(state)
+    assert other.grad_scaler.get_scale() == 1024.0
+
+
+def test_determinism_switch(tiny_cfg):
+    from uda_plugins.engine.setup import set_determinism
+
+    tiny_cfg.DETERMINISTIC = True
+    tiny_cfg.CUDNN_BENCHMARK = True
+    with pytest.raises(ValueError, match="CUDNN_BENCHMARK"):
+        set_determinism(tiny_cfg)
+    tiny_cfg.CUDNN_BENCHMARK = False
+    try:
+        set_determinism(tiny_cfg)
+        assert torch.are_deterministic_algorithms_enabled() and torch.backends.cudnn.deterministic
+        assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+    finally:
+        torch.use_deterministic_algorithms(False)
+        torch.backends.cudnn.deterministic = False

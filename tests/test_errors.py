@@ -69,3 +69,16 @@ def test_non_finite_loss_stops_names_the_loss_and_keeps_the_last_good_checkpoint
     assert not (out / "model_final.pth").exists()
     ckpt = torch.load(out / "model_0000001.pth", map_location="cpu", weights_only=True)
     assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
+
+
+def test_non_finite_steps_can_be_skipped_within_a_budget(capsys, tmp_path):
+    out = tmp_path / "skip"
+    extra = {"MODEL.META_ARCHITECTURE": "NaNAtIteration3", "SOLVER.MAX_ITER": 5, "TEST.EVAL_PERIOD": 0}
+    extra["SOLVER.MAX_SKIPPED_NONFINITE_STEPS"] = 1
+    code, _ = _run(capsys, ["--config-file", SOURCE_ONLY] + tiny_overrides(str(out), **extra))
+    assert code == 0
+    with open(out / "log.txt") as f:
+        assert "Non-finite loss at iteration 3: loss_source=nan; step skipped (1 of at most 1)" in f.read()
+    ckpt = torch.load(out / "model_final.pth", map_location="cpu", weights_only=True)
+    assert ckpt["trainer"]["_trainer"]["skipped_nonfinite"] == 1  # a resumed run keeps counting
+    assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())

@@ -38,8 +38,12 @@ METHODS = {
         "mic_hrda.yaml",
         {"MODEL.HRDA.HR_CROP_SIZE": "(24, 48)", "DATALOADER.RCS.ENABLED": True, "DATALOADER.RCS.MIN_PIXELS": 40},
     ),
-    # The killed and resumed runs read their data through 2 worker processes, the uninterrupted one in-process.
-    "mic_2_workers": ("mic.yaml", {"UDA.MIC.BLOCK_SIZE": 16, "DATALOADER.NUM_WORKERS": 2}),
+    # bf16 autocast; the killed and resumed runs read their data through 2 worker processes, the uninterrupted
+    # one in-process.
+    "mic_bf16_2_workers": (
+        "mic.yaml",
+        {"UDA.MIC.BLOCK_SIZE": 16, "SOLVER.AMP.ENABLED": True, "DATALOADER.NUM_WORKERS": 2},
+    ),
 }
 
 

@@ -197,3 +197,31 @@ def test_ema_alpha_ramp_and_update():
     for b, t, s in zip(before, teacher.parameters(), student.parameters()):
         assert torch.allclose(t, 0.75 * b + 0.25 * s)
     assert teacher[1].running_mean.eq(0).all()  # buffers are not averaged
+
+
+def test_bf16_autocast_forward_keeps_pseudo_labels_and_losses_in_fp32(tiny_cfg):
+    from uda_plugins.d2 import EventStorage, build_model
+    from uda_plugins.data.build import DataRequirements, build_uda_train_loader
+
+    tiny_cfg.MODEL.META_ARCHITECTURE = "DACS"
+    tiny_cfg.UDA.MIC.LAMBDA = 1.0
+    tiny_cfg.UDA.MIC.BLOCK_SIZE = 16
+    model = build_model(tiny_cfg)
+    model.init_teacher()
+    model.train()
+    seen = {}
+    model.student.head.register_forward_hook(lambda m, i, o: seen.update(head=o.dtype))
+    original = model.pseudo_labels
+
+    def spy(*args, **kwargs):
+        out = original(*args, **kwargs)
+        seen["pseudo"] = [t.dtype for t in out[:3]]  # labels, weights, confidence (the logits stay as computed)
+        return out
+
+    model.pseudo_labels = spy
+    batch = next(iter(build_uda_train_loader(tiny_cfg, DataRequirements(target_labels=False), seed=0)))
+    with EventStorage(0), torch.autocast("cpu", dtype=torch.bfloat16):
+        losses = model(batch)
+    assert seen["head"] == torch.bfloat16  # the network ran in bf16
+    assert all(d in (torch.float32, torch.int64, torch.long) for d in seen["pseudo"])
+    assert all(v.dtype == torch.float32 and torch.isfinite(v) for v in losses.values())

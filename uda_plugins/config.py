@@ -236,6 +236,15 @@ def add_uda_config(cfg: CN) -> None:
     _C.SOLVER.POLY_LR_END = 0.0
     # Keep at most this many periodic checkpoints (model_final is always kept); 0 keeps all.
     _C.SOLVER.MAX_CHECKPOINTS_TO_KEEP = 2
+    # Split each rank's batch into this many micro-batches, forward/backward each, then one optimizer step: K
+    # micro-batches on W processes train like K*W processes (batch sizes stay global; they must divide by K*W).
+    _C.SOLVER.GRAD_ACCUMULATION_STEPS = 1
+    # Mixed precision (Detectron2's SOLVER.AMP.ENABLED): the forward under torch.autocast in this dtype —
+    # "bfloat16" (CPU and GPU, no loss scaling) or "float16" (GPU, with a checkpointed GradScaler).
+    _C.SOLVER.AMP.PRECISION = "bfloat16"
+    # Steps with a non-finite loss that may be skipped (weights untouched) before the run stops; 0 = stop at the
+    # first. The count is checkpointed.
+    _C.SOLVER.MAX_SKIPPED_NONFINITE_STEPS = 0
 
     # ------------------------------------------------------------------ test
     # "whole": one forward per image; "slide": overlapping windows of SLIDE_CROP_SIZE with SLIDE_STRIDE.
@@ -253,6 +262,12 @@ def add_uda_config(cfg: CN) -> None:
     # model selection on labelled target data, which unsupervised adaptation does not have: off by default,
     # and labelled as such in the file name.
     _C.TEST.SAVE_BEST_ON_TEST = False
+
+    # ------------------------------------------------------------------ reproducibility
+    # Deterministic kernels: torch.use_deterministic_algorithms (ops without a deterministic kernel warn), cuDNN
+    # deterministic; CUDNN_BENCHMARK must be off. Repeatable GPU runs at a speed cost (README); CPU runs are
+    # deterministic without it.
+    _C.DETERMINISTIC = False
 
 
 def get_uda_cfg() -> CN:

@@ -301,11 +301,13 @@ def build_uda_train_loader(cfg: CfgNode, requirements: DataRequirements, seed: O
                     _TARGET_SALT + k,
                 )
             )
+    accumulation = cfg.SOLVER.GRAD_ACCUMULATION_STEPS
     for stream in ([source] if source else []) + targets:
-        if stream.global_batch % world_size:
+        if stream.global_batch % (world_size * accumulation):
             raise ValueError(
                 f"The global {stream.name} batch ({stream.global_batch}) is not divisible by the number of "
-                f"processes ({world_size}); batch sizes in the config are global"
+                f"processes ({world_size}) times SOLVER.GRAD_ACCUMULATION_STEPS ({accumulation}); batch sizes "
+                "in the config are global"
             )
     logger.info(
         "UDA train loader: source %s, targets %s, seed %d",

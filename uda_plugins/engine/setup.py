@@ -10,7 +10,7 @@ import torch
 from uda_plugins.config import get_uda_cfg
 from uda_plugins.d2 import BACKEND, CfgNode, comm, default_setup, setup_logger
 
-__all__ = ["setup_cfg", "resolve_device", "merge_overrides"]
+__all__ = ["setup_cfg", "resolve_device", "merge_overrides", "set_determinism"]
 
 logger = logging.getLogger(__name__)
 
@@ -38,6 +38,22 @@ def merge_overrides(cfg: CfgNode, opts: list) -> None:
         raise
 
 
+def set_determinism(cfg: CfgNode) -> None:
+    """Apply ``DETERMINISTIC`` (after ``default_setup``, which sets cuDNN's benchmark flag from the config)."""
+    if not cfg.DETERMINISTIC:
+        return
+    if cfg.CUDNN_BENCHMARK:
+        raise ValueError("DETERMINISTIC needs CUDNN_BENCHMARK False (benchmarking picks kernels by timing)")
+    # cuBLAS needs a fixed workspace for reproducible results; read when CUDA first creates a handle.
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.backends.cudnn.benchmark = False
+    torch.backends.cudnn.deterministic = True
+    # warn_only: a few CUDA kernels every model here uses (bilinear upsampling's backward) have no deterministic
+    # version; they warn once instead of making the switch unusable, and are the only remaining source of noise.
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    logger.info("DETERMINISTIC: deterministic algorithms where torch has them (torch.use_deterministic_algorithms)")
+
+
 def setup_cfg(args) -> CfgNode:
     """``get_uda_cfg`` + ``--config-file`` + trailing ``KEY VALUE`` overrides, frozen; then Detectron2's
     ``default_setup`` (output dir, logs, config.yaml, seeds) and the uda_plugins logger."""
@@ -51,6 +67,7 @@ def setup_cfg(args) -> CfgNode:
     device_warning = resolve_device(cfg)
     cfg.freeze()
     default_setup(cfg, args)
+    set_determinism(cfg)
     setup_logger(cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="uda_plugins")
     if cfg.MODEL.DEVICE == "cpu" and comm.get_world_size() > 1:
         # Several processes on one CPU: share the cores instead of oversubscribing them.

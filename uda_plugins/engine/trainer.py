@@ -10,7 +10,8 @@ What it changes, and why:
 * Hooks: Detectron2's defaults, plus the meta-architecture's own (``training_hooks``, e.g. an EMA update) placed
   before the checkpointer so checkpoints see their effect, and optionally ``BestCheckpointer`` (off by default:
   it selects on labelled target data).
-* ``test`` evaluates the student, the teacher or both (``TEST.EVAL_MODEL``), with a progress bar.
+* ``test`` evaluates the student, the teacher or both (``TEST.EVAL_MODEL``), with a progress bar, on every rank
+  with rank 0's buffers (BatchNorm statistics), results gathered.
 * A non-finite loss stops training with the loss names and the last good checkpoint.
 """
 
@@ -42,7 +43,7 @@ from uda_plugins.evaluation import SemSegEvaluator
 from .checkpoint import UDACheckpointer
 from .metrics_log import prune_metrics_log
 from .optim import build_lr_scheduler, build_optimizer
-from .step import NonFiniteLossError, UDAStepRunner
+from .step import NonFiniteLossError, UDAStepRunner, amp_dtype
 
 __all__ = ["UDATrainer", "unwrap_model", "eval_model_names"]
 
@@ -89,7 +90,14 @@ class UDATrainer(DefaultTrainer):
         model = create_ddp_model(
             model, broadcast_buffers=False, find_unused_parameters=getattr(model, "ddp_find_unused_parameters", False)
         )
-        self._trainer = UDAStepRunner(model, data_loader, optimizer)
+        self._trainer = UDAStepRunner(
+            model,
+            data_loader,
+            optimizer,
+            accumulation_steps=cfg.SOLVER.GRAD_ACCUMULATION_STEPS,
+            amp=amp_dtype(cfg.SOLVER.AMP.ENABLED, cfg.SOLVER.AMP.PRECISION, cfg.MODEL.DEVICE),
+            max_skipped_nonfinite=cfg.SOLVER.MAX_SKIPPED_NONFINITE_STEPS,
+        )
         self.scheduler = self.build_lr_scheduler(cfg, optimizer)
         self.checkpointer = UDACheckpointer(model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self))
         self.start_iter = 0
@@ -198,6 +206,11 @@ class UDATrainer(DefaultTrainer):
         """Evaluate the network(s) named by ``TEST.EVAL_MODEL`` on ``DATASETS.TEST``; with "both", results are
         ``{"student": ..., "teacher": ...}``."""
         meta_arch = unwrap_model(model)
+        if comm.get_world_size() > 1:
+            # BatchNorm statistics are per process (as Detectron2's, broadcast_buffers=False); every rank evaluates
+            # with rank 0's, so what is evaluated is what is checkpointed.
+            for buffer in meta_arch.buffers():
+                torch.distributed.broadcast(buffer, src=0)
         results = OrderedDict()
         names = eval_model_names(cfg)
         for name in names:

@@ -43,6 +43,8 @@ class UDAMetaArch(nn.Module):
         self.slide_stride = tuple(cfg.TEST.SLIDE_STRIDE)
         self.slide_batch = cfg.TEST.SLIDE_BATCH_SIZE
         self.vis_period = cfg.VIS_PERIOD
+        # False on the 2nd, 3rd ... micro-batch of a step with gradient accumulation: one set of pictures per step.
+        self.first_micro_batch = True
         self.eval_model = "student"
         source = cfg.DATASETS.SOURCE_TRAIN[0] if cfg.DATASETS.SOURCE_TRAIN else None
         self._palette = palette_for_dataset(source, cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES)
@@ -119,6 +121,7 @@ class UDAMetaArch(nn.Module):
     def should_visualize(self) -> bool:
         return (
             self.vis_period > 0
+            and self.first_micro_batch
             and comm.is_main_process()
             and has_event_storage()
             and get_event_storage().iter % self.vis_period == 0

@@ -1,0 +1,118 @@
+"""Multi-process training (gloo on the CPU) against one process with gradient accumulation: the same samples, the
+same random draws, the same losses; the EMA teacher identical on every rank after every step."""
+
+import json
+import os
+import sys
+
+import pytest
+import torch
+from conftest import REPO, tiny_overrides
+
+sys.path.insert(0, os.path.join(REPO, "tools"))
+import train_net  # noqa: E402
+
+from uda_plugins.d2 import HookBase, comm, default_argument_parser, launch  # noqa: E402
+from uda_plugins.engine.metrics_log import read_metrics_log  # noqa: E402
+
+CONFIGS = os.path.join(REPO, "configs", "synthetic")
+ITERS = 3
+
+
+def _overrides(out, **extra):
+    values = {
+        "SOLVER.MAX_ITER": ITERS,
+        "SOLVER.IMS_PER_BATCH_SOURCE": 4,
+        "SOLVER.IMS_PER_BATCH_TARGET": 4,
+        "SOLVER.CHECKPOINT_PERIOD": 100,
+        "TEST.EVAL_PERIOD": 0,
+        "VIS_PERIOD": 0,
+    }
+    values.update(extra)
+    return tiny_overrides(out, **values)
+
+
+def _losses(out):
+    records = [r for r in read_metrics_log(os.path.join(out, "metrics.json")) if "total_loss" in r]
+    assert [r["iteration"] for r in records] == list(range(ITERS))
+    return [{k: v for k, v in r.items() if k.startswith("loss") or k == "total_loss"} for r in records]
+
+
+def _assert_same_losses(a, b, rel=1e-4):
+    for ra, rb in zip(a, b):
+        assert ra.keys() == rb.keys()
+        for k in ra:
+            assert ra[k] == pytest.approx(rb[k], rel=rel, abs=1e-6), (k, ra, rb)
+
+
+class _TeacherAgreement(HookBase):
+    """After every step: gather the teacher's parameters from every rank and compare them bitwise."""
+
+    def __init__(self, path):
+        self.path, self.equal = path, []
+
+    def after_step(self):
+        teacher = self.trainer.model.module.teacher
+        flat = torch.cat([p.detach().flatten() for p in teacher.parameters()])
+        gathered = comm.all_gather(flat)
+        self.equal.append(all(torch.equal(gathered[0], g) for g in gathered[1:]))
+
+    def after_train(self):
+        with open(f"{self.path}.rank{comm.get_rank()}.json", "w") as f:
+            json.dump(self.equal, f)
+
+
+def _train_checking_the_teacher(args, report):
+    from uda_plugins.engine import UDATrainer, setup_cfg
+
+    cfg = setup_cfg(args)
+    trainer = UDATrainer(cfg)
+    trainer.register_hooks([_TeacherAgreement(report)])
+    trainer.resume_or_load(resume=False)
+    trainer.train()
+
+
+def test_two_processes_equal_one_with_accumulation_and_share_the_teacher(tmp_path):
+    config = os.path.join(CONFIGS, "mic.yaml")
+    extra = {"UDA.MIC.BLOCK_SIZE": 16}
+    ddp, report = str(tmp_path / "ddp"), str(tmp_path / "teacher")
+    args = default_argument_parser().parse_args(["--config-file", config] + _overrides(ddp, **extra))
+    launch(_train_checking_the_teacher, 2, dist_url="auto", args=(args, report))
+    for rank in range(2):
+        with open(f"{report}.rank{rank}.json") as f:
+            assert json.load(f) == [True] * ITERS
+
+    accumulated = str(tmp_path / "accumulated")
+    overrides = _overrides(accumulated, **extra, **{"SOLVER.GRAD_ACCUMULATION_STEPS": 2})
+    assert train_net.cli(["--config-file", config] + overrides) == 0
+    # Same samples, same class choices, augmentation and masks, same BatchNorm batches (2 images each).
+    _assert_same_losses(_losses(ddp), _losses(accumulated))
+    a = torch.load(os.path.join(ddp, "model_final.pth"), weights_only=True)["model"]
+    b = torch.load(os.path.join(accumulated, "model_final.pth"), weights_only=True)["model"]
+    for k in a:
+        if "running_" not in k and "num_batches_tracked" not in k:  # BatchNorm buffers count per process
+            torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=k)
+
+
+def test_two_processes_equal_one_process_with_the_same_global_batch(tmp_path):
+    # Batch-independent normalisation and no dropout: the global batch in one process is the same computation.
+    config = os.path.join(CONFIGS, "source_only.yaml")
+    extra = {"MODEL.BACKBONE.NORM": "GN", "MODEL.SEM_SEG_HEAD.NORM": "GN", "MODEL.SEM_SEG_HEAD.DROPOUT": 0.0}
+    runs = {}
+    for name, flags, more in [
+        ("ddp", ["--num-gpus", "2", "--dist-url", "auto"], {}),
+        ("single", [], {}),
+        ("accumulated", [], {"SOLVER.GRAD_ACCUMULATION_STEPS": 4}),
+    ]:
+        out = str(tmp_path / name)
+        assert train_net.cli(["--config-file", config, *flags] + _overrides(out, **extra, **more)) == 0
+        runs[name] = _losses(out)
+    _assert_same_losses(runs["ddp"], runs["single"])
+    _assert_same_losses(runs["accumulated"], runs["single"])
+
+
+def test_batch_must_divide_over_processes_and_micro_batches(tmp_path, capsys):
+    config = os.path.join(CONFIGS, "source_only.yaml")
+    overrides = _overrides(str(tmp_path / "bad"), **{"SOLVER.GRAD_ACCUMULATION_STEPS": 3})
+    assert train_net.cli(["--config-file", config] + overrides) == 1
+    assert "GRAD_ACCUMULATION_STEPS (3)" in capsys.readouterr().err
