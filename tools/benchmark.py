@@ -7,8 +7,10 @@ Prints two tables. The first: seconds per iteration (median and mean over the ti
 waiting for data, images per second (all domains), peak host memory (RSS) and peak device memory. The second: the
 mean time per iteration of each named section of the step (``uda_plugins.utils.profiling.timed``: data wait,
 teacher forward, student forwards with their losses, backward, optimizer, mixing/masking/augmentation, EMA) and
-the "adaptation machinery" share = everything that is not a network forward/backward or the optimizer. Sections
-synchronise the device, which slows a GPU run slightly. The training hooks run as in training (EMA updates
+the "adaptation machinery" share = everything that is not a network forward/backward or the optimizer. The third:
+host memory (RSS) at evenly spaced timed iterations and its change — it must stay flat (dataset dicts
+are serialised once; nothing may accumulate per iteration). Sections synchronise the device, which slows a GPU run
+slightly. The training hooks run as in training (EMA updates
 included); nothing is written except a throw-away OUTPUT_DIR in a temporary folder; no evaluation runs.
 """
 
@@ -50,6 +52,25 @@ def build_cfg(args, output_dir):
     return cfg
 
 
+def current_rss_mib() -> float:
+    """This process's resident memory now (Linux /proc; the peak where /proc is missing)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except OSError:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def rss_table(samples: list) -> str:
+    """RSS at the sampled iterations and the change from the first sample to the last (allocator noise is some
+    MiB either way; a leak shows as steady growth over a long run, e.g. ``--iters 1000``)."""
+    rows = [[i, f"{m:.0f}"] for i, m in samples]
+    (first_it, first), (last_it, last) = samples[0], samples[-1]
+    return tabulate(rows, headers=["iteration", "RSS MiB"], tablefmt="github") + (
+        f"\nRSS change from iteration {first_it} to {last_it}: {last - first:+.0f} MiB"
+    )
+
+
 def images_per_iteration(cfg, trainer) -> int:
     req = type(trainer.model).data_requirements
     n = cfg.SOLVER.IMS_PER_BATCH_SOURCE if req.source else 0
@@ -89,10 +110,13 @@ def main(argv=None) -> int:
             torch.cuda.reset_peak_memory_stats()
         step_times, data_times = [], []
         sections = {}
+        total = args.warmup + args.iters
+        rss_at = {args.warmup + round(k * (args.iters - 1) / 4) for k in range(5)}
+        rss_samples = []
         with EventStorage(0) as storage:
             trainer.storage = storage
             trainer.before_train()
-            for it in range(args.warmup + args.iters):
+            for it in range(total):
                 storage.iter = trainer.iter = it
                 with collect_timings() as timings:
                     start = time.perf_counter()
@@ -108,6 +132,8 @@ def main(argv=None) -> int:
                     timings["data_wait"] = data_times[-1]
                     for k, v in timings.items():
                         sections[k] = sections.get(k, 0.0) + v
+                if it in rss_at:
+                    rss_samples.append((it, current_rss_mib()))
         sec = statistics.median(step_times)
         rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         rows = [
@@ -141,6 +167,8 @@ def main(argv=None) -> int:
         print(f"({args.iters} timed iterations after {args.warmup} warm-up; torch threads: {torch.get_num_threads()})")
         print()
         print(breakdown_table(sections, step_times))
+        print()
+        print(rss_table(rss_samples))
     return 0
 
 
