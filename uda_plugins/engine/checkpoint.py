@@ -71,9 +71,12 @@ class UDACheckpointer(DetectionCheckpointer):
         skipped = []
         for candidate in self.resume_candidates():
             try:
+                if not os.path.isfile(candidate):
+                    raise UnreadableCheckpointError(f"{candidate} does not exist")
                 checkpoint = self.load(candidate)
-            except (UnreadableCheckpointError, AssertionError, OSError) as e:
-                # AssertionError / OSError: the file does not exist (fvcore asserts it, the DDP check raises).
+            except OSError as e:  # UnreadableCheckpointError, or another rank cannot see the file
+                if hasattr(self, "_parsed_url_during_load"):
+                    self._parsed_url_during_load = None  # Detectron2's load() leaves it set when it raises
                 self.logger.warning(f"Cannot resume from {candidate} ({e}); trying the previous checkpoint")
                 skipped.append(candidate)
                 continue
