@@ -29,7 +29,7 @@ import uda_plugins  # noqa: F401  (registration)
 from uda_plugins.config import get_uda_cfg
 from uda_plugins.d2 import EventStorage
 from uda_plugins.engine import UDATrainer
-from uda_plugins.engine.setup import merge_overrides, resolve_device
+from uda_plugins.engine.setup import merge_overrides, resolve_device, set_determinism
 from uda_plugins.utils.profiling import collect_timings
 
 # Sections that are network compute; the rest of the step is adaptation machinery or bookkeeping.
@@ -49,6 +49,7 @@ def build_cfg(args, output_dir):
     cfg.SOLVER.CHECKPOINT_PERIOD = 10**9
     cfg.SOLVER.MAX_ITER = max(cfg.SOLVER.MAX_ITER, args.warmup + args.iters)
     cfg.freeze()
+    set_determinism(cfg)  # DETERMINISTIC True measures its cost
     return cfg
 
 
