@@ -38,6 +38,16 @@ METHODS = {
         "mic_hrda.yaml",
         {"MODEL.HRDA.HR_CROP_SIZE": "(24, 48)", "DATALOADER.RCS.ENABLED": True, "DATALOADER.RCS.MIN_PIXELS": 40},
     ),
+    "mic_hrda_gt": (
+        "mic_gt.yaml",
+        {
+            "MODEL.HRDA.ENABLED": True,
+            "MODEL.HRDA.HR_CROP_SIZE": "(24, 48)",
+            "MODEL.HRDA.ATTENTION_EMBED_DIM": 16,
+            "UDA.MIC.BLOCK_SIZE": 16,
+            "UDA.GUIDANCE.EMBED_DIM": 32,
+        },
+    ),
     # bf16 autocast; the killed and resumed runs read their data through 2 worker processes, the uninterrupted
     # one in-process.
     "mic_bf16_2_workers": (
@@ -101,15 +111,18 @@ def test_dacs_logs_its_losses_and_pictures(tmp_path):
     from test_train_net import _event_tags
 
     out = str(tmp_path / "dacs")
-    _run("dacs.yaml", out, {"UDA.MIC.LAMBDA": 1.0, "UDA.MIC.BLOCK_SIZE": 16, "TEST.EVAL_PERIOD": 0, "VIS_PERIOD": 2})
+    extra = {"UDA.MIC.LAMBDA": 1.0, "UDA.MIC.BLOCK_SIZE": 16, "TEST.EVAL_PERIOD": 0, "VIS_PERIOD": 2}
+    extra.update({"UDA.GUIDANCE.LAMBDA": 1.0, "UDA.GUIDANCE.EMBED_DIM": 32})
+    _run("dacs.yaml", out, extra)
     acc = _event_tags(out)
-    assert {"loss_source", "loss_mix", "loss_mic", "total_loss"} <= set(acc.Tags()["scalars"])
+    assert {"loss_source", "loss_mix", "loss_guidance", "loss_mic", "total_loss"} <= set(acc.Tags()["scalars"])
     images = set(acc.Tags()["images"])
     assert {
         "source/input_gt_pred",
         "target/input_pseudolabel_confidence_weight",
         "mix/input_mask_label_weight_pred",
         "mic/masked_pred",
+        "guidance/target_keptmask_pseudolabel_pred",
     } <= images
     mix = acc.Images("mix/input_mask_label_weight_pred")[0]
     assert mix.width == 5 * 96 and mix.height == 48

@@ -215,6 +215,25 @@ def add_uda_config(cfg: CN) -> None:
     _C.UDA.MIC.BLOCK_SIZE = 64
     _C.UDA.MIC.RATIO = 0.7
 
+    _C.UDA.GUIDANCE = CN()
+    # Guidance Training (uda_plugins/methods/guidance.py): weight of the loss of the Guider-reconstructed mixed
+    # features against the pseudo-label of the unmixed target image (0 = off; 1 in the authors' code).
+    _C.UDA.GUIDANCE.LAMBDA = 0.0
+    # The per-image weight 1 - exp(-EXPONENT * r), r = the fraction of the image still target after mixing.
+    _C.UDA.GUIDANCE.EXPONENT = 5.0
+    # The encoder level the Guider reconstructs ("" = the deepest level the decode head reads, as the authors);
+    # the head's other levels are masked with learnable tokens.
+    _C.UDA.GUIDANCE.FEATURE = ""
+    # The Guider's transformer: blocks, width, heads, MLP ratio, and the patch size on the feature map.
+    _C.UDA.GUIDANCE.DEPTH = 2
+    _C.UDA.GUIDANCE.EMBED_DIM = 512
+    _C.UDA.GUIDANCE.NUM_HEADS = 16
+    _C.UDA.GUIDANCE.MLP_RATIO = 4.0
+    _C.UDA.GUIDANCE.PATCH_SIZE = 4
+    # Reproduce the authors' in-place weight aliasing (HRDA: w = q (f_ctx + f_ctx f_det) / 2, and the MIC loss
+    # weighted by q f_ctx f_det instead of q). Off: w = q mean(f), MIC unchanged.
+    _C.UDA.GUIDANCE.REFERENCE_WEIGHT_ALIASING = False
+
     # ------------------------------------------------------------------ solver
     # Source images per iteration (global).
     _C.SOLVER.IMS_PER_BATCH_SOURCE = 2

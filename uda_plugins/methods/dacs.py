@@ -11,7 +11,10 @@ Follows lhoyer/MIC ``seg/mmseg/models/uda/dacs.py`` (``DACS.forward_train``) and
    (source image i mod N_s); the mixed label takes the source label there and the pseudo-label elsewhere, the
    pixel weight 1 there and the pseudo-label weight elsewhere; then the strong augmentation on the mixed
    image: ``L_mix = CE_w(S(x_mix), y_mix, w_mix)``;
-4. MIC (``UDA.MIC.LAMBDA`` > 0): the target images with a fresh strong augmentation and a block mask,
+4. Guidance Training (``UDA.GUIDANCE.LAMBDA`` > 0, :mod:`uda_plugins.methods.guidance`): on the features of
+   step 3's forward, the Guider reconstructs the target where the source was pasted, and the shared head predicts
+   the unmixed target's pseudo-labels: ``L_guid``;
+5. MIC (``UDA.MIC.LAMBDA`` > 0): the target images with a fresh strong augmentation and a block mask,
    ``L_MIC = lambda * CE_w(S(masked), pseudo-labels, weights)``.
 
 The reference back-propagates each loss separately into the same gradients before one optimizer step; here
@@ -35,6 +38,7 @@ from uda_plugins.data.build import DataRequirements
 from uda_plugins.utils.profiling import timed
 
 from .class_mix import class_mix_masks, mix
+from .guidance import GuidanceTraining
 from .masking import block_mask
 from .self_training import SelfTrainingArch
 
@@ -53,6 +57,11 @@ class DACS(SelfTrainingArch):
         self.classes_from_batch = cfg.UDA.MIX.CLASSES_FROM_BATCH
         mic = cfg.UDA.MIC
         self.mic_lambda, self.mic_block, self.mic_ratio = mic.LAMBDA, mic.BLOCK_SIZE, mic.RATIO
+        self.guidance = None
+        if cfg.UDA.GUIDANCE.LAMBDA > 0:
+            if self.mix_mode != "class":
+                raise ValueError("Guidance Training reconstructs what ClassMix pasted: it needs UDA.MIX.MODE class")
+            self.guidance = GuidanceTraining(cfg, self.student)  # beside the student: the teacher gets none
 
     def forward_train(self, batch: Dict[str, list]) -> Dict[str, torch.Tensor]:
         if len(batch["target"]) != 1:
@@ -80,6 +89,12 @@ class DACS(SelfTrainingArch):
         with timed("student_forward"):
             mix_out = self.student.forward_train(mixed)
             losses["loss_mix"] = self.student.loss(mix_out, mixed_labels, mixed_weight)
+        mic_weight = pseudo_weight
+        if self.guidance is not None:
+            with timed("student_forward"):  # the Guider and the shared head
+                losses["loss_guidance"], mic_weight, guided_out = self.guidance(
+                    self.student, mix_out, masks, pseudo_labels, pseudo_weight
+                )
 
         if self.mic_lambda > 0:
             with timed("mix_mask_augment"):
@@ -87,7 +102,7 @@ class DACS(SelfTrainingArch):
                 masked = masked * block_mask(n, *masked.shape[-2:], self.mic_block, self.mic_ratio, masked.device)
             with timed("student_forward"):
                 masked_out = self.student.forward_train(masked)
-                losses["loss_mic"] = self.mic_lambda * self.student.loss(masked_out, pseudo_labels, pseudo_weight)
+                losses["loss_mic"] = self.mic_lambda * self.student.loss(masked_out, pseudo_labels, mic_weight)
 
         if visualize:
             self.visualize("source/input_gt_pred", src_images, src_labels, src_out.logits)
@@ -97,6 +112,10 @@ class DACS(SelfTrainingArch):
             self.visualize_panel(
                 "mix/input_mask_label_weight_pred", [mixed, masks, mixed_labels, mixed_weight, mix_out.logits]
             )
+            if self.guidance is not None:
+                self.visualize_panel(
+                    "guidance/target_keptmask_pseudolabel_pred", [tgt_images, 1 - masks, pseudo_labels, guided_out.logits]
+                )
             if self.mic_lambda > 0:
                 self.visualize_panel("mic/masked_pred", [masked, masked_out.logits])
         return losses

@@ -69,7 +69,7 @@ Other decisions:
 
 from __future__ import annotations
 
-from typing import Dict, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -79,7 +79,7 @@ from uda_plugins.d2 import SEM_SEG_HEADS_REGISTRY, CfgNode
 
 from .inference import Box, clamp_crop_size, slide_windows
 from .losses import seg_cross_entropy, upsample_like
-from .segmentor import Segmentor, SegmentorOutput
+from .segmentor import Segmentor, SegmentorOutput, View, levels_read_by
 
 __all__ = [
     "HRDASegmentor",
@@ -257,13 +257,43 @@ class HRDASegmentor(Segmentor):
             )
         detail_box = self._checked_box(detail_box, height, width)
         hr_features = self.extract_features(crop(hr_image, detail_box))
+        grid = (height // self.output_stride, width // self.output_stride)
+        return self._decode_scales(lr_features, hr_features, detail_box, grid)
+
+    def _decode_scales(
+        self, lr_features: Dict[str, torch.Tensor], hr_features: Dict[str, torch.Tensor], box: Box, grid
+    ) -> SegmentorOutput:
         lr_logits = self.decode(lr_features)
         hr_logits = self.decode(hr_features)
-        grid = (height // self.output_stride, width // self.output_stride)
-        fused, attention = self.fuse(lr_logits, hr_logits, self._attention(lr_features, lr_logits), detail_box, grid)
+        fused, attention = self.fuse(lr_logits, hr_logits, self._attention(lr_features, lr_logits), box, grid)
         features = lr_features if self.feature_scale == self.lr_scale else hr_features
-        extras = {"detail_box": detail_box, "lr_logits": lr_logits, "hr_logits": hr_logits, "attention": attention}
+        extras = {
+            "detail_box": box,
+            "lr_logits": lr_logits,
+            "hr_logits": hr_logits,
+            "attention": attention,
+            "lr_features": lr_features,
+            "hr_features": hr_features,
+        }
         return SegmentorOutput(fused, features, extras)
+
+    def views(self, output: SegmentorOutput) -> List[View]:
+        """The context view (whole image at the context scale) and the detail view (the detail box at scale 1)."""
+        extras = output.extras
+        return [View(extras["lr_features"], self.lr_scale), View(extras["hr_features"], self.hr_scale, extras["detail_box"])]
+
+    def decode_views(self, features: Sequence[Dict[str, torch.Tensor]], output: SegmentorOutput) -> SegmentorOutput:
+        """Replacement (context, detail) features decoded and fused as in training, with ``output``'s detail box;
+        the scale attention is computed from the replacement context features (``HRDAHead.forward``)."""
+        lr_features, hr_features = features
+        return self._decode_scales(lr_features, hr_features, output.extras["detail_box"], output.logits.shape[-2:])
+
+    @property
+    def decoder_levels(self) -> List[str]:
+        levels = list(super().decoder_levels)
+        if self.scale_attention_head is not None:
+            levels += [k for k in levels_read_by(self.scale_attention_head) if k not in levels]
+        return levels
 
     def _checked_box(self, box: Sequence[int], height: int, width: int) -> Box:
         y1, y2, x1, x2 = (int(v) for v in box)

@@ -7,13 +7,17 @@ method relies on (HRDA's multi-resolution segmentor keeps it, so every method co
 * ``loss(output, labels, pixel_weight)`` -> the supervised loss of that output (a weighted sum where a model
   has several outputs);
 * ``predict(x)`` -> logits at the input resolution (pseudo-labels, whole-image and sliding-window inference);
-* ``forward(x)`` -> logits at the head's stride.
+* ``forward(x)`` -> logits at the head's stride;
+* ``views(output)`` / ``decode_views(features, output)``: the encoder features of each view a training forward
+  looked at, and the output the decoder gives for replacement features of those views (same crop boxes), which
+  ``loss`` accepts — how Guidance Training decodes its reconstructed features with the shared head;
+* ``decoder_levels`` -> the feature levels the decoding reads.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -22,7 +26,7 @@ from uda_plugins.d2 import BACKBONE_REGISTRY, SEM_SEG_HEADS_REGISTRY, CfgNode, S
 
 from .losses import seg_cross_entropy, upsample_like
 
-__all__ = ["Segmentor", "SegmentorOutput", "build_segmentor", "stack_images"]
+__all__ = ["Segmentor", "SegmentorOutput", "View", "build_segmentor", "levels_read_by", "stack_images"]
 
 
 @dataclass
@@ -37,6 +41,16 @@ class SegmentorOutput:
     logits: torch.Tensor
     features: Dict[str, torch.Tensor]
     extras: dict = field(default_factory=dict)
+
+
+@dataclass
+class View:
+    """One view a training forward encoded: its features, the image scale it was taken at and its crop box in the
+    image at that scale (``(y1, y2, x1, x2)``; None = the whole image)."""
+
+    features: Dict[str, torch.Tensor]
+    scale: float = 1.0
+    box: Optional[Tuple[int, int, int, int]] = None
 
 
 def stack_images(dicts: Sequence[dict], device: torch.device, key: str = "image") -> torch.Tensor:
@@ -90,6 +104,17 @@ class Segmentor(nn.Module):
         features = self.extract_features(x)
         return SegmentorOutput(self.decode(features), features)
 
+    def views(self, output: SegmentorOutput) -> List[View]:
+        return [View(output.features)]
+
+    def decode_views(self, features: Sequence[Dict[str, torch.Tensor]], output: SegmentorOutput) -> SegmentorOutput:
+        (only,) = features
+        return SegmentorOutput(self.decode(only), only)
+
+    @property
+    def decoder_levels(self) -> List[str]:
+        return levels_read_by(self.head)
+
     def loss(
         self, output: SegmentorOutput, labels: torch.Tensor, pixel_weight: Optional[torch.Tensor] = None
     ) -> torch.Tensor:
@@ -99,6 +124,14 @@ class Segmentor(nn.Module):
     def predict(self, x: torch.Tensor) -> torch.Tensor:
         """Logits at the input resolution for a normalised batch."""
         return upsample_like(self(x), x.shape[-2:])
+
+
+def levels_read_by(head: nn.Module) -> List[str]:
+    if hasattr(head, "in_features"):
+        return list(head.in_features)
+    if hasattr(head, "in_feature"):
+        return [head.in_feature]
+    raise AttributeError(f"{type(head).__name__} names no in_features / in_feature")
 
 
 def build_segmentor(cfg: CfgNode) -> Segmentor:

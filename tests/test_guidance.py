@@ -1,0 +1,183 @@
+"""Guidance Training: the Guider's masking, its identity start, any feature size, the reference position
+embedding, the weight formula (fixed and as the authors' aliasing computes it), gradients, and that the evaluated
+student carries no Guider."""
+
+import numpy as np
+import pytest
+import torch
+
+from uda_plugins.methods.guidance import guidance_factor, view_target_fraction
+from uda_plugins.modeling.guider import Guider, sincos_position_embedding
+from uda_plugins.modeling.segmentor import View
+
+CHANNELS = {"res2": 8, "res5": 16}
+
+
+def _features(n=2, h=6, w=10):
+    return {"res2": torch.randn(n, 8, 2 * h, 2 * w), "res5": torch.randn(n, 16, h, w)}
+
+
+def _mask(n=2, h=24, w=40):
+    m = torch.ones(n, 1, h, w)
+    m[:, :, :, : w // 2] = 0  # the left half was pasted from the source
+    return m
+
+
+def _guider(**kw):
+    return Guider(CHANNELS, "res5", embed_dim=32, depth=2, num_heads=4, patch_size=4, **kw)
+
+
+def test_guider_starts_as_the_masked_features():
+    torch.manual_seed(0)
+    guider, feats, mask = _guider(), _features(), _mask()
+    out = guider(feats, mask)
+    m5 = torch.nn.functional.interpolate(mask, size=(6, 10), mode="nearest")
+    torch.testing.assert_close(out["res5"], feats["res5"] * m5 + (1 - m5) * guider.projector_token)
+    m2 = torch.nn.functional.interpolate(mask, size=(12, 20), mode="nearest")
+    torch.testing.assert_close(out["res2"], feats["res2"] * m2 + (1 - m2) * guider.level_tokens["res2"])
+
+
+def test_guider_never_sees_the_pasted_source_even_when_trained():
+    torch.manual_seed(0)
+    guider = _guider()
+    with torch.no_grad():
+        for p in guider.parameters():
+            p.normal_()  # zero convs included: a "trained" Guider
+    feats, mask = _features(), _mask()
+    out = guider(feats, mask)
+    changed = {k: v.clone() for k, v in feats.items()}
+    changed["res5"][..., :5] += 100.0  # the source half of every level
+    changed["res2"][..., :10] -= 100.0
+    out2 = guider(changed, mask)
+    for k in out:
+        assert torch.equal(out[k], out2[k]), k
+    assert not torch.equal(out["res5"][..., 5:], feats["res5"][..., 5:])  # the offset reaches the target part too
+
+
+@pytest.mark.parametrize("size", [(6, 10), (5, 7), (64, 64)])
+def test_guider_keeps_any_feature_size(size):
+    guider = _guider()
+    with torch.no_grad():
+        guider.z2.weight.normal_()
+    feats = {"res2": torch.randn(1, 8, 2 * size[0], 2 * size[1]), "res5": torch.randn(1, 16, *size)}
+    out = guider(feats, _mask(1, 4 * size[0], 4 * size[1]))
+    assert {k: v.shape for k, v in out.items()} == {k: v.shape for k, v in feats.items()}
+
+
+def _reference_pos_embed(embed_dim, grid_size):
+    # MAE's get_2d_sincos_pos_embed as in Guidance-Training seg/mmseg/models/Guider.py (np.float -> np.float64).
+    def one_d(dim, pos):
+        omega = np.arange(dim // 2, dtype=np.float64) / (dim / 2.0)
+        omega = 1.0 / 10000**omega
+        out = np.einsum("m,d->md", pos.reshape(-1), omega)
+        return np.concatenate([np.sin(out), np.cos(out)], axis=1)
+
+    grid = np.meshgrid(np.arange(grid_size, dtype=np.float32), np.arange(grid_size, dtype=np.float32))
+    grid = np.stack(grid, axis=0).reshape([2, 1, grid_size, grid_size])
+    return np.concatenate([one_d(embed_dim // 2, grid[0]), one_d(embed_dim // 2, grid[1])], axis=1)
+
+
+def test_position_embedding_matches_the_reference_on_square_grids():
+    ours = sincos_position_embedding(512, 16, 16).numpy()
+    np.testing.assert_allclose(ours, _reference_pos_embed(512, 16), atol=1e-6)
+    assert sincos_position_embedding(64, 3, 5).shape == (15, 64)
+
+
+def test_weight_formula_fixed_and_with_the_reference_aliasing(tiny_cfg):
+    from uda_plugins.methods.guidance import GuidanceTraining
+    from uda_plugins.modeling.segmentor import build_segmentor
+
+    r = torch.tensor([0.0, 0.5, 1.0])
+    torch.testing.assert_close(guidance_factor(r, 5.0), 1 - torch.exp(-5 * r))
+    assert float(guidance_factor(torch.tensor(0.0), 5.0)) == 0.0
+
+    tiny_cfg.UDA.GUIDANCE.LAMBDA = 1.0
+    tiny_cfg.UDA.GUIDANCE.EMBED_DIM, tiny_cfg.UDA.GUIDANCE.NUM_HEADS = 32, 4
+    mask = torch.zeros(2, 1, 8, 8)
+    mask[0, :, :, :2] = 1  # image 0: 1/4 target in the whole image, 1/2 in the detail box (left 4 columns)
+    mask[1] = 1
+    views = [View({}, 1.0), View({}, 1.0, (0, 8, 0, 4))]
+    assert view_target_fraction(mask, views[1]).tolist() == [0.5, 1.0]
+    q = torch.full((2, 8, 8), 0.8)
+    f_ctx, f_det = guidance_factor(torch.tensor([0.25, 1.0]), 5), guidance_factor(torch.tensor([0.5, 1.0]), 5)
+    gt = GuidanceTraining(tiny_cfg, build_segmentor(tiny_cfg))
+    w, mic = gt.weights(mask, views, q)
+    torch.testing.assert_close(w[:, 0, 0], 0.8 * (f_ctx + f_det) / 2)
+    assert torch.equal(mic, q)  # fixed: MIC keeps the pseudo-label weights
+    gt.reference_aliasing = True
+    w, mic = gt.weights(mask, views, q)
+    torch.testing.assert_close(w[:, 0, 0], 0.8 * (f_ctx + f_ctx * f_det) / 2)
+    torch.testing.assert_close(mic[:, 0, 0], 0.8 * f_ctx * f_det)
+    w, mic = gt.weights(mask, views[:1], q)  # one view: q f for both
+    torch.testing.assert_close(w[:, 0, 0], 0.8 * f_ctx)
+    torch.testing.assert_close(mic, w)
+
+
+def _dacs_gt(cfg, hrda=False):
+    from uda_plugins.d2 import build_model
+
+    cfg.MODEL.META_ARCHITECTURE = "DACS"
+    cfg.UDA.GUIDANCE.LAMBDA = 1.0
+    cfg.UDA.GUIDANCE.EMBED_DIM, cfg.UDA.GUIDANCE.NUM_HEADS, cfg.UDA.GUIDANCE.PATCH_SIZE = 32, 4, 2
+    cfg.UDA.PSEUDO_LABEL.THRESHOLD = 0.0  # every pixel confident: guidance weights > 0 from the start
+    if hrda:
+        cfg.MODEL.HRDA.ENABLED = True
+        cfg.MODEL.HRDA.HR_CROP_SIZE = (24, 48)
+        cfg.MODEL.HRDA.ATTENTION_EMBED_DIM = 16
+    model = build_model(cfg)
+    model.init_teacher()
+    model.train()
+    return model
+
+
+def _batch(cfg):
+    from uda_plugins.data.build import DataRequirements, build_uda_train_loader
+
+    return next(iter(build_uda_train_loader(cfg, DataRequirements(), seed=0)))
+
+
+@pytest.mark.parametrize("hrda", [False, True])
+def test_guidance_gradient_reaches_guider_head_and_encoder(tiny_cfg, hrda):
+    from uda_plugins.d2 import EventStorage
+
+    model = _dacs_gt(tiny_cfg, hrda)
+    batch = _batch(tiny_cfg)
+
+    def guidance_grads():
+        model.zero_grad(set_to_none=True)
+        with EventStorage(0):
+            losses = model(batch)
+        assert float(losses["loss_guidance"].detach()) > 0
+        losses["loss_guidance"].backward()
+        return {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+
+    grads = guidance_grads()
+    nonzero = {n for n, g in grads.items() if g is not None and g.abs().sum() > 0}
+    assert "guidance.guider.z2.weight" in nonzero and "guidance.guider.projector_token" in nonzero
+    assert any(n.startswith("student.head.") for n in nonzero)
+    assert any(n.startswith("student.backbone.") for n in nonzero)
+    assert not any(n.startswith("teacher.") for n in grads)
+    # z2 starts at zero, so the transformer behind it learns from the second step on.
+    assert "guidance.guider.z1.weight" not in nonzero
+    with torch.no_grad():
+        model.guidance.guider.z2.weight.normal_(std=0.02)
+    nonzero = {n for n, g in guidance_grads().items() if g is not None and g.abs().sum() > 0}
+    assert {"guidance.guider.z1.weight", "guidance.guider.blocks.0.attn.qkv.weight"} <= nonzero
+
+
+def test_the_evaluated_student_has_no_guider(tiny_cfg):
+    from uda_plugins.d2 import build_model
+
+    plain_cfg = tiny_cfg.clone()
+    plain_cfg.MODEL.META_ARCHITECTURE = "DACS"
+    plain = build_model(plain_cfg)
+    model = _dacs_gt(tiny_cfg)
+    assert plain.student.state_dict().keys() == model.student.state_dict().keys()
+    assert not any("guid" in k for k in model.teacher.state_dict())
+    assert any(k.startswith("guidance.guider.") for k in model.state_dict())  # checkpointed for resume
+    calls = []
+    model.guidance.register_forward_hook(lambda *a: calls.append(1))
+    model.eval()
+    with torch.no_grad():
+        model.inference([{"image": torch.zeros(3, 48, 96), "height": 48, "width": 96}])
+    assert not calls
