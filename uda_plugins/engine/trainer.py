@@ -208,9 +208,11 @@ class UDATrainer(DefaultTrainer):
         meta_arch = unwrap_model(model)
         if comm.get_world_size() > 1:
             # BatchNorm statistics are per process (as Detectron2's, broadcast_buffers=False); every rank evaluates
-            # with rank 0's, so what is evaluated is what is checkpointed.
-            for buffer in meta_arch.buffers():
-                torch.distributed.broadcast(buffer, src=0)
+            # with rank 0's, so what is evaluated is what is checkpointed. Only the evaluated networks: a method's
+            # own per-rank state (e.g. QuadMix's previous batch) stays each rank's.
+            for network in meta_arch.evaluable_models().values():
+                for buffer in network.buffers():
+                    torch.distributed.broadcast(buffer, src=0)
         results = OrderedDict()
         names = eval_model_names(cfg)
         for name in names:
