@@ -234,6 +234,34 @@ def add_uda_config(cfg: CN) -> None:
     # weighted by q f_ctx f_det instead of q). Off: w = q mean(f), MIC unchanged.
     _C.UDA.GUIDANCE.REFERENCE_WEIGHT_ALIASING = False
 
+    _C.UDA.QUADMIX = CN()
+    # UDASS / QuadMix (uda_plugins/methods/quad_mix.py, ZHE-SAPI/UDASS ok/dacs_gta.py): from this iteration on,
+    # DACS's ClassMix loss is replaced by the two "quad" losses mixing the previous and the current batch; before
+    # it the step is DACS/MIC as configured (reference: 6000 ViT, 7000 GTA-CNN, 6001 SYNTHIA-CNN of 40000).
+    _C.UDA.QUADMIX.START_ITER = 6000
+    # Classes per mask: of the previous source label for the S2S/S2T mask, and of the previous target pseudo-label
+    # for the T2* mask (fewer when the image has fewer).
+    _C.UDA.QUADMIX.CLASSES_PER_MASK = 2
+    # The target mask keeps only pixels whose teacher confidence (max softmax) was >= this.
+    _C.UDA.QUADMIX.CONFIDENCE = 0.9
+    # Weight of each of loss_quad_ss and loss_quad_st.
+    _C.UDA.QUADMIX.LOSS_WEIGHT = 0.5
+    # Source classes pasted on the T2* images, P(c) proportional to how often c is listed (repeats allowed).
+    # Reference: GTA5 (3, 4, 5, 6, 12, 15, 16, 17, 18); SYNTHIA (3, 3, 4, 4, 4, 4, 5, 5, 6, 7, 12, 13, 18). A
+    # class no source image has (more than RARE_MIN_PIXELS of) is dropped with a warning.
+    _C.UDA.QUADMIX.RARE_CLASSES = (3, 4, 5, 6, 12, 15, 16, 17, 18)
+    # A pasted object comes from a source image with more than this many pixels of its class (label file at its
+    # stored resolution), whose crop is re-drawn (DATALOADER.RCS.CROP_REDRAWS times at most) until it holds more
+    # than this many (reference: 50 GTA5 / 10 SYNTHIA on 1024x1024 crops).
+    _C.UDA.QUADMIX.RARE_MIN_PIXELS = 50
+    # Rare objects pasted on each T2SS and each T2ST image (reference 2); 0 disables pasting and its loader
+    # stream.
+    _C.UDA.QUADMIX.PASTE_PER_IMAGE = 2
+    # Reproduce the reference's quirks (docs/methods.md §4.7): the source mask may choose the ignore label as a
+    # class; the target mask excludes the source mask's positions in unique(label) instead of its class ids; pasted
+    # rare objects keep the pixel weight beneath them instead of 1. False: all three fixed.
+    _C.UDA.QUADMIX.REFERENCE_QUIRKS = False
+
     # ------------------------------------------------------------------ solver
     # Source images per iteration (global).
     _C.SOLVER.IMS_PER_BATCH_SOURCE = 2

@@ -11,6 +11,8 @@ fixed), and every sample is a function of its global position (see :mod:`uda_plu
 makes the stream independent of the number of workers and processes and lets ``--resume`` continue it exactly.
 With ``DATALOADER.RCS.ENABLED`` the source stream draws its images by rare-class sampling
 (:class:`~uda_plugins.data.samplers.RareClassSampler`) from the same position-seeded RNG, so this still holds.
+A method may ask for extra streams (``DataRequirements.source_paste``: QuadMix's rare objects, served under
+``batch["source_paste"]``); they follow the same rules with their own salts.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import logging
 import os
 import pickle
 from dataclasses import dataclass
-from typing import Dict, Iterator, List, Optional, Sequence
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -41,6 +43,8 @@ __all__ = [
     "build_uda_train_loader",
     "build_test_loader",
     "build_rare_class_sampler",
+    "build_source_paste_stream",
+    "source_class_pixels",
     "get_dataset_dicts",
 ]
 
@@ -48,7 +52,11 @@ logger = logging.getLogger(__name__)
 
 # Salts that keep the augmentation RNG streams of the domains apart.
 _SOURCE_SALT = 1
+_SOURCE_PASTE_SALT = 50
 _TARGET_SALT = 100
+
+# QuadMix pastes rare objects into two images per target image (T2SS and T2ST).
+_QUAD_IMAGES_PER_TARGET = 2
 
 
 @dataclass(frozen=True)
@@ -59,6 +67,9 @@ class DataRequirements:
     source_labels: bool = True
     target: bool = True
     target_labels: bool = False
+    # An extra stream ``batch["source_paste"]`` of labelled source samples drawn by class for UDASS's rare-class
+    # pasting (:func:`build_source_paste_stream`; its shape is configured under ``UDA.QUADMIX``).
+    source_paste: bool = False
 
 
 class SerializedList(Dataset):
@@ -101,6 +112,9 @@ class DomainStream:
     With ``rare_class_sampler`` the image of a position and the class its crop must show are drawn by it (and
     recorded in the sample as ``"rcs_class"``) instead of the epoch permutation; both draws come first from the
     sample's own RNG, seeded by (seed, salt, position), so the sample stays a function of its position.
+
+    Before iteration ``first_iteration`` the stream yields empty batches (a stream only one phase of a method
+    reads costs no I/O in the other); positions stay those of the iteration, so this changes no sample.
     """
 
     def __init__(
@@ -112,6 +126,7 @@ class DomainStream:
         seed: int,
         salt: int,
         rare_class_sampler: Optional[RareClassSampler] = None,
+        first_iteration: int = 0,
     ) -> None:
         self.name = name
         self.dataset = SerializedList(dicts)
@@ -119,6 +134,7 @@ class DomainStream:
         self.global_batch = global_batch
         self.salt = salt
         self.rare_class_sampler = rare_class_sampler
+        self.first_iteration = int(first_iteration)
         if rare_class_sampler is not None and rare_class_sampler.num_images != len(self.dataset):
             raise ValueError(
                 f"The rare-class sampler of '{name}' has statistics of {rare_class_sampler.num_images} images, "
@@ -132,6 +148,8 @@ class DomainStream:
 
     def batch(self, iteration: int, rank: int, world_size: int) -> List[dict]:
         out = []
+        if iteration < self.first_iteration:
+            return out
         for position in rank_positions(iteration, self.global_batch, rank, world_size):
             rng = np.random.default_rng([self.seed, self.salt, position])
             if self.rare_class_sampler is None:
@@ -145,16 +163,27 @@ class DomainStream:
 
 
 class UDABatchDataset(IterableDataset):
-    """Yields the batch dict of iterations ``start_iter, start_iter+1, ...``, sharded over workers."""
+    """Yields the batch dict of iterations ``start_iter, start_iter+1, ...``, sharded over workers. ``extras``
+    are further streams a method asked for, each under its own batch key (``"source_paste"``)."""
 
     def __init__(
-        self, source: Optional[DomainStream], targets: Sequence[DomainStream], rank: int, world_size: int
+        self,
+        source: Optional[DomainStream],
+        targets: Sequence[DomainStream],
+        rank: int,
+        world_size: int,
+        extras: Optional[Dict[str, DomainStream]] = None,
     ) -> None:
         self.source = source
         self.targets = list(targets)
+        self.extras = dict(extras or {})
         self.rank = rank
         self.world_size = world_size
         self.start_iter = 0
+
+    @property
+    def streams(self) -> List[DomainStream]:
+        return ([self.source] if self.source else []) + self.targets + list(self.extras.values())
 
     def batch(self, iteration: int) -> Dict[str, list]:
         out: Dict[str, list] = {}
@@ -162,6 +191,8 @@ class UDABatchDataset(IterableDataset):
             out["source"] = self.source.batch(iteration, self.rank, self.world_size)
         if self.targets:
             out["target"] = [t.batch(iteration, self.rank, self.world_size) for t in self.targets]
+        for key, stream in self.extras.items():
+            out[key] = stream.batch(iteration, self.rank, self.world_size)
         return out
 
     def __iter__(self) -> Iterator[Dict[str, list]]:
@@ -202,7 +233,7 @@ class UDATrainLoader:
     def load_state_dict(self, state: dict) -> None:
         """Restore the data seed (it differs from the config's when SEED < 0 drew a random one)."""
         self.seed = int(state["seed"])
-        for stream in ([self.dataset.source] if self.dataset.source else []) + self.dataset.targets:
+        for stream in self.dataset.streams:
             stream.set_seed(self.seed)
 
     def __iter__(self) -> Iterator[Dict[str, list]]:
@@ -225,20 +256,23 @@ def _data_seed(cfg: CfgNode) -> int:
     return cfg.SEED if cfg.SEED >= 0 else comm.shared_random_seed()
 
 
-def build_rare_class_sampler(
+def _source_names(cfg: CfgNode) -> List[str]:
+    names = cfg.DATASETS.SOURCE_TRAIN
+    return [names] if isinstance(names, str) else list(names)
+
+
+def source_class_pixels(
     cfg: CfgNode, names: Sequence[str], dicts_per_name: Sequence[Sequence[dict]]
-) -> RareClassSampler:
-    """The :class:`RareClassSampler` of the source datasets ``names`` (dicts concatenated in that order), from
-    their cached class statistics (:mod:`uda_plugins.data.class_stats`). A missing or stale cache is computed by
-    the main process while the others wait, then read by all (a process that still finds none, e.g. on another
-    machine without a shared file system, computes it itself)."""
-    rcs = cfg.DATALOADER.RCS
+) -> Tuple[np.ndarray, Optional[List[str]]]:
+    """The (num_images, num_classes) class pixel counts of the source datasets ``names`` (dicts concatenated in
+    that order), from their cached class statistics (:mod:`uda_plugins.data.class_stats`), and the class names.
+    A missing or stale cache is computed by the main process while the others wait, then read by all (a process
+    that still finds none, e.g. on another machine without a shared file system, computes it itself)."""
     num_classes = cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES
     ignore = cfg.MODEL.SEM_SEG_HEAD.IGNORE_VALUE
-    jobs = min(8, os.cpu_count() or 1)
+    kwargs = dict(stats_dir=cfg.DATALOADER.RCS.STATS_DIR, jobs=min(8, os.cpu_count() or 1))
     parts = []
     for name, dicts in zip(names, dicts_per_name):
-        kwargs = dict(stats_dir=rcs.STATS_DIR, jobs=jobs)
         if comm.is_main_process():
             pixels, path = ensure_class_stats(name, dicts, num_classes, ignore, **kwargs)
         comm.synchronize()
@@ -249,7 +283,16 @@ def build_rare_class_sampler(
     class_names = MetadataCatalog.get(names[0]).get("stuff_classes")
     if class_names is not None and len(class_names) != num_classes:
         class_names = None
-    sampler = RareClassSampler(np.concatenate(parts), rcs.TEMPERATURE, rcs.MIN_PIXELS, class_names)
+    return np.concatenate(parts), class_names
+
+
+def build_rare_class_sampler(
+    cfg: CfgNode, names: Sequence[str], dicts_per_name: Sequence[Sequence[dict]]
+) -> RareClassSampler:
+    """The :class:`RareClassSampler` of the source datasets ``names`` (see :func:`source_class_pixels`)."""
+    rcs = cfg.DATALOADER.RCS
+    pixels, class_names = source_class_pixels(cfg, names, dicts_per_name)
+    sampler = RareClassSampler(pixels, rcs.TEMPERATURE, rcs.MIN_PIXELS, class_names)
     logger.info(
         "Rare-class sampling of the source (T=%s, > %s pixels per image, crops > %s pixels): class probabilities\n%s",
         rcs.TEMPERATURE,
@@ -258,6 +301,56 @@ def build_rare_class_sampler(
         sampler.describe(),
     )
     return sampler
+
+
+def build_source_paste_stream(cfg: CfgNode, seed: int) -> Optional[DomainStream]:
+    """UDASS's rare-class objects as a loader stream (None when ``UDA.QUADMIX.PASTE_PER_IMAGE`` is 0).
+
+    The reference (ZHE-SAPI/UDASS ``image_udass/seg/mmseg/models/uda/ok/dacs_gta.py``, ``rand_mixer``) reads, inside
+    the training step, a random source image holding a class drawn from a fixed list, re-cropping until the crop has
+    more than 50 pixels of it. Here the loader serves those samples: ``PASTE_PER_IMAGE`` per quad image (T2SS and
+    T2ST) per target image, i.e. a global batch of ``IMS_PER_BATCH_TARGET * 2 * PASTE_PER_IMAGE``. Each sample draws
+    its class with P(c) proportional to its multiplicity in ``RARE_CLASSES`` and then an image with more than
+    ``RARE_MIN_PIXELS`` pixels of it (:class:`RareClassSampler`, from the cached source class statistics); it goes
+    through the source mapper (``INPUT.SOURCE`` geometry) with its crop re-drawn up to
+    ``DATALOADER.RCS.CROP_REDRAWS`` times until it holds more than ``RARE_MIN_PIXELS`` pixels of the class, and
+    carries the class as ``"rcs_class"``. Its own salt keeps it a function of (seed, position), so ``--resume``
+    continues it exactly. It is empty before ``UDA.QUADMIX.START_ITER``, where nothing is pasted.
+    """
+    quad = cfg.UDA.QUADMIX
+    if quad.PASTE_PER_IMAGE <= 0:
+        return None
+    names = _source_names(cfg)
+    dicts_per_name = [get_dataset_dicts([name]) for name in names]
+    pixels, class_names = source_class_pixels(cfg, names, dicts_per_name)
+    sampler = RareClassSampler(
+        pixels, cfg.DATALOADER.RCS.TEMPERATURE, quad.RARE_MIN_PIXELS, class_names, class_list=quad.RARE_CLASSES
+    )
+    logger.info(
+        "QuadMix rare-class pasting: %d objects per quad image, classes (> %s pixels per image and crop)\n%s",
+        quad.PASTE_PER_IMAGE,
+        quad.RARE_MIN_PIXELS,
+        sampler.describe(),
+    )
+    mapper = UDADatasetMapper(
+        is_train=True,
+        input_cfg=cfg.INPUT.SOURCE,
+        num_classes=cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES,
+        load_label=True,
+        ignore_label=cfg.MODEL.SEM_SEG_HEAD.IGNORE_VALUE,
+        class_crop_pixels=quad.RARE_MIN_PIXELS,
+        class_crop_redraws=cfg.DATALOADER.RCS.CROP_REDRAWS,
+    )
+    return DomainStream(
+        "source_paste",
+        [d for dicts in dicts_per_name for d in dicts],
+        mapper,
+        cfg.SOLVER.IMS_PER_BATCH_TARGET * _QUAD_IMAGES_PER_TARGET * quad.PASTE_PER_IMAGE,
+        seed,
+        _SOURCE_PASTE_SALT,
+        rare_class_sampler=sampler,
+        first_iteration=quad.START_ITER,
+    )
 
 
 def build_uda_train_loader(cfg: CfgNode, requirements: DataRequirements, seed: Optional[int] = None) -> UDATrainLoader:
@@ -269,9 +362,7 @@ def build_uda_train_loader(cfg: CfgNode, requirements: DataRequirements, seed: O
     if requirements.source:
         rare_class_sampler = None
         if cfg.DATALOADER.RCS.ENABLED:
-            names = (
-                [cfg.DATASETS.SOURCE_TRAIN] if isinstance(cfg.DATASETS.SOURCE_TRAIN, str) else cfg.DATASETS.SOURCE_TRAIN
-            )
+            names = _source_names(cfg)
             dicts_per_name = [get_dataset_dicts([name]) for name in names]
             source_dicts = [d for dicts in dicts_per_name for d in dicts]
             rare_class_sampler = build_rare_class_sampler(cfg, names, dicts_per_name)
@@ -301,8 +392,13 @@ def build_uda_train_loader(cfg: CfgNode, requirements: DataRequirements, seed: O
                     _TARGET_SALT + k,
                 )
             )
+    extras = {}
+    if requirements.source_paste:
+        paste = build_source_paste_stream(cfg, seed)
+        if paste is not None:
+            extras["source_paste"] = paste
     accumulation = cfg.SOLVER.GRAD_ACCUMULATION_STEPS
-    for stream in ([source] if source else []) + targets:
+    for stream in ([source] if source else []) + targets + list(extras.values()):
         if stream.global_batch % (world_size * accumulation):
             raise ValueError(
                 f"The global {stream.name} batch ({stream.global_batch}) is not divisible by the number of "
@@ -310,12 +406,14 @@ def build_uda_train_loader(cfg: CfgNode, requirements: DataRequirements, seed: O
                 "in the config are global"
             )
     logger.info(
-        "UDA train loader: source %s, targets %s, seed %d",
+        "UDA train loader: source %s, targets %s, seed %d%s",
         f"{len(source.dataset)} images x{source.global_batch}" if source else "unused",
         [f"{len(t.dataset)} images x{t.global_batch}" for t in targets] or "unused",
         seed,
+        "".join(f", {key} x{st.global_batch} from iteration {st.first_iteration}" for key, st in extras.items()),
     )
-    return UDATrainLoader(UDABatchDataset(source, targets, rank, world_size), cfg.DATALOADER.NUM_WORKERS, seed)
+    dataset = UDABatchDataset(source, targets, rank, world_size, extras)
+    return UDATrainLoader(dataset, cfg.DATALOADER.NUM_WORKERS, seed)
 
 
 class _MappedList(Dataset):

@@ -8,8 +8,9 @@ epoch, seeded by (seed, epoch)), and the augmentation RNG of a sample is seeded 
 * the samples of an iteration do not depend on the number of processes or data workers;
 * ``--resume`` at iteration ``i`` continues the exact stream by starting at position ``i*G``.
 
-:class:`RareClassSampler` replaces the permutation for a source stream with DAFormer's rare-class sampling; it
-draws from the sample's own position-seeded RNG, so it keeps all of the above.
+:class:`RareClassSampler` replaces the permutation for a source stream with DAFormer's rare-class sampling (or, for
+UDASS's rare-class pasting, with an explicit class list); it draws from the sample's own position-seeded RNG, so it
+keeps all of the above.
 """
 
 from __future__ import annotations
@@ -20,7 +21,14 @@ from typing import Iterator, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-__all__ = ["EpochPermutationSampler", "InferenceSampler", "RareClassSampler", "rcs_class_probs", "rank_positions"]
+__all__ = [
+    "EpochPermutationSampler",
+    "InferenceSampler",
+    "RareClassSampler",
+    "rcs_class_probs",
+    "listed_class_probs",
+    "rank_positions",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -64,6 +72,20 @@ def rcs_class_probs(class_pixels: Sequence[float], temperature: float) -> Tuple[
     return classes, probs / probs.sum()
 
 
+def listed_class_probs(class_list: Sequence[int], num_classes: int) -> Tuple[np.ndarray, np.ndarray]:
+    """An explicit class distribution: ``P(c)`` = the multiplicity of ``c`` in ``class_list`` / its length (UDASS's
+    rare-class lists, where SYNTHIA repeats classes to weight them). Returns (the listed class ids ascending, their
+    probabilities); an id outside ``0..num_classes-1`` fails."""
+    listed = np.asarray(list(class_list), dtype=np.int64)
+    if listed.size == 0:
+        raise ValueError("The class list of a rare-class sampler is empty")
+    bad = listed[(listed < 0) | (listed >= num_classes)]
+    if bad.size:
+        raise ValueError(f"Class ids {sorted(set(bad.tolist()))} of the class list are not in 0..{num_classes - 1}")
+    classes, counts = np.unique(listed, return_counts=True)
+    return classes, counts / counts.sum()
+
+
 class RareClassSampler:
     """DAFormer's rare-class sampling (lhoyer/MIC ``seg/mmseg/datasets/uda_dataset.py``, ``UDADataset`` and
     ``get_rare_class_sample``): draw a class ``c`` with :func:`rcs_class_probs`, then uniformly one image whose
@@ -73,10 +95,13 @@ class RareClassSampler:
         pixels: (num_images, num_classes) class pixel counts per image (:mod:`uda_plugins.data.class_stats`), rows
             in the order of the stream's dataset.
         temperature, min_pixels: ``DATALOADER.RCS.TEMPERATURE`` / ``MIN_PIXELS`` (0.01 / 3000 in DAFormer).
+        class_list: instead of DAFormer's distribution, draw ``c`` with :func:`listed_class_probs` (P(c) proportional
+            to its multiplicity in the list; ``temperature`` is then unused) — UDASS's rare-class pasting
+            (``UDA.QUADMIX.RARE_CLASSES``).
 
-    The frequencies ``f_c`` are over all images. A class that occurs but where no image has more than
-    ``min_pixels`` of it is not drawn (the reference asserts instead); the remaining probabilities are the
-    softmax over the remaining classes, and a warning names the dropped ones.
+    The frequencies ``f_c`` are over all images. A class that occurs (or is listed) but where no image has more
+    than ``min_pixels`` of it is not drawn (the reference asserts instead); the remaining probabilities are
+    renormalised over the remaining classes, and a warning names the dropped ones.
 
     Attributes:
         class_probs: (num_classes,) float64, P(c); 0 for classes never drawn.
@@ -89,31 +114,36 @@ class RareClassSampler:
         temperature: float,
         min_pixels: float,
         class_names: Optional[Sequence[str]] = None,
+        class_list: Optional[Sequence[int]] = None,
     ) -> None:
         pixels = np.asarray(pixels)
         if pixels.ndim != 2 or pixels.shape[0] == 0:
             raise ValueError(f"Rare-class sampling needs (num_images, num_classes) pixel counts, got {pixels.shape}")
         num_classes = pixels.shape[1]
         self.class_names = list(class_names) if class_names else [str(c) for c in range(num_classes)]
-        present, probs = rcs_class_probs(pixels.sum(axis=0), temperature)
+        if class_list is None:
+            candidates, probs = rcs_class_probs(pixels.sum(axis=0), temperature)
+        else:
+            candidates, probs = listed_class_probs(class_list, num_classes)
         self._images: List[np.ndarray] = [np.zeros(0, dtype=np.int64)] * num_classes
         keep = []
-        for c in present:
+        for c in candidates:
             self._images[c] = np.flatnonzero(pixels[:, c] > min_pixels)
             keep.append(len(self._images[c]) > 0)
         keep = np.asarray(keep, dtype=bool)
         if not keep.any():
+            key = "DATALOADER.RCS.MIN_PIXELS" if class_list is None else "UDA.QUADMIX.RARE_MIN_PIXELS"
             raise ValueError(
-                f"Rare-class sampling: no source image has more than {min_pixels} pixels of any class "
-                f"(lower DATALOADER.RCS.MIN_PIXELS)"
+                f"Rare-class sampling: no source image has more than {min_pixels} pixels of any "
+                f"{'listed ' if class_list is not None else ''}class (lower {key})"
             )
         if not keep.all():
             logger.warning(
                 "Rare-class sampling: no source image has more than %s pixels of %s; these classes are not drawn",
                 min_pixels,
-                ", ".join(self.class_names[c] for c in present[~keep]),
+                ", ".join(self.class_names[c] for c in candidates[~keep]),
             )
-        self.classes = present[keep]
+        self.classes = candidates[keep]
         self.class_probs = np.zeros(num_classes, dtype=np.float64)
         self.class_probs[self.classes] = probs[keep] / probs[keep].sum()
         self.num_images = pixels.shape[0]

@@ -2,8 +2,9 @@
 
 from .base import UDAMetaArch
 from .dacs import DACS
+from .quad_mix import QuadMix
 from .self_training import SelfTrainingArch
 from .source_only import SourceOnly
 from .target_only import TargetOnly
 
-__all__ = ["UDAMetaArch", "SelfTrainingArch", "SourceOnly", "TargetOnly", "DACS"]
+__all__ = ["UDAMetaArch", "SelfTrainingArch", "SourceOnly", "TargetOnly", "DACS", "QuadMix"]

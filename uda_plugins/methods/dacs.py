@@ -23,13 +23,17 @@ after the optimizer step (:class:`~uda_plugins.hooks.EMATeacherHook`), which is 
 reference's update at the start of the next iteration. With ``UDA.MIX.MODE none`` the student trains on the
 strongly augmented target image itself (plain mean-teacher self-training).
 
+The step is split into pieces a subclass may replace (QuadMix replaces the mixing and keeps a batch for the next
+step): :meth:`DACS.source_and_pseudo_labels` (1, 2), :meth:`DACS.mix_losses` (3, 4), :meth:`DACS.mic_loss` (5) and
+:meth:`DACS.end_step`; their random draws come in the order above.
+
 Per-rank statistics: the quality weight is computed over this rank's target images (the reference is
 single-GPU: over its batch).
 """
 
 from __future__ import annotations
 
-from typing import Dict
+from typing import Dict, Tuple
 
 import torch
 
@@ -40,7 +44,7 @@ from uda_plugins.utils.profiling import timed
 from .class_mix import class_mix_masks, mix
 from .guidance import GuidanceTraining
 from .masking import block_mask
-from .self_training import SelfTrainingArch
+from .self_training import SelfTrainingArch, SelfTrainingStep
 
 __all__ = ["DACS"]
 
@@ -64,6 +68,15 @@ class DACS(SelfTrainingArch):
             self.guidance = GuidanceTraining(cfg, self.student)  # beside the student: the teacher gets none
 
     def forward_train(self, batch: Dict[str, list]) -> Dict[str, torch.Tensor]:
+        step, losses = self.source_and_pseudo_labels(batch)
+        mic_weight = self.mix_losses(step, losses)
+        self.mic_loss(step, mic_weight, losses)
+        self.end_step(step)
+        return losses
+
+    # ------------------------------------------------------------------------- the pieces of one step
+    def source_and_pseudo_labels(self, batch: Dict[str, list]) -> Tuple[SelfTrainingStep, Dict[str, torch.Tensor]]:
+        """Steps 1 and 2: the source losses and the teacher's pseudo-labels of the target batch."""
         if len(batch["target"]) != 1:
             raise ValueError(f"{type(self).__name__} adapts to one target domain; DATASETS.TARGET_TRAIN has several")
         src_images, src_labels = self.images_and_labels(batch["source"])
@@ -74,7 +87,21 @@ class DACS(SelfTrainingArch):
         losses, src_out = self.source_losses(src_images, src_labels)
         with timed("teacher_forward"):
             pseudo_labels, pseudo_weight, confidence, _ = self.pseudo_labels(tgt_images, tgt_dicts)
+        step = SelfTrainingStep(
+            batch, src_images, src_labels, tgt_images, pseudo_labels, pseudo_weight, confidence, visualize
+        )
+        if visualize:
+            self.visualize("source/input_gt_pred", src_images, src_labels, src_out.logits)
+            self.visualize_panel(
+                "target/input_pseudolabel_confidence_weight", [tgt_images, pseudo_labels, confidence, pseudo_weight]
+            )
+        return step, losses
 
+    def mix_losses(self, step: SelfTrainingStep, losses: Dict[str, torch.Tensor]) -> torch.Tensor:
+        """Steps 3 and 4: ClassMix (``loss_mix``) and Guidance Training on its features (``loss_guidance``), added
+        to ``losses``; returns the pixel weights of the MIC loss (Guidance Training changes them)."""
+        src_images, src_labels, tgt_images = step.source_images, step.source_labels, step.target_images
+        pseudo_labels, pseudo_weight = step.pseudo_labels, step.pseudo_weight
         n = tgt_images.shape[0]
         with timed("mix_mask_augment"):
             if self.mix_mode == "class":
@@ -95,27 +122,31 @@ class DACS(SelfTrainingArch):
                 losses["loss_guidance"], mic_weight, guided_out = self.guidance(
                     self.student, mix_out, masks, pseudo_labels, pseudo_weight
                 )
-
-        if self.mic_lambda > 0:
-            with timed("mix_mask_augment"):
-                masked = self.strong_aug(tgt_images, self.sample_strong_aug(n))
-                masked = masked * block_mask(n, *masked.shape[-2:], self.mic_block, self.mic_ratio, masked.device)
-            with timed("student_forward"):
-                masked_out = self.student.forward_train(masked)
-                losses["loss_mic"] = self.mic_lambda * self.student.loss(masked_out, pseudo_labels, mic_weight)
-
-        if visualize:
-            self.visualize("source/input_gt_pred", src_images, src_labels, src_out.logits)
-            self.visualize_panel(
-                "target/input_pseudolabel_confidence_weight", [tgt_images, pseudo_labels, confidence, pseudo_weight]
-            )
+        if step.visualize:
             self.visualize_panel(
                 "mix/input_mask_label_weight_pred", [mixed, masks, mixed_labels, mixed_weight, mix_out.logits]
             )
             if self.guidance is not None:
                 self.visualize_panel(
-                    "guidance/target_keptmask_pseudolabel_pred", [tgt_images, 1 - masks, pseudo_labels, guided_out.logits]
+                    "guidance/target_keptmask_pseudolabel_pred",
+                    [tgt_images, 1 - masks, pseudo_labels, guided_out.logits],
                 )
-            if self.mic_lambda > 0:
-                self.visualize_panel("mic/masked_pred", [masked, masked_out.logits])
-        return losses
+        return mic_weight
+
+    def mic_loss(self, step: SelfTrainingStep, weight: torch.Tensor, losses: Dict[str, torch.Tensor]) -> None:
+        """Step 5: MIC's masked image consistency (``loss_mic``) into ``losses``, when ``UDA.MIC.LAMBDA`` > 0."""
+        if self.mic_lambda <= 0:
+            return
+        n = step.target_images.shape[0]
+        with timed("mix_mask_augment"):
+            masked = self.strong_aug(step.target_images, self.sample_strong_aug(n))
+            masked = masked * block_mask(n, *masked.shape[-2:], self.mic_block, self.mic_ratio, masked.device)
+        with timed("student_forward"):
+            masked_out = self.student.forward_train(masked)
+            losses["loss_mic"] = self.mic_lambda * self.student.loss(masked_out, step.pseudo_labels, weight)
+        if step.visualize:
+            self.visualize_panel("mic/masked_pred", [masked, masked_out.logits])
+
+    def end_step(self, step: SelfTrainingStep) -> None:
+        """Called after every loss of the step: where a subclass keeps what the next step needs (QuadMix's
+        previous-batch cache). DACS keeps nothing."""

@@ -9,6 +9,7 @@ buffer, so ``--resume`` restores it with the teacher.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Dict, List, Tuple
 
 import torch
@@ -21,7 +22,22 @@ from .base import UDAMetaArch
 from .pseudo_labels import frame_margin_mask, ignore_crop_rows, pseudo_labels_from_logits
 from .teacher import copy_parameters_, ema_alpha, ema_update_, make_teacher, set_stochastic_layers_eval
 
-__all__ = ["SelfTrainingArch"]
+__all__ = ["SelfTrainingArch", "SelfTrainingStep"]
+
+
+@dataclass
+class SelfTrainingStep:
+    """What one self-training step knows once the teacher has labelled the target batch; the pieces of a step
+    (ClassMix, MIC, QuadMix, ...) read it. Images are normalised (N, 3, H, W), the rest (N, H, W)."""
+
+    batch: Dict[str, list]  # the loader's batch: methods read the extra streams they asked for from it
+    source_images: torch.Tensor
+    source_labels: torch.Tensor
+    target_images: torch.Tensor
+    pseudo_labels: torch.Tensor
+    pseudo_weight: torch.Tensor
+    confidence: torch.Tensor  # the teacher's max softmax probability
+    visualize: bool  # this step writes pictures to the event storage
 
 
 class SelfTrainingArch(UDAMetaArch):

@@ -1,0 +1,313 @@
+"""UDASS / QuadMix (Zhang et al., TPAMI 2025), image part: DACS/MIC, then four-way mixing across two batches.
+
+Follows ZHE-SAPI/UDASS ``image_udass/seg/mmseg/models/uda/ok/dacs_gta.py`` (``DACS.forward_train``, ``rand_mixer``;
+``ok/dacs_syn.py`` and the ``*_cnn.py`` variants differ in constants only) and
+``image_udass/seg/mmseg/models/utils/dacs_transforms_zz.py`` (the masks: :mod:`uda_plugins.methods.quad_mix_masks`).
+docs/methods.md §4 describes the method step by step.
+
+* **Phase A** (storage iteration < ``UDA.QUADMIX.START_ITER``): exactly :class:`~uda_plugins.methods.dacs.DACS` as
+  configured (ClassMix, MIC, the feature distance; the reference switches after MIC's warm-up).
+* **Phase B**: the DACS mix loss is replaced by two losses on images mixing the previous and the current batch:
+  the previous source image's ``CLASSES_PER_MASK`` classes pasted on the current source (S2S) and target (S2T)
+  images; on those, the previous target image's pixels of ``CLASSES_PER_MASK`` other classes where the teacher was
+  confident (>= ``CONFIDENCE``): T2SS and T2ST; on those, ``PASTE_PER_IMAGE`` rare source objects each; then the
+  strong augmentation, ``loss_quad_ss`` / ``loss_quad_st`` = ``LOSS_WEIGHT`` * CE_w. S2S and S2T are only
+  backgrounds. The source loss, the feature distance and MIC stay.
+* **The previous batch** (source images and labels, target images, pseudo-labels, confidence gate, pseudo-label
+  weights) lives in :class:`BatchCache`, persistent buffers of this module, so a checkpoint holds it and
+  ``--resume`` continues exactly. It is written after the losses of every step from ``START_ITER - 1`` on. A
+  phase-B step that finds it empty (a run started or resumed at or after ``START_ITER`` from weights without it)
+  or holding batches of other sizes fills it and is a phase-A step.
+
+Deviations from the reference, and why:
+
+* Fixed by default, reproducible with ``UDA.QUADMIX.REFERENCE_QUIRKS`` (docs/methods.md §4.7): the ignore label is
+  never a source-mask class; the target mask excludes the source mask's class ids (the reference: their positions
+  in ``unique(y_s')``); pasted objects get weight 1 (the reference: the weight beneath them).
+* Any batch size (the reference indexes images 0 and 1): one quad image per target image, source images paired
+  ``i mod N_s`` as in DACS.
+* Rare objects come from the data loader (``batch["source_paste"]``, :func:`~uda_plugins.data.build.
+  build_source_paste_stream`), not from disk reads in the step: each object draws its class independently with
+  P(c) proportional to its multiplicity in ``RARE_CLASSES`` (the reference draws 2 list entries per iteration,
+  shared by all images and both quad images: the same marginal frequency per object); it passes the source
+  pipeline's geometry (the reference: resize to 2048x1024, random 1024x1024 crop, no flip) and its crop is re-drawn
+  at most ``DATALOADER.RCS.CROP_REDRAWS`` times (the reference loops until the crop has > 50 pixels of the class).
+* One strong-augmentation draw for both quad batches (on/off shared, factors per image), as the reference's
+  per-iteration ``strong_parameters``; losses summed and back-propagated once (the same gradients as its separate
+  backward calls).
+* The teacher carries on at ``START_ITER``: the reference resumes a MIC checkpoint, hard-codes the iteration and
+  re-initialises the EMA teacher from the student there (quirk 5), an artefact of how it was run.
+* Guidance Training is not combined with QuadMix (it reconstructs ClassMix, which phase B does not have).
+* Per rank, each process mixes its own previous batch. With several processes the checkpoint holds rank 0's cache
+  (checkpoints are written by rank 0): after a resume in phase B every rank mixes rank 0's previous batch once.
+  Exact resumption in phase B holds for one process (or with gradient accumulation instead of processes).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Dict, Optional, Sequence, Tuple
+
+import torch
+from torch import nn
+
+from uda_plugins.d2 import META_ARCH_REGISTRY, CfgNode, get_event_storage
+from uda_plugins.data.build import DataRequirements
+from uda_plugins.utils.profiling import timed
+
+from .dacs import DACS
+from .quad_mix_masks import Labelled, paste_objects, quad_mix, source_quad_masks, target_quad_masks
+from .self_training import SelfTrainingStep
+
+__all__ = ["QuadMix", "BatchCache"]
+
+logger = logging.getLogger(__name__)
+
+# What the next step needs of this one (the source pixel weight is always 1, so it is not kept).
+_CACHE_FIELDS = ("source_images", "source_labels", "target_images", "pseudo_labels", "confident", "pseudo_weight")
+# The quad images trained on per target image, in the order of the rare-object stream: T2SS, T2ST.
+_QUAD_IMAGES = ("ss", "st")
+
+
+class BatchCache(nn.Module):
+    """A batch kept from one step to the next in persistent buffers, so it is saved and restored with the model.
+
+    Each field holds ``slots`` batches stacked along dim 0: slot ``m`` is micro-batch ``m`` of a step with gradient
+    accumulation, which mixes with micro-batch ``m`` of the previous step (as process ``m`` would without
+    accumulation). The buffers are empty until the first write; an empty field is left out of the state dict,
+    because Detectron2/fvcore's checkpointer drops checkpoint tensors whose shape differs from the model's before
+    loading, and before a batch is seen the cache has no shape. Loading resizes the buffers to the checkpoint's
+    tensors; a checkpoint without them (written before the cache was filled, by another method, or dropped for a
+    shape mismatch) empties the cache.
+    """
+
+    def __init__(self, fields: Sequence[str], slots: int = 1) -> None:
+        super().__init__()
+        if slots < 1:
+            raise ValueError(f"A batch cache needs at least one slot, not {slots}")
+        self.fields = tuple(fields)
+        self.slots = int(slots)
+        for name in self.fields:
+            self.register_buffer(name, torch.empty(0), persistent=True)
+        self._register_state_dict_hook(BatchCache._drop_empty_fields)
+
+    @staticmethod
+    def _drop_empty_fields(module: "BatchCache", state_dict: dict, prefix: str, local_metadata) -> None:
+        for name in module.fields:
+            if module._buffers[name].numel() == 0:
+                state_dict.pop(prefix + name, None)
+
+    def is_empty(self) -> bool:
+        return any(self._buffers[name].numel() == 0 for name in self.fields)
+
+    def clear(self) -> None:
+        for name in self.fields:
+            self._buffers[name] = self._buffers[name].new_empty(0)
+
+    def _check_slot(self, slot: int) -> None:
+        if not 0 <= slot < self.slots:
+            raise IndexError(f"Batch cache slot {slot} of {self.slots} (more micro-batches than configured?)")
+
+    def read(self, slot: int = 0) -> Optional[Dict[str, torch.Tensor]]:
+        """The batch of ``slot``, or None when the cache is empty."""
+        self._check_slot(slot)
+        if self.is_empty():
+            return None
+        out = {}
+        for name in self.fields:
+            rows = self._buffers[name].shape[0] // self.slots
+            out[name] = self._buffers[name][slot * rows : (slot + 1) * rows]
+        return out
+
+    def write(self, slot: int = 0, **tensors: torch.Tensor) -> None:
+        """Keep detached copies of ``tensors`` (one per field) in ``slot``. The buffers are replaced, not written in
+        place, so tensors read from the cache earlier in the step stay valid."""
+        self._check_slot(slot)
+        if set(tensors) != set(self.fields):
+            raise KeyError(f"A batch cache write needs exactly the fields {self.fields}, got {sorted(tensors)}")
+        for name, value in tensors.items():
+            value = value.detach()
+            old = self._buffers[name]
+            fits = (
+                old.shape == (self.slots * value.shape[0],) + value.shape[1:]
+                and old.dtype == value.dtype
+                and old.device == value.device
+            )
+            # Other slots keep their batches when the shape still fits; otherwise they start from zeros (all slots
+            # are written in the same step, so no zero slot is ever read).
+            parts = list(old.chunk(self.slots)) if fits else [torch.zeros_like(value)] * self.slots
+            parts[slot] = value
+            self._buffers[name] = torch.cat(parts)
+
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ) -> None:
+        absent = []
+        for name in self.fields:
+            key = prefix + name
+            if key in state_dict:
+                # The copy into the buffer below needs the checkpoint's shape and dtype.
+                self._buffers[name] = torch.empty_like(state_dict[key], device=self._buffers[name].device)
+            else:
+                self._buffers[name] = self._buffers[name].new_empty(0)
+                absent.append(key)
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
+        # An absent field is an empty cache, not a missing buffer.
+        missing_keys[:] = [key for key in missing_keys if key not in absent]
+
+
+@META_ARCH_REGISTRY.register()
+class QuadMix(DACS):
+    data_requirements = DataRequirements(
+        source=True, source_labels=True, target=True, target_labels=False, source_paste=True
+    )
+
+    def __init__(self, cfg: CfgNode) -> None:
+        super().__init__(cfg)
+        if self.guidance is not None:
+            raise ValueError(
+                "Guidance Training reconstructs ClassMix, which QuadMix replaces: set UDA.GUIDANCE.LAMBDA 0"
+            )
+        quad = cfg.UDA.QUADMIX
+        if quad.CLASSES_PER_MASK < 1:
+            raise ValueError(f"UDA.QUADMIX.CLASSES_PER_MASK must be >= 1, not {quad.CLASSES_PER_MASK}")
+        if not 0.0 <= quad.CONFIDENCE <= 1.0:
+            raise ValueError(f"UDA.QUADMIX.CONFIDENCE is a probability, not {quad.CONFIDENCE}")
+        if quad.PASTE_PER_IMAGE < 0:
+            raise ValueError(f"UDA.QUADMIX.PASTE_PER_IMAGE must be >= 0, not {quad.PASTE_PER_IMAGE}")
+        self.start_iter = quad.START_ITER
+        self.classes_per_mask = quad.CLASSES_PER_MASK
+        self.confidence = quad.CONFIDENCE
+        self.loss_weight = quad.LOSS_WEIGHT
+        self.paste_per_image = quad.PASTE_PER_IMAGE
+        self.reference_quirks = quad.REFERENCE_QUIRKS
+        self.previous = BatchCache(_CACHE_FIELDS, slots=cfg.SOLVER.GRAD_ACCUMULATION_STEPS)
+        self._slot = 0  # this forward's micro-batch in the step
+
+    # ----------------------------------------------------------------------------------------------- step
+    def forward_train(self, batch: Dict[str, list]) -> Dict[str, torch.Tensor]:
+        self._slot = 0 if self.first_micro_batch else self._slot + 1
+        return super().forward_train(batch)
+
+    def mix_losses(self, step: SelfTrainingStep, losses: Dict[str, torch.Tensor]) -> torch.Tensor:
+        """Phase A: DACS's ClassMix. Phase B: ``loss_quad_ss`` and ``loss_quad_st``; MIC keeps the plain
+        pseudo-label weights."""
+        iteration = get_event_storage().iter
+        if iteration < self.start_iter:
+            return super().mix_losses(step, losses)
+        previous = self.previous.read(self._slot)
+        if previous is None:
+            logger.info(f"QuadMix: no previous batch cached at iteration {iteration}; this step mixes as DACS")
+            return super().mix_losses(step, losses)
+        if not self._matches(previous, step):
+            logger.warning(
+                f"QuadMix: the cached previous batch (from a checkpoint?) does not match the batch of iteration "
+                f"{iteration} in size; this step mixes as DACS"
+            )
+            return super().mix_losses(step, losses)
+        self.quad_losses(step, previous, losses)
+        return step.pseudo_weight
+
+    def end_step(self, step: SelfTrainingStep) -> None:
+        """Keep this batch for the next step, from the step before phase B on."""
+        if get_event_storage().iter >= self.start_iter - 1:
+            self.previous.write(
+                self._slot,
+                source_images=step.source_images,
+                source_labels=step.source_labels,
+                target_images=step.target_images,
+                pseudo_labels=step.pseudo_labels,
+                confident=step.confidence >= self.confidence,
+                pseudo_weight=step.pseudo_weight,
+            )
+
+    # -------------------------------------------------------------------------------------------- phase B
+    @staticmethod
+    def _matches(previous: Dict[str, torch.Tensor], step: SelfTrainingStep) -> bool:
+        return (
+            previous["source_images"].shape == step.source_images.shape
+            and previous["target_images"].shape == step.target_images.shape
+        )
+
+    def quad_losses(
+        self, step: SelfTrainingStep, previous: Dict[str, torch.Tensor], losses: Dict[str, torch.Tensor]
+    ) -> None:
+        """``loss_quad_ss`` and ``loss_quad_st`` into ``losses`` (the reference's phase B, see the module doc)."""
+        if step.source_images.shape[-2:] != step.target_images.shape[-2:]:
+            raise ValueError(
+                f"QuadMix mixes source and target images pixel by pixel: their training crops differ "
+                f"({tuple(step.source_images.shape[-2:])} vs {tuple(step.target_images.shape[-2:])}); "
+                "set INPUT.SOURCE.CROP_SIZE and INPUT.TARGET.CROP_SIZE alike"
+            )
+        n = step.target_images.shape[0]
+        pair = torch.arange(n, device=step.source_images.device) % step.source_images.shape[0]
+        with timed("mix_mask_augment"):
+            source_masks, excluded = source_quad_masks(
+                previous["source_labels"], self.classes_per_mask, self.ignore_value, self.reference_quirks
+            )
+            # Quad image i: previous source pair[i] over current source pair[i] / current target i, under previous
+            # target i; its target mask excludes the classes of the source mask it lies on.
+            target_masks = target_quad_masks(
+                previous["pseudo_labels"],
+                previous["confident"],
+                [excluded[i] for i in pair.tolist()],
+                self.classes_per_mask,
+            )
+            ones = torch.ones_like(step.pseudo_weight)
+            mixes = quad_mix(
+                source_masks[pair],
+                target_masks,
+                Labelled(previous["source_images"][pair], previous["source_labels"][pair], ones),
+                Labelled(step.source_images[pair], step.source_labels[pair], ones),
+                Labelled(previous["target_images"], previous["pseudo_labels"], previous["pseudo_weight"]),
+                Labelled(step.target_images, step.pseudo_labels, step.pseudo_weight),
+            )
+            trained = {"ss": mixes.tss, "st": mixes.tst}
+            if self.paste_per_image > 0:
+                objects = self.rare_objects(step.batch, n, step.target_images.shape[-2:])
+                for k, name in enumerate(_QUAD_IMAGES):
+                    images, labels, classes = (t[:, k] for t in objects)
+                    trained[name] = paste_objects(trained[name], images, labels, classes, self.reference_quirks)
+            augmented = self.strong_aug(
+                torch.cat([trained[name].image for name in _QUAD_IMAGES]), self.sample_strong_aug(2 * n)
+            ).split(n)
+        for name, image in zip(_QUAD_IMAGES, augmented):
+            with timed("student_forward"):
+                out = self.student.forward_train(image)
+                losses[f"loss_quad_{name}"] = self.loss_weight * self.student.loss(
+                    out, trained[name].label, trained[name].weight
+                )
+            if step.visualize:
+                mixed = trained[name]
+                self.visualize_panel(
+                    f"quad/t2{name}_input_label_weight_pred", [image, mixed.label, mixed.weight, out.logits]
+                )
+        if step.visualize:
+            self.visualize_panel(
+                "quad/s2s_s2t_sourcemask_targetmask", [mixes.ss.image, mixes.st.image, source_masks[pair], target_masks]
+            )
+
+    def rare_objects(
+        self, batch: Dict[str, list], n: int, size: Tuple[int, int]
+    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The loader's rare source objects as (n, 2, P, 3, H, W) images, (n, 2, P, H, W) labels and (n, 2, P)
+        classes: P = ``PASTE_PER_IMAGE`` per quad image (T2SS, T2ST) per target image."""
+        dicts = batch.get("source_paste")
+        expected = n * len(_QUAD_IMAGES) * self.paste_per_image
+        if not dicts or len(dicts) != expected:
+            raise ValueError(
+                f"QuadMix pastes {expected} rare source objects per step from batch['source_paste'], which holds "
+                f"{len(dicts or [])}: train with the loader of QuadMix's data_requirements, or set "
+                "UDA.QUADMIX.PASTE_PER_IMAGE 0"
+            )
+        images, labels = self.images_and_labels(dicts)
+        if tuple(images.shape[-2:]) != tuple(size):
+            raise ValueError(
+                f"The rare source objects are {tuple(images.shape[-2:])} crops, the quad images {tuple(size)}: "
+                "set INPUT.SOURCE.CROP_SIZE and INPUT.TARGET.CROP_SIZE alike"
+            )
+        classes = torch.tensor([d["rcs_class"] for d in dicts], device=labels.device)
+        shape = (n, len(_QUAD_IMAGES), self.paste_per_image)
+        return images.view(*shape, *images.shape[1:]), labels.view(*shape, *labels.shape[1:]), classes.view(shape)
