@@ -19,6 +19,11 @@ docs/methods.md §4 describes the method step by step.
   phase-B step that finds it empty (a run started or resumed at or after ``START_ITER`` from weights without it)
   or holding batches of other sizes fills it and is a phase-A step.
 
+What is implemented is what the released image code does. The paper's abstract speaks of intra- and inter-domain
+mixing "within an explicit feature space"; ``ok/dacs_*.py`` and its segmentors mix images and labels only (the
+features of the mixed images are learned through the ordinary segmentation loss), and no feature-level mixing or
+feature consistency term exists in the released code, so none is added here.
+
 Deviations from the reference, and why:
 
 * Fixed by default, reproducible with ``UDA.QUADMIX.REFERENCE_QUIRKS`` (docs/methods.md §4.7): the ignore label is
