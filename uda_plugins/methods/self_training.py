@@ -45,6 +45,8 @@ class SelfTrainingArch(UDAMetaArch):
         super().__init__(cfg)
         self.teacher = make_teacher(self.student)
         self.register_buffer("ema_updates", torch.zeros((), dtype=torch.long))
+        self._host_ema_updates = None  # a host copy of ema_updates (see update_teacher)
+        self._register_load_state_dict_pre_hook(self._forget_host_ema_updates)
         self.ema_alpha = cfg.UDA.TEACHER.ALPHA
         pl = cfg.UDA.PSEUDO_LABEL
         self.pseudo_threshold = pl.THRESHOLD
@@ -81,8 +83,16 @@ class SelfTrainingArch(UDAMetaArch):
 
     @torch.no_grad()
     def update_teacher(self) -> None:
+        # The EMA factor needs the count on the host: read the buffer once (after construction or a load), then
+        # count on the host too, so a step on the GPU does not wait for a device->host copy.
+        if self._host_ema_updates is None:
+            self._host_ema_updates = int(self.ema_updates)
+        self._host_ema_updates += 1
         self.ema_updates += 1
-        ema_update_(self.teacher, self.student, ema_alpha(int(self.ema_updates), self.ema_alpha))
+        ema_update_(self.teacher, self.student, ema_alpha(self._host_ema_updates, self.ema_alpha))
+
+    def _forget_host_ema_updates(self, *args, **kwargs) -> None:
+        self._host_ema_updates = None  # the buffer is being loaded: re-read it at the next update
 
     # ------------------------------------------------------------------------------------ pseudo-labels
     @torch.no_grad()
