@@ -26,10 +26,9 @@ import torch
 from tabulate import tabulate
 
 import uda_plugins  # noqa: F401  (registration)
-from uda_plugins.config import get_uda_cfg
 from uda_plugins.d2 import EventStorage
 from uda_plugins.engine import UDATrainer
-from uda_plugins.engine.setup import merge_overrides, resolve_device, set_determinism
+from uda_plugins.engine.setup import load_cfg, set_determinism
 from uda_plugins.utils.profiling import collect_timings
 
 # Sections that are network compute; the rest of the step is adaptation machinery or bookkeeping.
@@ -37,10 +36,7 @@ NETWORK_SECTIONS = ("student_forward", "teacher_forward", "backward", "optimizer
 
 
 def build_cfg(args, output_dir):
-    cfg = get_uda_cfg()
-    cfg.merge_from_file(args.config_file)
-    merge_overrides(cfg, list(args.opts or []))
-    warning = resolve_device(cfg)
+    cfg, warning = load_cfg(args.config_file, args.opts)
     if warning:
         print(warning, file=sys.stderr)
     cfg.OUTPUT_DIR = output_dir

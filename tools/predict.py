@@ -28,11 +28,10 @@ import torch
 from tqdm import tqdm
 
 import uda_plugins  # noqa: F401  (registration)
-from uda_plugins.config import get_uda_cfg
 from uda_plugins.d2 import MetadataCatalog, setup_logger
 from uda_plugins.data.transforms import fit_scale, resize_image, resized_size
 from uda_plugins.engine import UDACheckpointer, UDATrainer
-from uda_plugins.engine.setup import merge_overrides, resolve_device
+from uda_plugins.engine.setup import load_cfg
 from uda_plugins.utils.cli import print_error
 from uda_plugins.utils.file_io import atomic_write_png
 from uda_plugins.utils.visualization import palette_for_dataset
@@ -170,10 +169,7 @@ def predict_video(predictor: Predictor, path: str, out_dir: str, palette, alpha:
 
 
 def build_cfg(args):
-    cfg = get_uda_cfg()
-    cfg.merge_from_file(args.config_file)
-    merge_overrides(cfg, list(args.opts or []))
-    warning = resolve_device(cfg)
+    cfg, warning = load_cfg(args.config_file, args.opts)
     if warning:
         logger.warning(warning)
     cfg.freeze()
@@ -191,8 +187,6 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     setup_logger(name="uda_plugins")
     try:
-        if not os.path.isfile(args.config_file):
-            raise FileNotFoundError(f"Config file '{args.config_file}' does not exist")
         cfg = build_cfg(args)
         images, videos = expand_inputs(args.input)
         os.makedirs(args.output, exist_ok=True)

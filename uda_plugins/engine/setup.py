@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import logging
 import os
+from typing import Tuple
 
 import torch
 
 from uda_plugins.config import get_uda_cfg
 from uda_plugins.d2 import BACKEND, CfgNode, comm, default_setup, setup_logger
 
-__all__ = ["setup_cfg", "resolve_device", "merge_overrides", "set_determinism"]
+__all__ = ["setup_cfg", "load_cfg", "resolve_device", "merge_overrides", "set_determinism"]
 
 logger = logging.getLogger(__name__)
 
@@ -54,17 +55,23 @@ def set_determinism(cfg: CfgNode) -> None:
     logger.info("DETERMINISTIC: deterministic algorithms where torch has them (torch.use_deterministic_algorithms)")
 
 
+def load_cfg(config_file: str, opts=()) -> Tuple[CfgNode, str]:
+    """``get_uda_cfg`` + ``config_file`` + ``KEY VALUE`` overrides, the device resolved (not frozen); returns the
+    config and the device warning to log ("" if none). What every tool reads a config with."""
+    if not config_file:
+        raise ValueError("--config-file is required (e.g. configs/synthetic/source_only.yaml)")
+    if not os.path.isfile(config_file):
+        raise FileNotFoundError(f"Config file '{config_file}' does not exist")
+    cfg = get_uda_cfg()
+    cfg.merge_from_file(config_file)
+    merge_overrides(cfg, list(opts or []))
+    return cfg, resolve_device(cfg)
+
+
 def setup_cfg(args) -> CfgNode:
     """``get_uda_cfg`` + ``--config-file`` + trailing ``KEY VALUE`` overrides, frozen; then Detectron2's
     ``default_setup`` (output dir, logs, config.yaml, seeds) and the uda_plugins logger."""
-    if not args.config_file:
-        raise ValueError("--config-file is required (e.g. configs/synthetic/source_only.yaml)")
-    if not os.path.isfile(args.config_file):
-        raise FileNotFoundError(f"Config file '{args.config_file}' does not exist")
-    cfg = get_uda_cfg()
-    cfg.merge_from_file(args.config_file)
-    merge_overrides(cfg, list(args.opts or []))
-    device_warning = resolve_device(cfg)
+    cfg, device_warning = load_cfg(args.config_file, args.opts)
     cfg.freeze()
     default_setup(cfg, args)
     set_determinism(cfg)
