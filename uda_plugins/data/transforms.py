@@ -140,8 +140,9 @@ def sample_geometry(
 
 
 def apply_geometry(array: np.ndarray, geometry: Geometry, is_label: bool) -> np.ndarray:
-    """Replay ``geometry`` on an HxW or HxWxC numpy array (labels: nearest, images: bilinear)."""
-    assert tuple(array.shape[:2]) == tuple(geometry.orig_size), (array.shape, geometry)
+    """Replay ``geometry`` on an HxW or HxWxC numpy array (labels: nearest, images: bilinear) covering the original
+    image, at its size or another (a pseudo-label map stored at a lower resolution is resized straight to the
+    geometry's ``resized_size``, as :func:`apply_geometry_tensor` does)."""
     out = (resize_label if is_label else resize_image)(array, geometry.resized_size)
     top, left, ch, cw = geometry.crop
     out = out[top : top + ch, left : left + cw]

@@ -1,0 +1,262 @@
+"""An offline pseudo-label bank: one hard label map per target image, on disk, rewritten during training.
+
+DUDA's offline pseudo-labels (``update_offline_pseudo`` in parquets/DUDA ``trainers/uda_trainer.py``) and MCL's
+refreshed pseudo-labels are files that the data loader reads and the training loop rewrites. The references
+overwrite PNGs in place while loader workers read them, and a restart continues from whatever the files hold.
+This bank keeps the same idea with three guarantees:
+
+* **Atomic, immutable versions.** A write creates ``<root>/<key>@<version>.png`` through a temporary file and a
+  rename, so a reader sees a whole file or none; a version is never modified. ``<key>`` is the image path relative
+  to the dataset's common folder, without extension (sub-folders are kept, e.g. ``aachen/aachen_..._leftImg8bit``).
+  Version 0 is the initial bank; a write at iteration ``t`` is version ``t + 1``.
+* **A version table** (one int64 per image, -1 = no label yet) is the bank's state. It lives in shared memory, so
+  data-loader workers (forked after it is created) read the current version of an image without any message;
+  it goes into the checkpoint (:meth:`state_dict`), so ``--resume`` continues from the bank as it was at the
+  checkpoint: files written after it are orphans and removed by :meth:`open`.
+* **Deterministic reads.** A worker may have loaded an image's label for a future iteration before the main
+  process rewrote it; :meth:`current_crop` re-reads it in the main process when the version a sample carries is
+  not the table's. The label a step trains on is therefore always the bank after the previous step's writes,
+  whatever the number of workers, and a resumed run reads what the uninterrupted run read.
+
+Versions superseded by newer writes are deleted (by the main process, one commit later, so that no reader still
+on the old table misses them) unless a retained checkpoint refers to them: the tables of the last ``keep_pinned``
+checkpoints are pinned so that resuming from any of them is exact.
+
+Distributed: every process holds the same table. :meth:`commit` is collective: the labels of the images of one
+step are gathered by index, each image is written by exactly one process (its first occurrence in rank order),
+all processes wait for the writes, then update their tables. ``root`` must be on a file system all processes
+share (as ``OUTPUT_DIR`` for checkpoints); :meth:`open` checks that it is.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import cv2
+import numpy as np
+import torch
+
+from uda_plugins.d2 import comm
+
+from .transforms import Geometry, apply_geometry
+
+__all__ = ["PseudoLabelBank", "bank_keys", "write_label_atomic", "read_label_file"]
+
+logger = logging.getLogger(__name__)
+
+_NONE = -1  # version of an image that has no label yet
+INITIAL_VERSION = 0
+
+
+def bank_keys(file_names: Sequence[str]) -> List[str]:
+    """Unique keys of the images ``file_names``: the path relative to their common folder, without extension."""
+    if not file_names:
+        return []
+    paths = [os.path.abspath(f) for f in file_names]
+    common = os.path.commonpath([os.path.dirname(p) for p in paths])
+    keys = [os.path.splitext(os.path.relpath(p, common))[0] for p in paths]
+    if len(set(keys)) != len(keys):
+        seen = set()
+        duplicate = next(k for k in keys if k in seen or seen.add(k))
+        raise ValueError(f"Two target images map to the pseudo-label key '{duplicate}' (same path but extension)")
+    return keys
+
+
+def write_label_atomic(path: str, label: np.ndarray) -> None:
+    """Write a uint8 label map as a PNG at ``path`` through a temporary file and a rename."""
+    if label.dtype != np.uint8:
+        raise ValueError(f"Pseudo-labels are stored as uint8, not {label.dtype}")
+    ok, encoded = cv2.imencode(".png", label)
+    if not ok:
+        raise OSError(f"Could not encode the pseudo-label for '{path}'")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "wb") as f:
+        f.write(encoded.tobytes())
+    os.replace(tmp, path)
+
+
+def read_label_file(path: str) -> np.ndarray:
+    label = cv2.imread(path, cv2.IMREAD_UNCHANGED)
+    if label is None:
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"Pseudo-label file '{path}' does not exist")
+        raise OSError(f"Pseudo-label file '{path}' is corrupt or not a PNG")
+    if label.ndim != 2 or label.dtype != np.uint8:
+        raise ValueError(f"Pseudo-label file '{path}' must be a single-channel uint8 PNG, not {label.shape} {label.dtype}")
+    return label
+
+
+class PseudoLabelBank:
+    """The bank of one target dataset.
+
+    Args:
+        root: the bank's folder (e.g. ``OUTPUT_DIR/pseudo_label_bank/<dataset>``).
+        file_names: the dataset's image files, in dataset order; image ``i`` of the bank is ``file_names[i]``.
+        keep_pinned: how many of the newest checkpoints' tables stay restorable.
+    """
+
+    def __init__(self, root: str, file_names: Sequence[str], keep_pinned: int = 2) -> None:
+        self.root = root
+        self.keys = bank_keys(file_names)
+        self.keep_pinned = max(1, int(keep_pinned))
+        self.versions = torch.full((len(self.keys),), _NONE, dtype=torch.int64).share_memory_()
+        self._pinned: List[torch.Tensor] = []
+        self._superseded: List[Tuple[int, int]] = []  # (index, version) to delete at the next commit
+        self.stale_reads = 0  # main-process re-reads (see current_crop)
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    # ------------------------------------------------------------------------------------------ files
+    def path(self, index: int, version: int) -> str:
+        return os.path.join(self.root, f"{self.keys[index]}@{version}.png")
+
+    @property
+    def initialized(self) -> bool:
+        return bool((self.versions >= 0).all())
+
+    def read(self, index: int) -> Tuple[np.ndarray, int]:
+        """The current label of image ``index`` (at the resolution it was written) and its version. Safe in
+        data-loader workers: a version deleted under the reader is retried with the newer table entry."""
+        for attempt in range(50):
+            version = int(self.versions[index])
+            if version < 0:
+                raise RuntimeError(f"The pseudo-label bank '{self.root}' has no label for '{self.keys[index]}' yet")
+            try:
+                return read_label_file(self.path(index, version)), version
+            except FileNotFoundError:
+                if int(self.versions[index]) == version and attempt >= 10:
+                    raise
+                time.sleep(0.01)
+        raise FileNotFoundError(self.path(index, int(self.versions[index])))
+
+    def read_crop(self, index: int, geometry: Geometry) -> Tuple[np.ndarray, int]:
+        """The current label of image ``index`` with a sample's recorded resize/crop/flip replayed (nearest)."""
+        label, version = self.read(index)
+        return apply_geometry(label, geometry, is_label=True), version
+
+    def current_crop(self, index: int, geometry: Geometry, label: Optional[np.ndarray], version: int) -> np.ndarray:
+        """``label`` (read by a worker at ``version``) if that is still the current version, else the current one
+        read now (counted in ``stale_reads``)."""
+        if label is not None and version == int(self.versions[index]):
+            return label
+        self.stale_reads += 1
+        return self.read_crop(index, geometry)[0]
+
+    # ------------------------------------------------------------------------------------- lifecycle
+    def open(self) -> None:
+        """Before training: check that all processes share ``root`` and remove the files the table (restored from
+        a checkpoint, or empty) and its pins do not refer to — those of a run that went on past the checkpoint."""
+        os.makedirs(self.root, exist_ok=True)
+        marker = os.path.join(self.root, ".shared_by_all_processes")
+        if comm.is_main_process():
+            with open(marker, "w") as f:
+                f.write(str(os.getpid()))
+        comm.synchronize()
+        if not os.path.exists(marker):
+            raise RuntimeError(
+                f"The pseudo-label bank folder '{self.root}' is not visible to process {comm.get_rank()}: "
+                "OUTPUT_DIR must be on a file system every process shares"
+            )
+        if comm.is_main_process():
+            removed = self._remove_unreferenced()
+            if removed:
+                logger.info("Pseudo-label bank %s: removed %d file(s) not in the restored state", self.root, removed)
+            missing = [self.path(i, int(v)) for i, v in enumerate(self.versions.tolist()) if v >= 0]
+            missing = [p for p in missing if not os.path.exists(p)]
+            if missing:
+                raise FileNotFoundError(
+                    f"The pseudo-label bank of this checkpoint refers to {len(missing)} missing file(s), e.g. "
+                    f"'{missing[0]}': it was resumed from a checkpoint older than the {self.keep_pinned} newest, "
+                    "whose bank states are the only ones kept (UDA.PSEUDO_LABEL_BANK.KEEP_CHECKPOINT_STATES)"
+                )
+        comm.synchronize()
+
+    def _referenced(self) -> set:
+        referenced = set()
+        for table in [self.versions] + self._pinned:
+            referenced.update((i, int(v)) for i, v in enumerate(table.tolist()) if v >= 0)
+        return referenced
+
+    def _remove_unreferenced(self) -> int:
+        referenced = {self.path(i, v) for i, v in self._referenced()}
+        removed = 0
+        for folder, _, files in os.walk(self.root):
+            for name in files:
+                path = os.path.join(folder, name)
+                if (name.endswith(".png") and "@" in name or ".png.tmp" in name) and path not in referenced:
+                    os.remove(path)
+                    removed += 1
+        return removed
+
+    def initialize(self, labels_of: "callable", indices: Optional[Sequence[int]] = None) -> None:
+        """Write version 0 of the images ``indices`` of this process (all when None) with ``labels_of(index)``
+        (a uint8 map), then mark the whole bank as initialised. Collective: every process calls it with its
+        share; together the shares must cover the bank."""
+        indices = range(len(self)) if indices is None else indices
+        for i in indices:
+            write_label_atomic(self.path(i, INITIAL_VERSION), labels_of(i))
+        comm.synchronize()
+        self.versions.fill_(INITIAL_VERSION)
+
+    def commit(self, labels: Sequence[Tuple[int, np.ndarray]], iteration: int) -> int:
+        """Write the new labels ``(index, uint8 map)`` of this process's images of the step of ``iteration``
+        (version ``iteration + 1``). Collective; an image several processes (or one process twice) hold is
+        written once, by its first holder in rank order. Returns the number of files this process wrote."""
+        version = int(iteration) + 1
+        local = [int(i) for i, _ in labels]
+        everyone = comm.all_gather(local) if comm.get_world_size() > 1 else [local]
+        rank = comm.get_rank()
+        owner: Dict[int, Tuple[int, int]] = {}
+        for r, indices in enumerate(everyone):
+            for slot, index in enumerate(indices):
+                owner.setdefault(index, (r, slot))
+        written = 0
+        for slot, (index, label) in enumerate(labels):
+            if owner[int(index)] == (rank, slot):
+                write_label_atomic(self.path(int(index), version), label)
+                written += 1
+        comm.synchronize()  # every write is on disk before any process reads the new table
+        if comm.is_main_process():
+            self._delete_superseded()
+        for index in owner:
+            previous = int(self.versions[index])
+            self.versions[index] = version
+            if comm.is_main_process() and previous >= 0:
+                self._superseded.append((index, previous))
+        return written
+
+    def _delete_superseded(self) -> None:
+        pinned = self._referenced()
+        for index, version in self._superseded:
+            if (index, version) not in pinned:
+                try:
+                    os.remove(self.path(index, version))
+                except FileNotFoundError:
+                    pass
+        self._superseded = []
+
+    # ------------------------------------------------------------------------------------ checkpoint
+    def state_dict(self) -> dict:
+        """Called when a checkpoint is saved: pins this table (its files are kept while it is among the newest
+        ``keep_pinned``) and returns it with the pins."""
+        pinned = self._pinned + [self.versions.clone()]
+        for dropped in pinned[: -self.keep_pinned]:  # its files go at the next commit unless still referenced
+            self._superseded += [(i, int(v)) for i, v in enumerate(dropped.tolist()) if v >= 0]
+        self._pinned = pinned[-self.keep_pinned :]
+        return {"versions": self.versions.clone(), "pinned": torch.stack(self._pinned)}
+
+    def load_state_dict(self, state: dict) -> None:
+        versions = state["versions"]
+        if versions.shape != self.versions.shape:
+            raise ValueError(
+                f"The checkpoint's pseudo-label bank has {versions.numel()} images, the dataset {len(self)}: "
+                "was DATASETS.TARGET_TRAIN changed?"
+            )
+        self.versions.copy_(versions)  # in place: data-loader workers share this tensor
+        self._pinned = [t.clone() for t in state.get("pinned", torch.zeros(0, len(self)))]
+        self._superseded = []
