@@ -42,7 +42,7 @@ def test_versions_reads_and_superseded_files(tmp_path):
     assert not bank.initialized
     with pytest.raises(RuntimeError, match="no label"):
         bank.read(0)
-    bank.initialize(lambda i: _label(i))
+    bank.initialize((i, _label(i)) for i in range(len(bank)))
     assert bank.initialized and bank.versions.tolist() == [0, 0, 0, 0]
     assert _files(bank.root) == sorted(f"{_key(i)}@0.png" for i in range(4))
 
@@ -63,7 +63,7 @@ def test_versions_reads_and_superseded_files(tmp_path):
 def test_a_worker_label_read_before_a_rewrite_is_replaced_in_the_main_process(tmp_path):
     bank = _bank(tmp_path)
     bank.open()
-    bank.initialize(lambda i: _label(i, (4, 4)))
+    bank.initialize((i, _label(i, (4, 4))) for i in range(len(bank)))
     g = Geometry((4, 4), (8, 8), (2, 2, 4, 4), True)
     crop, version = bank.read_crop(3, g)  # what a prefetching worker put into a future sample
     assert crop.shape == (4, 4) and (crop == 3).all()
@@ -76,7 +76,7 @@ def test_a_worker_label_read_before_a_rewrite_is_replaced_in_the_main_process(tm
 def test_resume_restores_the_checkpoint_bank_and_removes_later_files(tmp_path):
     bank = _bank(tmp_path, keep=2)
     bank.open()
-    bank.initialize(lambda i: _label(i))
+    bank.initialize((i, _label(i)) for i in range(len(bank)))
     bank.commit([(0, _label(100))], iteration=9)
     state = bank.state_dict()  # a checkpoint after iteration 9
     bank.commit([(0, _label(101)), (1, _label(111))], iteration=10)
@@ -95,7 +95,7 @@ def test_resume_restores_the_checkpoint_bank_and_removes_later_files(tmp_path):
 def test_pinned_checkpoint_states_stay_restorable_and_older_ones_fail_loudly(tmp_path):
     bank = _bank(tmp_path, keep=2)
     bank.open()
-    bank.initialize(lambda i: _label(i))
+    bank.initialize((i, _label(i)) for i in range(len(bank)))
     states = []
     for it in range(3):
         bank.commit([(0, _label(50 + it))], iteration=it)
@@ -158,7 +158,7 @@ def _two_process_commit(root, names, report):
 
     bank = PseudoLabelBank(root, names)
     bank.open()
-    bank.initialize(lambda i: _label(i), indices=range(comm.get_rank(), len(names), 2))
+    bank.initialize((i, _label(i)) for i in range(comm.get_rank(), len(names), 2))
     rank = comm.get_rank()
     # Image 2 is in both processes' batches (an epoch boundary inside one global batch), and twice in rank 1's.
     local = {0: [(0, _label(100)), (2, _label(102))], 1: [(2, _label(202)), (3, _label(103)), (2, _label(222))]}[rank]

@@ -168,6 +168,8 @@ def add_uda_config(cfg: CN) -> None:
     # parameters (not the BN buffers), a_k = min(1 - 1/(k + 1), ALPHA). 0.99 in DACS's base config, 0.999 in
     # the DAFormer/HRDA/MIC experiments ("a999").
     _C.UDA.TEACHER.ALPHA = 0.99
+    # ALPHA = 1.0 makes a_k = k / (k + 1): the teacher is the uniform running mean of the student's weights since
+    # self-training started (torch.optim.swa_utils.AveragedModel, DUDA's "mean model").
 
     _C.UDA.PSEUDO_LABEL = CN()
     # Quality weight of the target pseudo-labels = fraction of target-batch pixels whose teacher confidence is
@@ -261,6 +263,62 @@ def add_uda_config(cfg: CN) -> None:
     # class; the target mask excludes the source mask's positions in unique(label) instead of its class ids; pasted
     # rare objects keep the pixel weight beneath them instead of 1. False: all three fixed.
     _C.UDA.QUADMIX.REFERENCE_QUIRKS = False
+
+    _C.UDA.PSEUDO_LABEL_BANK = CN()
+    # Offline pseudo-label banks (uda_plugins/data/pseudo_label_bank.py) live in OUTPUT_DIR/pseudo_label_bank/<target
+    # dataset>/; the bank states of the newest SOLVER.MAX_CHECKPOINTS_TO_KEEP checkpoints (+ model_final) stay
+    # restorable. The initial bank: a folder of uint8 PNGs named like the images (<folder>/<path relative to the
+    # images' common folder>.png, or <folder>/<file name>.png), e.g. made by tools/generate_pseudo_labels.py; "" =
+    # generate it from the model when self-training starts, with IAST's instance-adaptive selection:
+    _C.UDA.PSEUDO_LABEL_BANK.INITIAL_DIR = ""
+    # ... keep about this fraction of each class's pixels (IAST 0.2; DUDA's "pseudo_label_0.45": 0.45), with
+    # this momentum of the running class thresholds and this exponent (IAST: 0.9 and 8).
+    _C.UDA.PSEUDO_LABEL_BANK.IAS_PROPORTION = 0.45
+    _C.UDA.PSEUDO_LABEL_BANK.IAS_MOMENTUM = 0.9
+    _C.UDA.PSEUDO_LABEL_BANK.IAS_GAMMA = 8.0
+
+    _C.UDA.DUDA = CN()
+    # DUDA (uda_plugins/methods/duda.py, parquets/DUDA trainers/uda_trainer.py). Iterations are counted from the
+    # start of self-training: SOURCE_WARMUP_ITERS > 0 trains source-only first in the same run (the authors load a
+    # separately trained warm-up model via MODEL.WEIGHTS instead: 0).
+    _C.UDA.DUDA.SOURCE_WARMUP_ITERS = 0
+    # Online pseudo-labels keep the top ALPHA fraction of each class's teacher confidences in the batch; ALPHA
+    # ramps from ALPHA_RANGE[0] to [1] with exponent SCHEDULE_POWER between ALPHA_RAMP_START and the end of
+    # training (the authors: 0.2 -> 0.7 from 2000 of 80000, power 1.1).
+    _C.UDA.DUDA.ALPHA_RANGE = (0.2, 0.7)
+    _C.UDA.DUDA.ALPHA_RAMP_START = 2000
+    _C.UDA.DUDA.SCHEDULE_POWER = 1.1
+    # The offline bank is rewritten from this iteration on (the authors' hard-coded 10000) ...
+    _C.UDA.DUDA.UPDATE_START = 10000
+    # ... "batch": the images of each step, from the teacher's predictions of that step (as released);
+    # "periodic": the whole bank every REFRESH_PERIOD iterations.
+    _C.UDA.DUDA.UPDATE_MODE = "batch"
+    _C.UDA.DUDA.REFRESH_PERIOD = 5000
+    # Refilled pixels need a confidence in the top BETA fraction of their class (capped at BETA_CAP); BETA ramps
+    # from BETA_RANGE[0] to [1] counted from BETA_RAMP_START (the authors' 5000, though updates start at 10000).
+    _C.UDA.DUDA.BETA_RANGE = (0.25, 0.75)
+    _C.UDA.DUDA.BETA_RAMP_START = 5000
+    _C.UDA.DUDA.BETA_CAP = 0.99
+    # Loss weights: offline symmetric CE (CE and RCE parts, RCE's log clamp), teacher-student MSE consistency,
+    # online CE, and IAST's entropy (on pixels the online label ignores) and KL-to-uniform (on the others)
+    # regularisers (the authors' 0.5 x 2 and 0.5 x 0.1).
+    _C.UDA.DUDA.OFFLINE_WEIGHT = 1.0
+    _C.UDA.DUDA.SCE_CE_WEIGHT = 0.2
+    _C.UDA.DUDA.SCE_RCE_WEIGHT = 1.0
+    _C.UDA.DUDA.RCE_LOG_CLAMP = 1e-4
+    _C.UDA.DUDA.CONSISTENCY_WEIGHT = 1.0
+    _C.UDA.DUDA.ONLINE_WEIGHT = 0.5
+    _C.UDA.DUDA.ENTROPY_WEIGHT = 1.0
+    _C.UDA.DUDA.KLD_WEIGHT = 0.05
+    # The same two regularisers around the offline labels (weights 2 and 0.1); commented out in the released
+    # code, so off by default.
+    _C.UDA.DUDA.OFFLINE_REGULARIZERS = False
+    # BatchNorm layers of the student in eval mode during self-training (the authors' backbone_fix_bn and
+    # decoder_fix_bn).
+    _C.UDA.DUDA.FREEZE_BN = True
+    # Before each evaluation, re-estimate the teacher's BatchNorm statistics on this many target training images
+    # (whole images; -1 = all, 0 = off), as the authors' mean_update_bn.
+    _C.UDA.DUDA.BN_RECALIBRATION_IMAGES = -1
 
     # ------------------------------------------------------------------ solver
     # Source images per iteration (global).

@@ -33,6 +33,7 @@ from uda_plugins.d2 import CfgNode, DatasetCatalog, MetadataCatalog, comm
 from .class_stats import ensure_class_stats
 from .mapper import UDADatasetMapper
 from .samplers import EpochPermutationSampler, InferenceSampler, RareClassSampler, rank_positions
+from .transforms import Geometry
 
 __all__ = [
     "DataRequirements",
@@ -42,6 +43,7 @@ __all__ = [
     "UDATrainLoader",
     "build_uda_train_loader",
     "build_test_loader",
+    "build_full_view_loader",
     "build_rare_class_sampler",
     "build_source_paste_stream",
     "source_class_pixels",
@@ -70,6 +72,8 @@ class DataRequirements:
     # An extra stream ``batch["source_paste"]`` of labelled source samples drawn by class for UDASS's rare-class
     # pasting (:func:`build_source_paste_stream`; its shape is configured under ``UDA.QUADMIX``).
     source_paste: bool = False
+    # Target samples also carry ``full_image``: the whole image resized to fit ``INPUT.TARGET.RESIZE`` (DUDA).
+    target_full_image: bool = False
 
 
 class SerializedList(Dataset):
@@ -113,6 +117,11 @@ class DomainStream:
     recorded in the sample as ``"rcs_class"``) instead of the epoch permutation; both draws come first from the
     sample's own RNG, seeded by (seed, salt, position), so the sample stays a function of its position.
 
+    Every sample carries its ``dataset_index``. With a ``label_bank`` (:meth:`attach_label_bank`, an offline
+    pseudo-label bank of this dataset), a sample also carries ``pseudo_label`` (the bank's current label of the image
+    with the sample's geometry replayed, uint8) and ``pseudo_label_version``, once the bank has labels; the
+    meta-architecture re-reads it in the main process when that version is no longer current.
+
     Before iteration ``first_iteration`` the stream yields empty batches (a stream only one phase of a method
     reads costs no I/O in the other); positions stay those of the iteration, so this changes no sample.
     """
@@ -135,6 +144,7 @@ class DomainStream:
         self.salt = salt
         self.rare_class_sampler = rare_class_sampler
         self.first_iteration = int(first_iteration)
+        self.label_bank = None
         if rare_class_sampler is not None and rare_class_sampler.num_images != len(self.dataset):
             raise ValueError(
                 f"The rare-class sampler of '{name}' has statistics of {rare_class_sampler.num_images} images, "
@@ -146,6 +156,11 @@ class DomainStream:
         self.seed = int(seed)
         self.sampler = EpochPermutationSampler(len(self.dataset), self.seed + self.salt)
 
+    def attach_label_bank(self, bank) -> None:
+        if len(bank) != len(self.dataset):
+            raise ValueError(f"A pseudo-label bank of {len(bank)} images for the stream '{self.name}' of {len(self.dataset)}")
+        self.label_bank = bank
+
     def batch(self, iteration: int, rank: int, world_size: int) -> List[dict]:
         out = []
         if iteration < self.first_iteration:
@@ -153,12 +168,17 @@ class DomainStream:
         for position in rank_positions(iteration, self.global_batch, rank, world_size):
             rng = np.random.default_rng([self.seed, self.salt, position])
             if self.rare_class_sampler is None:
-                out.append(self.mapper(self.dataset[self.sampler.index(position)], rng=rng))
+                index = self.sampler.index(position)
+                sample = self.mapper(self.dataset[index], rng=rng)
             else:
                 index, class_id = self.rare_class_sampler.sample(rng)
                 sample = self.mapper(self.dataset[index], rng=rng, required_class=class_id)
                 sample["rcs_class"] = class_id
-                out.append(sample)
+            sample["dataset_index"] = int(index)
+            if self.label_bank is not None and int(self.label_bank.versions[index]) >= 0:
+                label, version = self.label_bank.read_crop(index, Geometry.from_dict(sample["geometry"]))
+                sample["pseudo_label"], sample["pseudo_label_version"] = torch.from_numpy(label), version
+            out.append(sample)
         return out
 
 
@@ -223,6 +243,13 @@ class UDATrainLoader:
         self.dataset = dataset
         self.num_workers = num_workers
         self.seed = seed
+
+    def attach_target_label_banks(self, banks) -> None:
+        """Serve each target stream's pseudo-labels from its bank (``banks``: one per target, or None); before the
+        first iteration is drawn."""
+        for stream, bank in zip(self.dataset.targets, banks):
+            if bank is not None:
+                stream.attach_label_bank(bank)
 
     def set_start_iter(self, start_iter: int) -> None:
         self.dataset.start_iter = int(start_iter)
@@ -386,7 +413,9 @@ def build_uda_train_loader(cfg: CfgNode, requirements: DataRequirements, seed: O
                 DomainStream(
                     f"target{k}",
                     get_dataset_dicts([name]),
-                    UDADatasetMapper.from_config(cfg, "target", load_label=requirements.target_labels),
+                    UDADatasetMapper.from_config(
+                        cfg, "target", load_label=requirements.target_labels, full_view=requirements.target_full_image
+                    ),
                     cfg.SOLVER.IMS_PER_BATCH_TARGET,
                     seed,
                     _TARGET_SALT + k,
@@ -425,7 +454,9 @@ class _MappedList(Dataset):
         return len(self.dicts)
 
     def __getitem__(self, idx: int) -> dict:
-        return self.mapper(self.dicts[idx])
+        out = self.mapper(self.dicts[idx])
+        out["dataset_index"] = idx
+        return out
 
 
 def build_test_loader(cfg: CfgNode, dataset_name: str, load_label: bool = True) -> DataLoader:
@@ -441,6 +472,31 @@ def build_test_loader(cfg: CfgNode, dataset_name: str, load_label: bool = True) 
         dataset,
         batch_size=cfg.TEST.IMS_PER_BATCH,
         sampler=sampler,
+        num_workers=cfg.DATALOADER.NUM_WORKERS,
+        collate_fn=_identity,
+        worker_init_fn=_worker_init,
+    )
+
+
+def build_full_view_loader(cfg: CfgNode, dataset_name: str, batch_size: int, limit: int = -1) -> DataLoader:
+    """This rank's contiguous shard of the (first ``limit``, -1 = all) images of the training set ``dataset_name``,
+    each resized to fit ``INPUT.TARGET.RESIZE`` without random geometry, no labels, ``batch_size`` per batch: what a
+    teacher predicts on to fill or refresh a pseudo-label bank or to re-estimate BatchNorm statistics."""
+    dicts = get_dataset_dicts([dataset_name])
+    if limit >= 0:
+        dicts = dicts[:limit]
+    mapper = UDADatasetMapper(
+        is_train=False,
+        input_cfg=cfg.INPUT.TARGET,
+        num_classes=cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES,
+        load_label=False,
+        ignore_label=cfg.MODEL.SEM_SEG_HEAD.IGNORE_VALUE,
+    )
+    dataset = _MappedList(dicts, mapper)
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=InferenceSampler(len(dataset), comm.get_rank(), comm.get_world_size()),
         num_workers=cfg.DATALOADER.NUM_WORKERS,
         collate_fn=_identity,
         worker_init_fn=_worker_init,

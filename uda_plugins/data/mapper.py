@@ -38,6 +38,9 @@ class UDADatasetMapper:
             re-draws its random geometry up to ``class_crop_redraws`` times until the crop holds more than
             ``class_crop_pixels`` pixels of ``c`` (``DATALOADER.RCS.MIN_PIXELS * MIN_CROP_RATIO`` and
             ``CROP_REDRAWS``; 0 pixels: no re-draw).
+        full_view: training samples also carry ``full_image``, the whole image resized to fit ``RESIZE`` without
+            the random scale, crop or flip (DUDA's teacher predicts on it; the sample's ``geometry`` maps it to the
+            crop).
     """
 
     def __init__(
@@ -50,6 +53,7 @@ class UDADatasetMapper:
         ignore_label: int = IGNORE_LABEL,
         class_crop_pixels: float = 0.0,
         class_crop_redraws: int = 10,
+        full_view: bool = False,
     ) -> None:
         self.is_train = is_train
         self.input_cfg = input_cfg
@@ -58,9 +62,10 @@ class UDADatasetMapper:
         self.ignore_label = ignore_label
         self.class_crop_pixels = float(class_crop_pixels)
         self.class_crop_redraws = int(class_crop_redraws)
+        self.full_view = full_view
 
     @classmethod
-    def from_config(cls, cfg: CfgNode, domain: str, load_label: bool) -> "UDADatasetMapper":
+    def from_config(cls, cfg: CfgNode, domain: str, load_label: bool, full_view: bool = False) -> "UDADatasetMapper":
         """``domain``: "source", "target" (training) or "test"."""
         input_cfg = {"source": cfg.INPUT.SOURCE, "target": cfg.INPUT.TARGET, "test": cfg.INPUT.TEST}[domain]
         rcs = cfg.DATALOADER.RCS
@@ -72,6 +77,7 @@ class UDADatasetMapper:
             ignore_label=cfg.MODEL.SEM_SEG_HEAD.IGNORE_VALUE,
             class_crop_pixels=rcs.MIN_PIXELS * rcs.MIN_CROP_RATIO,
             class_crop_redraws=rcs.CROP_REDRAWS,
+            full_view=full_view,
         )
 
     def _read(self, dataset_dict: dict, load_label: bool):
@@ -123,6 +129,8 @@ class UDADatasetMapper:
                 required_pixels=self.class_crop_pixels,
                 max_redraws=self.class_crop_redraws,
             )
+            if self.full_view:
+                full_image = resize_image(image, resized_size(image.shape[:2], fit_scale(image.shape[:2], c.RESIZE)))
             image = apply_geometry(image, geometry, is_label=False)
             if not self.load_label:
                 label = None  # read only to place the crop
@@ -142,4 +150,6 @@ class UDADatasetMapper:
         }
         if label is not None:
             out["sem_seg"] = torch.from_numpy(label.astype(np.int64))
+        if self.is_train and self.full_view:
+            out["full_image"] = torch.from_numpy(np.ascontiguousarray(full_image.transpose(2, 0, 1)))
         return out

@@ -33,7 +33,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 import cv2
 import numpy as np
@@ -43,7 +43,7 @@ from uda_plugins.d2 import comm
 
 from .transforms import Geometry, apply_geometry
 
-__all__ = ["PseudoLabelBank", "bank_keys", "write_label_atomic", "read_label_file"]
+__all__ = ["PseudoLabelBank", "bank_keys", "write_label_atomic", "read_label_file", "read_initial_label"]
 
 logger = logging.getLogger(__name__)
 
@@ -88,6 +88,16 @@ def read_label_file(path: str) -> np.ndarray:
     if label.ndim != 2 or label.dtype != np.uint8:
         raise ValueError(f"Pseudo-label file '{path}' must be a single-channel uint8 PNG, not {label.shape} {label.dtype}")
     return label
+
+
+def read_initial_label(folder: str, key: str) -> np.ndarray:
+    """An initial pseudo-label of the image with bank key ``key`` from a folder of PNGs named either like the key
+    (``<folder>/<key>.png``, sub-folders kept) or like the image file (``<folder>/<file name>.png``)."""
+    candidates = [os.path.join(folder, key + ".png"), os.path.join(folder, os.path.basename(key) + ".png")]
+    for path in candidates:
+        if os.path.exists(path):
+            return read_label_file(path)
+    raise FileNotFoundError(f"No initial pseudo-label for '{key}': tried {' and '.join(candidates)}")
 
 
 class PseudoLabelBank:
@@ -172,7 +182,7 @@ class PseudoLabelBank:
                 raise FileNotFoundError(
                     f"The pseudo-label bank of this checkpoint refers to {len(missing)} missing file(s), e.g. "
                     f"'{missing[0]}': it was resumed from a checkpoint older than the {self.keep_pinned} newest, "
-                    "whose bank states are the only ones kept (UDA.PSEUDO_LABEL_BANK.KEEP_CHECKPOINT_STATES)"
+                    "whose bank states are the only ones kept (SOLVER.MAX_CHECKPOINTS_TO_KEEP)"
                 )
         comm.synchronize()
 
@@ -193,13 +203,11 @@ class PseudoLabelBank:
                     removed += 1
         return removed
 
-    def initialize(self, labels_of: "callable", indices: Optional[Sequence[int]] = None) -> None:
-        """Write version 0 of the images ``indices`` of this process (all when None) with ``labels_of(index)``
-        (a uint8 map), then mark the whole bank as initialised. Collective: every process calls it with its
-        share; together the shares must cover the bank."""
-        indices = range(len(self)) if indices is None else indices
-        for i in indices:
-            write_label_atomic(self.path(i, INITIAL_VERSION), labels_of(i))
+    def initialize(self, labels: Iterable[Tuple[int, np.ndarray]]) -> None:
+        """Write version 0 of this process's images from ``labels`` (``(index, uint8 map)`` pairs), then mark the
+        whole bank as initialised. Collective: together the processes' pairs must cover the bank."""
+        for index, label in labels:
+            write_label_atomic(self.path(int(index), INITIAL_VERSION), label)
         comm.synchronize()
         self.versions.fill_(INITIAL_VERSION)
 

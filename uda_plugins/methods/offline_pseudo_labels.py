@@ -1,0 +1,105 @@
+"""Selecting and correcting hard pseudo-labels: per-class top fractions, DUDA's temporal-consistency rule and
+IAST's instance-adaptive selection of an initial bank.
+
+Sources: parquets/DUDA ``trainers/uda_trainer.py`` (``get_threshold``, ``generate_online_pseudo``,
+``update_offline_pseudo``, ``adjust_alpha``, ``adjust_beta``) and IAST's ``IASPseudoGenerator`` (Mei et al., ECCV
+2020; DUDA's initial ``pseudo_label_0.45`` was made by it, its generator is not in the DUDA repository).
+The DUDA thresholds are numpy percentiles on the host there; here they are computed on the device with one sort
+(no host sync) and give the same values (linear interpolation, as ``np.percentile``).
+"""
+
+from __future__ import annotations
+
+from typing import Tuple
+
+import numpy as np
+import torch
+
+__all__ = [
+    "class_percentile_thresholds",
+    "keep_top_fraction",
+    "temporal_consistency_update",
+    "ramp",
+    "InstanceAdaptiveSelector",
+]
+
+
+def class_percentile_thresholds(
+    confidence: torch.Tensor, labels: torch.Tensor, fraction: float, num_classes: int
+) -> torch.Tensor:
+    """Per class c, the ``(1 - fraction) * 100``-th percentile (linear interpolation) of the confidence of the
+    pixels labelled c; 0 for classes without pixels -> (num_classes,) float."""
+    conf = confidence.reshape(-1).float()
+    lab = labels.reshape(-1).long()
+    # Sort by confidence, then stably by class: each class's confidences are a sorted run.
+    order = torch.argsort(conf, stable=True)
+    conf, lab = conf[order], lab[order]
+    order = torch.argsort(lab, stable=True)
+    conf, lab = conf[order], lab[order]
+    counts = torch.bincount(lab, minlength=num_classes)[:num_classes]
+    starts = torch.cumsum(counts, 0) - counts
+    position = (counts - 1).clamp(min=0).float() * (1.0 - float(fraction))
+    low = position.floor().long()
+    high = torch.minimum(low + 1, (counts - 1).clamp(min=0))
+    last = max(conf.numel() - 1, 0)
+    v_low = conf[(starts + low).clamp(max=last)] if conf.numel() else torch.zeros(num_classes)
+    v_high = conf[(starts + high).clamp(max=last)] if conf.numel() else torch.zeros(num_classes)
+    values = v_low + (v_high - v_low) * (position - low.float())
+    return torch.where(counts > 0, values, torch.zeros_like(values))
+
+
+def keep_top_fraction(
+    probs: torch.Tensor, fraction: float, ignore_index: int = 255, cap: float = 1.0
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """DUDA's per-class selection: argmax labels of softmax ``probs`` (N, C, H, W) where the confidence is at least
+    the class's ``(1 - fraction)`` percentile over the whole batch (thresholds capped at ``cap``), ``ignore_index``
+    elsewhere. Returns (selected labels, argmax labels, confidence), each (N, H, W)."""
+    confidence, labels = probs.max(dim=1)
+    thresholds = class_percentile_thresholds(confidence, labels, fraction, probs.shape[1]).clamp(max=cap)
+    selected = torch.where(confidence < thresholds[labels], torch.full_like(labels, ignore_index), labels)
+    return selected, labels, confidence
+
+
+def temporal_consistency_update(
+    old: torch.Tensor, prediction: torch.Tensor, candidate: torch.Tensor, ignore_index: int = 255
+) -> torch.Tensor:
+    """DUDA's offline update of one label map: where the old label is set, keep it if the teacher's prediction
+    agrees and erase it (``ignore_index``) if not; where it is not set, take the confident ``candidate`` (the
+    prediction with unconfident pixels already ``ignore_index``)."""
+    labelled = old != ignore_index
+    kept = torch.where(prediction == old, old, torch.full_like(old, ignore_index))
+    return torch.where(labelled, kept, candidate.to(old.dtype))
+
+
+def ramp(iteration: int, start: float, end: float, origin: int, length: int, power: float) -> float:
+    """``start + ((iteration - origin) / (length - origin)) ** power * (end - start)`` (DUDA's alpha/beta
+    schedules), clamped to [start, end]."""
+    if length <= origin:
+        return end
+    t = min(max((iteration - origin) / (length - origin), 0.0), 1.0)
+    return start + t**power * (end - start)
+
+
+class InstanceAdaptiveSelector:
+    """IAST's instance-adaptive selection (``IASPseudoGenerator``): class thresholds start at 0.9; for each image,
+    ``new_c = quantile([threshold_c] + confidences of pixels predicted c, 1 - proportion * threshold_c ** gamma)``,
+    ``threshold_c <- momentum * threshold_c + (1 - momentum) * new_c`` (values >= 1 become 0.999), then the pixels
+    below their class's threshold are ignored. Images are processed in order (the thresholds are a running state).
+    IAST's defaults: proportion 0.2 (DUDA's bank: 0.45), momentum 0.9, gamma 8."""
+
+    def __init__(self, num_classes: int, proportion: float, momentum: float, gamma: float, ignore_index: int = 255):
+        self.thresholds = np.full(num_classes, 0.9, dtype=np.float64)
+        self.proportion, self.momentum, self.gamma = float(proportion), float(momentum), float(gamma)
+        self.ignore_index = ignore_index
+
+    def __call__(self, confidence: np.ndarray, prediction: np.ndarray) -> np.ndarray:
+        """(H, W) float confidence and int prediction of one image -> its uint8 pseudo-label."""
+        new = np.ones_like(self.thresholds)
+        for c in range(len(self.thresholds)):
+            values = np.concatenate([[self.thresholds[c]], confidence[prediction == c].astype(np.float64)])
+            new[c] = np.quantile(values, 1.0 - self.proportion * self.thresholds[c] ** self.gamma)
+        self.thresholds = self.momentum * self.thresholds + (1.0 - self.momentum) * new
+        self.thresholds[self.thresholds >= 1] = 0.999
+        label = prediction.astype(np.uint8).copy()
+        label[confidence < self.thresholds[prediction]] = self.ignore_index
+        return label
