@@ -116,3 +116,37 @@ def test_batch_must_divide_over_processes_and_micro_batches(tmp_path, capsys):
     overrides = _overrides(str(tmp_path / "bad"), **{"SOLVER.GRAD_ACCUMULATION_STEPS": 3})
     assert train_net.cli(["--config-file", config] + overrides) == 1
     assert "GRAD_ACCUMULATION_STEPS (3)" in capsys.readouterr().err
+
+
+def _bank_labels(out):
+    import cv2
+
+    root = os.path.join(out, "pseudo_label_bank")
+    files = sorted(os.path.relpath(os.path.join(d, f), root) for d, _, fs in os.walk(root) for f in fs if "@" in f)
+    return {f: cv2.imread(os.path.join(root, f), cv2.IMREAD_UNCHANGED) for f in files}
+
+
+def test_duda_on_two_processes_equals_one_with_accumulation_and_writes_each_label_once(tmp_path):
+    # The bank is rewritten at every step (2 of 24 images per process per step, each by the process that holds it);
+    # the thresholds are per micro-batch, so 2 processes x 1 micro-batch = 1 process x 2 micro-batches. No warm-up:
+    # the student's BatchNorm is frozen from the start, so no per-process running statistics enter the losses.
+    config = os.path.join(CONFIGS, "duda.yaml")
+    extra = {
+        "INPUT.TARGET.CROP_SIZE": "(32, 64)",
+        "UDA.DUDA.SOURCE_WARMUP_ITERS": 0,
+        "UDA.DUDA.UPDATE_START": 0,
+        "UDA.DUDA.ALPHA_RAMP_START": 0,
+        "UDA.DUDA.BETA_RAMP_START": 0,
+    }
+    ddp = str(tmp_path / "ddp")
+    assert train_net.cli(["--config-file", config, "--num-gpus", "2", "--dist-url", "auto"] + _overrides(ddp, **extra)) == 0
+    accumulated = str(tmp_path / "accumulated")
+    overrides = _overrides(accumulated, **extra, **{"SOLVER.GRAD_ACCUMULATION_STEPS": 2})
+    assert train_net.cli(["--config-file", config] + overrides) == 0
+    _assert_same_losses(_losses(ddp), _losses(accumulated))
+    a, b = _bank_labels(ddp), _bank_labels(accumulated)
+    assert a.keys() == b.keys()  # the same images rewritten at the same iterations
+    written = [f for f in a if not f.endswith("@0.png")]
+    assert len(written) == 4 * ITERS  # 4 images per step, one file each
+    for f in a:
+        assert (a[f] == b[f]).mean() > 0.99, f

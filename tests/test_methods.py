@@ -48,6 +48,19 @@ METHODS = {
             "UDA.GUIDANCE.EMBED_DIM": 32,
         },
     ),
+    # The offline pseudo-label bank: filled after a 2-iteration warm-up, rewritten from iteration 3 on (the kill
+    # after iteration 5 resumes it mid-update); the killed and resumed runs read it through 2 worker processes.
+    "duda": (
+        "duda.yaml",
+        {
+            "INPUT.TARGET.CROP_SIZE": "(32, 64)",
+            "UDA.DUDA.SOURCE_WARMUP_ITERS": 2,
+            "UDA.DUDA.UPDATE_START": 1,
+            "UDA.DUDA.ALPHA_RAMP_START": 1,
+            "UDA.DUDA.BETA_RAMP_START": 0,
+            "DATALOADER.NUM_WORKERS": 2,
+        },
+    ),
     # bf16 autocast; the killed and resumed runs read their data through 2 worker processes, the uninterrupted
     # one in-process.
     "mic_bf16_2_workers": (
@@ -60,6 +73,16 @@ METHODS = {
 def _run(config, out, extra, *flags):
     args = ["--config-file", os.path.join(CONFIGS, config), *flags] + tiny_overrides(out, **extra)
     assert train_net.cli(args) == 0
+
+
+def _bank_contents(out):
+    root = os.path.join(out, "pseudo_label_bank")
+    contents = {}
+    for folder, _, files in os.walk(root):
+        for name in files:
+            with open(os.path.join(folder, name), "rb") as f:
+                contents[os.path.relpath(os.path.join(folder, name), root)] = f.read()
+    return contents
 
 
 def _state(path):
@@ -95,8 +118,10 @@ def test_method_trains_resumes_exactly_and_evaluates(name, tmp_path):
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k
+    # Files a method keeps beside the checkpoint (pseudo-label banks): the same names and contents.
+    assert _bank_contents(full) == _bank_contents(resumed)
     if "teacher" in extra.get("TEST.EVAL_MODEL", ""):
-        assert int(a["ema_updates"]) == 7
+        assert int(a["ema_updates"]) == 7 - int(extra.get("UDA.DUDA.SOURCE_WARMUP_ITERS", 0))
         assert any(
             not torch.equal(a[k], a[k.replace("teacher.", "student.", 1)]) for k in a if k.startswith("teacher.")
         )

@@ -29,8 +29,8 @@ Choices (docs/methods.md §5.7):
   reference: True).
 * ``UPDATE_MODE periodic`` rewrites the whole bank every ``REFRESH_PERIOD`` iterations instead (the same rule, per
   batch of whole images).
-* Thresholds are per rank and per batch, as the reference's per-GPU numpy percentiles (§5.7.6), computed on the
-  device.
+* Thresholds are per rank and per (micro-)batch, as the reference's per-GPU numpy percentiles (§5.7.6), computed on
+  the device.
 * The offline regularisers the authors commented out are ``OFFLINE_REGULARIZERS`` (off by default, §5.7.2).
 * The teacher's BatchNorm statistics are re-estimated on whole target training images before every evaluation
   (the reference: its training loader), and the student's BatchNorm layers are frozen during self-training.
@@ -163,8 +163,9 @@ class DUDA(SelfTrainingArch):
         self.initial_dir = bank_cfg.INITIAL_DIR
         self.ias = (bank_cfg.IAS_PROPORTION, bank_cfg.IAS_MOMENTUM, bank_cfg.IAS_GAMMA)
         self._bank = None
-        # The teacher's whole-image predictions of this step, for the bank update: (index, labels, confidence).
-        self._pending: List[Tuple[int, torch.Tensor, torch.Tensor]] = []
+        # The teacher's whole-image predictions of this step, for the bank update: per micro-batch, per image
+        # (index, labels, confidence).
+        self._pending: List[List[Tuple[int, torch.Tensor, torch.Tensor]]] = []
         self._bn_frozen = False
 
     # ---------------------------------------------------------------------------------------- schedules
@@ -223,7 +224,8 @@ class DUDA(SelfTrainingArch):
         if self.update_mode == "batch":
             pending, self._pending = self._pending, []
             with timed("bank_update"):
-                bank.commit(self._rewrite(pending, self.beta(it)), iteration)
+                beta = self.beta(it)
+                bank.commit([update for batch in pending for update in self._rewrite(batch, beta)], iteration)
         elif (it - self.update_start) % self.refresh_period == 0:
             self.refresh_bank(cfg, iteration)
 
@@ -246,6 +248,8 @@ class DUDA(SelfTrainingArch):
             bank.commit(self._rewrite(pending, beta), iteration)
 
     def _rewrite(self, pending, beta: float) -> List[Tuple[int, np.ndarray]]:
+        """The new labels of one batch (one rank's micro-batch: BETA thresholds over it, as the reference's per-GPU
+        batch, so K micro-batches on W processes equal K*W processes)."""
         if not pending:
             return []
         bank = self.pseudo_label_banks()[0]
@@ -311,15 +315,15 @@ class DUDA(SelfTrainingArch):
     def forward_train(self, batch: Dict[str, list]) -> Dict[str, torch.Tensor]:
         iteration = get_event_storage().iter
         it = self.self_training_iteration(iteration)
+        if it >= 0 and not self._bn_frozen:
+            self._freeze_student_bn()  # first thing in the step: a resumed run freezes at the same point
         source_images, source_labels = self.images_and_labels(batch["source"])
         losses, source_out = self.source_losses(source_images, source_labels)
         visualize = self.should_visualize()
         if visualize:
-            self.visualize("source", source_images, source_labels, source_out.logits)
+            self.visualize("source/input_gt_pred", source_images, source_labels, source_out.logits)
         if it < 0:
             return losses  # the source-only warm-up
-        if not self._bn_frozen:
-            self._freeze_student_bn()
         if len(batch["target"]) != 1:
             raise ValueError("DUDA adapts to one target domain")
         dicts = batch["target"][0]
@@ -335,7 +339,7 @@ class DUDA(SelfTrainingArch):
             online, _, _ = keep_top_fraction(probs, self.alpha(it), self.ignore_value)
             if self.update_mode == "batch" and it >= self.update_start:
                 confidence, labels = full_probs.max(dim=1)
-                self._pending += [(d["dataset_index"], labels[i], confidence[i]) for i, d in enumerate(dicts)]
+                self._pending.append([(d["dataset_index"], labels[i], confidence[i]) for i, d in enumerate(dicts)])
         with timed("student_forward"):
             logits = upsample_like(self.student.forward_train(crops).logits, crops.shape[-2:]).float()
         w = self.weights
@@ -358,7 +362,7 @@ class DUDA(SelfTrainingArch):
         if self.first_micro_batch:
             get_event_storage().put_scalars(duda_alpha=self.alpha(it), duda_beta=self.beta(it), smoothing_hint=False)
         if visualize:
-            self.visualize_panel("target", [crops, offline, online, probs, logits])
+            self.visualize_panel("target/crop_offline_online_teacher_pred", [crops, offline, online, probs, logits])
         return losses
 
 

@@ -1,0 +1,230 @@
+"""DUDA: the keep/erase/refill rule, the class thresholds, the alpha/beta schedules, symmetric CE and the IAST
+regularisers against the reference formulas, the uniform mean teacher, IAST's initial selection, and training runs
+(the bank filled after the warm-up and rewritten, per batch or periodically, from an initial folder)."""
+
+import os
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import REPO, tiny_overrides
+
+sys.path.insert(0, os.path.join(REPO, "tools"))
+import train_net  # noqa: E402
+
+from uda_plugins.methods.offline_pseudo_labels import (  # noqa: E402
+    InstanceAdaptiveSelector,
+    class_percentile_thresholds,
+    keep_top_fraction,
+    ramp,
+    temporal_consistency_update,
+)
+from uda_plugins.modeling.losses import (  # noqa: E402
+    entropy_regularizer,
+    kld_uniform_regularizer,
+    symmetric_cross_entropy,
+)
+
+CONFIG = os.path.join(REPO, "configs", "synthetic", "duda.yaml")
+I = 255  # ignore
+
+
+def test_keep_erase_refill_rule_on_hand_made_maps():
+    old = torch.tensor([[1, 1, I, I], [2, 2, I, 3]])
+    prediction = torch.tensor([[1, 0, 4, 4], [2, 5, 6, 3]])
+    candidate = torch.tensor([[1, 0, 4, I], [2, 5, I, I]])  # the prediction where confident
+    new = temporal_consistency_update(old, prediction, candidate)
+    # agree -> kept; disagree -> erased; unlabelled -> the confident candidate (or still ignored)
+    assert new.tolist() == [[1, I, 4, I], [2, I, I, 3]]
+    # The kept label stays even where the new prediction is not confident (pixel (1, 3)).
+
+
+def test_class_thresholds_equal_numpy_percentiles():
+    g = torch.Generator().manual_seed(0)
+    confidence = torch.rand(2, 17, 23, generator=g)
+    labels = torch.randint(0, 6, (2, 17, 23), generator=g)
+    labels[labels == 4] = 3  # class 4 absent
+    for fraction in (0.2, 0.45, 0.7, 1.0):
+        ours = class_percentile_thresholds(confidence, labels, fraction, 7)
+        for c in range(7):
+            x = confidence[labels == c].numpy()
+            expected = np.percentile(x, (1 - fraction) * 100) if x.size else 0.0
+            assert float(ours[c]) == pytest.approx(expected, abs=1e-6), (fraction, c)
+
+
+def test_keep_top_fraction_keeps_about_that_fraction_of_each_class():
+    g = torch.Generator().manual_seed(1)
+    probs = torch.softmax(torch.randn(2, 5, 40, 40, generator=g) * 3, dim=1)
+    selected, labels, _ = keep_top_fraction(probs, 0.3)
+    for c in range(5):
+        kept = ((selected == c).sum() / (labels == c).sum()).item()
+        assert kept == pytest.approx(0.3, abs=0.01)
+    capped, _, _ = keep_top_fraction(probs, 0.001, cap=0.0)  # every threshold capped at 0: everything kept
+    assert torch.equal(capped, labels)
+
+
+def test_alpha_and_beta_schedules_are_the_reference_formulas():
+    # adjust_alpha / adjust_beta of parquets/DUDA trainers/uda_trainer.py with 80000 iterations.
+    def ref_alpha(it):
+        return 0.2 if it < 2000 else 0.2 + ((it - 2000) / 78000) ** 1.1 * 0.5
+
+    def ref_beta(it):
+        return 0.25 if it < 10000 else 0.25 + ((it - 5000) / 75000) ** 1.1 * 0.5
+
+    from uda_plugins.methods.duda import DUDA
+
+    duda = DUDA.__new__(DUDA)  # the schedules only read these attributes
+    duda.length, duda.power = 80000, 1.1
+    duda.alpha_range, duda.alpha_ramp_start = (0.2, 0.7), 2000
+    duda.beta_range, duda.beta_ramp_start, duda.update_start = (0.25, 0.75), 5000, 10000
+    for it in (0, 1999, 2000, 5000, 9999, 10000, 41000, 79999, 80000):
+        assert duda.alpha(it) == pytest.approx(ref_alpha(it)), it
+        assert duda.beta(it) == pytest.approx(ref_beta(it)), it
+    assert duda.beta(10000) == pytest.approx(0.2754, abs=1e-4)
+    assert ramp(5, 0.0, 1.0, 10, 10, 1.0) == 1.0  # a ramp with no length is at its end
+
+
+def _reference_sce(logits, target, alpha=0.2, beta=1.0, num_classes=4):
+    # SymmetricCrossEntropyLoss2d of parquets/DUDA models/losses/seg_loss.py, as written there.
+    ce = F.cross_entropy(logits, target, ignore_index=255)
+    pred = F.softmax(logits, dim=1).clamp(min=1e-7, max=1.0)
+    mask = (target != 255).float()
+    labels = target.clone()
+    labels[labels == 255] = num_classes
+    one_hot = F.one_hot(labels, num_classes + 1).float()
+    one_hot = one_hot.permute(0, 3, 1, 2)[:, :-1].clamp(min=1e-4, max=1.0)
+    rce = -(torch.sum(pred * torch.log(one_hot), dim=1) * mask).sum() / (mask.sum() + 1e-6)
+    return alpha * ce + beta * rce
+
+
+def test_symmetric_cross_entropy_equals_the_reference():
+    g = torch.Generator().manual_seed(2)
+    logits = torch.randn(2, 4, 6, 7, generator=g)
+    target = torch.randint(0, 4, (2, 6, 7), generator=g)
+    target[0, :2] = 255
+    assert float(symmetric_cross_entropy(logits, target)) == pytest.approx(float(_reference_sce(logits, target)), rel=1e-5)
+    # no labelled pixel: 0, not NaN
+    assert float(symmetric_cross_entropy(logits, torch.full_like(target, 255))) == 0.0
+
+
+def test_iast_regularisers_equal_the_reference():
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(2, 5, 4, 6, generator=g)
+    weight = (torch.rand(2, 4, 6, generator=g) > 0.4).float()
+    p = F.softmax(logits, 1)
+    entropy = -(p * torch.log(p + 1e-8)).sum(1)
+    n = weight.sum() * 5
+    assert float(entropy_regularizer(logits, weight)) == pytest.approx(float((entropy * weight).sum() / n), rel=1e-5)
+    kld = ((-1.0 / 5) * F.log_softmax(logits, 1)).sum(1)
+    assert float(kld_uniform_regularizer(logits, weight)) == pytest.approx(float((kld * weight).sum() / n), rel=1e-5)
+    assert float(entropy_regularizer(logits, torch.zeros_like(weight))) == 0.0
+
+
+def test_teacher_alpha_one_is_the_uniform_mean_of_averaged_model():
+    from torch.optim.swa_utils import AveragedModel
+
+    from uda_plugins.methods.teacher import ema_alpha, ema_update_, make_teacher
+
+    student = torch.nn.Linear(3, 2)
+    teacher, reference = make_teacher(student), AveragedModel(student)
+    reference.update_parameters(student)  # as parquets/DUDA: the average starts with the initial weights
+    for k in range(1, 6):
+        with torch.no_grad():
+            student.weight.add_(torch.randn(2, 3))
+        ema_update_(teacher, student, ema_alpha(k, 1.0))
+        reference.update_parameters(student)
+        torch.testing.assert_close(teacher.weight, reference.module.weight)
+
+
+def _reference_ias(confidence, prediction, thresholds, alpha, beta, gamma):
+    new = np.ones_like(thresholds)
+    for c in range(len(thresholds)):
+        values = [thresholds[c]] + list(confidence[prediction == c])
+        new[c] = np.quantile(values, 1 - alpha * thresholds[c] ** gamma)
+    thresholds = beta * thresholds + (1 - beta) * new
+    thresholds[thresholds >= 1] = 0.999
+    label = prediction.copy()
+    label[confidence < thresholds[prediction]] = 255
+    return label, thresholds
+
+
+def test_instance_adaptive_selection_follows_iast():
+    rng = np.random.default_rng(4)
+    selector = InstanceAdaptiveSelector(3, proportion=0.45, momentum=0.9, gamma=8.0)
+    thresholds = np.full(3, 0.9)
+    for _ in range(4):  # the thresholds are a running state over the images
+        confidence = rng.uniform(0.3, 1.0, (8, 9))
+        prediction = rng.integers(0, 3, (8, 9))
+        label = selector(confidence, prediction)
+        expected, thresholds = _reference_ias(confidence, prediction, thresholds, 0.45, 0.9, 8.0)
+        assert label.dtype == np.uint8 and np.array_equal(label, expected)
+        np.testing.assert_allclose(selector.thresholds, thresholds)
+
+
+# ---------------------------------------------------------------------------------------------- training
+TINY = {
+    "INPUT.TARGET.CROP_SIZE": "(32, 64)",
+    "UDA.DUDA.SOURCE_WARMUP_ITERS": 2,
+    "UDA.DUDA.UPDATE_START": 1,
+    "UDA.DUDA.ALPHA_RAMP_START": 1,
+    "UDA.DUDA.BETA_RAMP_START": 0,
+    "SOLVER.MAX_ITER": 6,
+    "TEST.EVAL_PERIOD": 0,
+}
+
+
+def _bank_files(out):
+    root = os.path.join(out, "pseudo_label_bank", "synthetic_tiny_target_train")
+    return sorted(os.path.relpath(os.path.join(d, f), root) for d, _, fs in os.walk(root) for f in fs if "@" in f)
+
+
+def _train(out, **extra):
+    assert train_net.cli(["--config-file", CONFIG] + tiny_overrides(out, **dict(TINY, **extra))) == 0
+
+
+def test_bank_is_filled_after_the_warmup_and_rewritten_per_batch(tmp_path):
+    from test_train_net import _event_tags
+
+    out = str(tmp_path / "duda")
+    _train(out, VIS_PERIOD=3)
+    files = _bank_files(out)
+    versions = sorted({int(f.split("@")[1][:-4]) for f in files})
+    # 24 images filled at iteration 2 (version 0); steps 3..5 rewrite their 2 images each (versions 4..6).
+    assert versions[0] == 0 and set(versions[1:]) <= {4, 5, 6} and 6 in versions
+    assert sum(f.endswith("@0.png") for f in files) >= 24 - 6
+    acc = _event_tags(out)
+    scalars = set(acc.Tags()["scalars"])
+    assert {"loss_offline", "loss_consistency", "loss_online", "loss_entropy", "loss_kld", "duda_alpha"} <= scalars
+    assert {"source/input_gt_pred", "target/crop_offline_online_teacher_pred"} <= set(acc.Tags()["images"])
+    target = acc.Images("target/crop_offline_online_teacher_pred")[0]
+    assert target.width == 5 * 64 and target.height == 32
+    state = torch.load(os.path.join(out, "model_final.pth"), weights_only=False)
+    assert int(state["model"]["ema_updates"]) == 6 - 2  # the mean counts self-training steps only
+
+
+def test_periodic_refresh_and_an_initial_folder(tmp_path):
+    from uda_plugins.data.pseudo_label_bank import bank_keys, write_label_atomic
+    from uda_plugins.data.build import get_dataset_dicts
+
+    initial = tmp_path / "initial"
+    dicts = get_dataset_dicts(["synthetic_tiny_target_train"])
+    for d, key in zip(dicts, bank_keys([d["file_name"] for d in dicts])):
+        # named like the image file, flat (the authors' layout)
+        write_label_atomic(str(initial / (os.path.basename(key) + ".png")), np.full((d["height"], d["width"]), 7, np.uint8))
+    out = str(tmp_path / "duda")
+    _train(
+        out,
+        **{
+            "UDA.DUDA.SOURCE_WARMUP_ITERS": 0,
+            "UDA.PSEUDO_LABEL_BANK.INITIAL_DIR": str(initial),
+            "UDA.DUDA.UPDATE_MODE": "periodic",
+            "UDA.DUDA.REFRESH_PERIOD": 4,
+        },
+    )
+    files = _bank_files(out)
+    # Refreshed at self-training iterations 1 and 5 (versions 2 and 6): every image rewritten each time.
+    assert sum(f.endswith("@6.png") for f in files) == 24
+    # The first refresh is still referenced by the checkpoints after iterations 1 and 3 (pinned).
+    assert sum(f.endswith("@2.png") for f in files) == 24 and len(files) == 48
