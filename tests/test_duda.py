@@ -2,6 +2,7 @@
 regularisers against the reference formulas, the uniform mean teacher, IAST's initial selection, and training runs
 (the bank filled after the warm-up and rewritten, per batch or periodically, from an initial folder)."""
 
+import json
 import os
 import sys
 
@@ -228,3 +229,34 @@ def test_periodic_refresh_and_an_initial_folder(tmp_path):
     assert sum(f.endswith("@6.png") for f in files) == 24
     # The first refresh is still referenced by the checkpoints after iterations 1 and 3 (pinned).
     assert sum(f.endswith("@2.png") for f in files) == 24 and len(files) == 48
+
+
+def test_generate_tool_makes_an_initial_bank_that_duda_starts_from(tmp_path):
+    import cv2
+    import generate_pseudo_labels
+
+    source_only = str(tmp_path / "source_only")
+    config = os.path.join(REPO, "configs", "synthetic", "source_only.yaml")
+    warm_up = {"TEST.EVAL_PERIOD": 0, "SOLVER.MAX_ITER": 40, "SOLVER.CHECKPOINT_PERIOD": 100}
+    assert train_net.cli(["--config-file", config] + tiny_overrides(source_only, **warm_up)) == 0
+    weights = os.path.join(source_only, "model_final.pth")
+    initial = str(tmp_path / "initial")
+    argv = ["--config-file", CONFIG, "--output", initial]
+    overrides = tiny_overrides(str(tmp_path / "unused"), **TINY)
+    assert generate_pseudo_labels.main(argv + overrides + ["MODEL.WEIGHTS", weights]) == 0
+    labels = sorted(os.path.relpath(os.path.join(d, f), initial) for d, _, fs in os.walk(initial) for f in fs)
+    assert len(labels) == 25 and "class_thresholds.json" in labels
+    with open(os.path.join(initial, "class_thresholds.json")) as f:
+        summary = json.load(f)
+    assert summary["images"] == 24 and 0 < summary["kept_fraction"] < 1 and summary["ias"]["proportion"] == 0.45
+    first = cv2.imread(os.path.join(initial, labels[0]), cv2.IMREAD_UNCHANGED)
+    assert first.dtype == np.uint8 and set(np.unique(first)) - {255} <= set(range(19))
+
+    out = str(tmp_path / "duda")
+    _train(out, **{"UDA.DUDA.SOURCE_WARMUP_ITERS": 0, "UDA.PSEUDO_LABEL_BANK.INITIAL_DIR": initial,
+                   "MODEL.WEIGHTS": weights, "SOLVER.MAX_ITER": 2, "UDA.DUDA.UPDATE_START": 5})
+    bank = os.path.join(out, "pseudo_label_bank", "synthetic_tiny_target_train")
+    for name in labels[:-1]:
+        copied = cv2.imread(os.path.join(bank, name[: -len(".png")] + "@0.png"), cv2.IMREAD_UNCHANGED)
+        assert np.array_equal(copied, cv2.imread(os.path.join(initial, name), cv2.IMREAD_UNCHANGED)), name
+    assert generate_pseudo_labels.main(argv + ["--network", "guider"] + overrides) == 1  # fails with one line
