@@ -260,3 +260,27 @@ def test_generate_tool_makes_an_initial_bank_that_duda_starts_from(tmp_path):
         copied = cv2.imread(os.path.join(bank, name[: -len(".png")] + "@0.png"), cv2.IMREAD_UNCHANGED)
         assert np.array_equal(copied, cv2.imread(os.path.join(initial, name), cv2.IMREAD_UNCHANGED)), name
     assert generate_pseudo_labels.main(argv + ["--network", "guider"] + overrides) == 1  # fails with one line
+
+
+def test_batch_norm_recalibration_averages_the_target_batches():
+    from uda_plugins.methods.duda import recalibrate_batch_norm
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 4, 1)
+            self.bn = torch.nn.BatchNorm2d(4)
+
+        def forward(self, x):
+            return self.bn(self.conv(x))
+
+    net = Net().eval()
+    g = torch.Generator().manual_seed(5)
+    batches = [[{"image": (torch.rand(3, 8, 8, generator=g) * 150 + 40 * k).to(torch.uint8)} for _ in range(2)]
+               for k in range(3)]
+    assert recalibrate_batch_norm(net, batches, lambda x: x / 255.0) == 1
+    assert not net.training  # the mode is restored
+    with torch.no_grad():
+        means = [net.conv(torch.stack([d["image"] for d in b]).float() / 255.0).mean((0, 2, 3)) for b in batches]
+    torch.testing.assert_close(net.bn.running_mean, torch.stack(means).mean(0))
+    assert recalibrate_batch_norm(torch.nn.Conv2d(3, 3, 1), batches, lambda x: x) == 0  # nothing to re-estimate

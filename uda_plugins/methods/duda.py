@@ -104,22 +104,24 @@ def recalibrate_batch_norm(network: nn.Module, loader, normalize) -> int:
 
     from .teacher import set_stochastic_layers_eval
 
-    if not get_bn_modules(network):
-        return 0
     was_training = network.training
-    network.train()
+    network.train()  # fvcore re-estimates the BatchNorm layers that are in training mode
     set_stochastic_layers_eval(network)
+    if not get_bn_modules(network):
+        network.train(was_training)
+        return 0
     device = next(network.parameters()).device
     batches = [normalize(stack_images(dicts, device)) for dicts in loader]
     if batches:
         update_bn_stats(network, batches, num_iters=len(batches))
+    layers = get_bn_modules(network)
     network.train(was_training)
     if comm.get_world_size() > 1:
-        for m in get_bn_modules(network):
+        for m in layers:
             for buffer in (m.running_mean, m.running_var):
                 torch.distributed.all_reduce(buffer)
                 buffer /= comm.get_world_size()
-    return len(get_bn_modules(network))
+    return len(layers)
 
 
 @META_ARCH_REGISTRY.register()
