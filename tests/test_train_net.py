@@ -6,6 +6,7 @@ import json
 import os
 import sys
 
+import numpy as np
 import pytest
 import torch
 from conftest import REPO, tiny_overrides
@@ -71,6 +72,21 @@ def test_tensorboard_has_losses_lr_miou_per_class_and_images(trained):
     assert "source/input_gt_pred" in images
     img = acc.Images("source/input_gt_pred")[0]
     assert img.width == 3 * 96 and img.height == 48  # input | ground truth | prediction
+    # A per-class IoU bar chart at each evaluation (19 rows + the axis), read back as pixels.
+    charts = acc.Images("sem_seg/per_class_iou")
+    assert len(charts) == 2 and charts[-1].width == 480 and charts[-1].height == 18 * 20 + 6
+    import cv2
+
+    chart = cv2.imdecode(np.frombuffer(charts[-1].encoded_image_string, np.uint8), cv2.IMREAD_COLOR)
+    with open(os.path.join(trained, "inference", "synthetic_tiny_target_val", "sem_seg_evaluation.json")) as f:
+        metrics = json.load(f)["metrics"]
+    from uda_plugins.data.labels import CITYSCAPES_19, palette
+
+    ious = [metrics[f"IoU-{name}"] for name in CITYSCAPES_19.classes]
+    best = int(np.nanargmax(ious))
+    colour = palette(CITYSCAPES_19)[best][::-1]  # BGR
+    bar = (chart[6 + 18 * best + 9] == colour).all(-1).sum()
+    assert ious[best] > 0 and abs(bar - ious[best] * 3) <= 3  # the best class's bar: 3 px per IoU point
 
 
 def test_resume_continues_from_the_last_checkpoint(trained, tmp_path):

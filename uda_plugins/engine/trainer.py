@@ -11,7 +11,8 @@ What it changes, and why:
   before the checkpointer so checkpoints see their effect, and optionally ``BestCheckpointer`` (off by default:
   it selects on labelled target data).
 * ``test`` evaluates the student, the teacher or both (``TEST.EVAL_MODEL``), with a progress bar, on every rank
-  with rank 0's buffers (BatchNorm statistics), results gathered.
+  with rank 0's buffers (BatchNorm statistics), results gathered; during training it also puts a per-class IoU bar
+  chart of each evaluation into TensorBoard.
 * A non-finite loss stops training with the loss names and the last good checkpoint.
 """
 
@@ -34,11 +35,14 @@ from uda_plugins.d2 import (
     build_model,
     comm,
     create_ddp_model,
+    get_event_storage,
+    has_event_storage,
     hooks,
     setup_logger,
 )
 from uda_plugins.data.build import build_test_loader, build_uda_train_loader
 from uda_plugins.evaluation import SemSegEvaluator
+from uda_plugins.utils.visualization import iou_bar_chart, palette_for_dataset
 
 from .checkpoint import UDACheckpointer
 from .metrics_log import prune_metrics_log
@@ -225,4 +229,23 @@ class UDATrainer(DefaultTrainer):
                 results[name] = super().test(cfg, model, evaluators)
             finally:
                 meta_arch.eval_model = previous
+            put_iou_charts(cfg, results[name], name if len(names) > 1 else "")
         return results[names[0]] if len(names) == 1 else results
+
+
+def put_iou_charts(cfg: CfgNode, results, model_name: str = "") -> None:
+    """Per-class IoU bar charts of an evaluation into the event storage (TensorBoard), one per test set, tagged like
+    the metrics: ``[<model>/][<dataset>/]sem_seg/per_class_iou``. Nothing outside training (``--eval-only``)."""
+    if not (comm.is_main_process() and has_event_storage()):
+        return
+    per_dataset = {cfg.DATASETS.TEST[0]: results} if "sem_seg" in results else results
+    for dataset, result in per_dataset.items():
+        metrics = result.get("sem_seg", {})
+        names = [k[len("IoU-") :] for k in metrics if k.startswith("IoU-")]
+        if not names:
+            continue
+        num_classes = cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES
+        chart = iou_bar_chart(names, [metrics[f"IoU-{n}"] for n in names], palette_for_dataset(dataset, num_classes))
+        parts = [model_name] if model_name else []
+        parts += [dataset] if len(cfg.DATASETS.TEST) > 1 else []
+        get_event_storage().put_image("/".join(parts + ["sem_seg", "per_class_iou"]), chart)

@@ -7,7 +7,7 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
-__all__ = ["default_palette", "palette_for_dataset", "colorize", "panel"]
+__all__ = ["default_palette", "palette_for_dataset", "colorize", "panel", "iou_bar_chart"]
 
 
 def default_palette(num_classes: int) -> np.ndarray:
@@ -54,3 +54,30 @@ def panel(images: Sequence[torch.Tensor]) -> torch.Tensor:
             im = torch.nn.functional.interpolate(im[None].float(), size=(h, w), mode="nearest")[0].to(torch.uint8)
         out.append(im)
     return torch.cat(out, dim=-1)
+
+
+def iou_bar_chart(class_names: Sequence[str], ious: Sequence[float], palette: np.ndarray) -> torch.Tensor:
+    """A horizontal bar chart of per-class IoU (0-100; NaN = the class is absent from the evaluation set) as a
+    (3, H, W) uint8 image: one row per class with its name, a bar in the class's colour and the value."""
+    import cv2
+
+    row, name_w, bar_w, pad = 18, 120, 300, 6
+    height, width = row * (len(class_names) + 1) + pad, name_w + bar_w + 60
+    image = np.full((height, width, 3), 255, dtype=np.uint8)
+    font, scale = cv2.FONT_HERSHEY_SIMPLEX, 0.4
+    for k in (0, 50, 100):  # grid lines at 0, 50 and 100
+        x = name_w + k * bar_w // 100
+        cv2.line(image, (x, pad), (x, height - row), (220, 220, 220), 1)
+        cv2.putText(image, str(k), (x - 6, height - 4), font, scale, (90, 90, 90), 1, cv2.LINE_AA)
+    for i, (name, iou) in enumerate(zip(class_names, ious)):
+        y = pad + i * row
+        cv2.putText(image, str(name)[:16], (4, y + row - 5), font, scale, (0, 0, 0), 1, cv2.LINE_AA)
+        if iou != iou:  # NaN
+            cv2.putText(image, "n/a", (name_w + 4, y + row - 5), font, scale, (150, 150, 150), 1, cv2.LINE_AA)
+            continue
+        length = int(round(max(0.0, min(100.0, float(iou))) * bar_w / 100))
+        color = tuple(int(c) for c in palette[i]) if i < len(palette) else (100, 100, 100)
+        cv2.rectangle(image, (name_w, y + 3), (name_w + max(length, 1), y + row - 3), color, -1)
+        cv2.rectangle(image, (name_w, y + 3), (name_w + max(length, 1), y + row - 3), (60, 60, 60), 1)
+        cv2.putText(image, f"{iou:.1f}", (name_w + length + 4, y + row - 5), font, scale, (0, 0, 0), 1, cv2.LINE_AA)
+    return torch.from_numpy(image).permute(2, 0, 1).contiguous()
