@@ -50,11 +50,9 @@ def _parse(argv):
 def _settings(args):
     """(dataset names, num_classes or None, ignore label, stats dir, temperature, min pixels)."""
     if args.config_file:
-        from uda_plugins.config import get_uda_cfg
+        from uda_plugins.engine.setup import load_cfg
 
-        cfg = get_uda_cfg()
-        cfg.merge_from_file(args.config_file)
-        cfg.merge_from_list(args.opts)
+        cfg, _ = load_cfg(args.config_file, args.opts)  # also registers DATASETS.REGISTER's datasets
         names = cfg.DATASETS.SOURCE_TRAIN
         names = [names] if isinstance(names, str) else list(names)
         rcs = cfg.DATALOADER.RCS

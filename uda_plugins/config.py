@@ -43,6 +43,9 @@ def add_uda_config(cfg: CN) -> None:
     # holds IMS_PER_BATCH_TARGET images of each.
     _C.DATASETS.TARGET_TRAIN = ("synthetic_target_train",)
     # DATASETS.TEST (Detectron2's key) names the evaluation sets.
+    # YAML/JSON files describing your own image-folder datasets (name -> images, labels, classes, label_suffix;
+    # uda_plugins/data/datasets/image_folder.py), registered before any dataset is looked up.
+    _C.DATASETS.REGISTER = ()
 
     # ------------------------------------------------------------------ rare-class sampling (DAFormer)
     _C.DATALOADER.RCS = CN()

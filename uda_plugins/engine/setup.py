@@ -11,7 +11,7 @@ import torch
 from uda_plugins.config import get_uda_cfg
 from uda_plugins.d2 import BACKEND, CfgNode, comm, default_setup, setup_logger
 
-__all__ = ["setup_cfg", "load_cfg", "resolve_device", "merge_overrides", "set_determinism"]
+__all__ = ["setup_cfg", "load_cfg", "register_config_datasets", "resolve_device", "merge_overrides", "set_determinism"]
 
 logger = logging.getLogger(__name__)
 
@@ -65,7 +65,16 @@ def load_cfg(config_file: str, opts=()) -> Tuple[CfgNode, str]:
     cfg = get_uda_cfg()
     cfg.merge_from_file(config_file)
     merge_overrides(cfg, list(opts or []))
+    register_config_datasets(cfg)
     return cfg, resolve_device(cfg)
+
+
+def register_config_datasets(cfg: CfgNode) -> None:
+    """Register the image-folder datasets of ``DATASETS.REGISTER`` (idempotent)."""
+    from uda_plugins.data.datasets.image_folder import register_datasets_file
+
+    for path in cfg.DATASETS.REGISTER:
+        register_datasets_file(path)
 
 
 def setup_cfg(args) -> CfgNode:
