@@ -466,13 +466,17 @@ def build_test_loader(cfg: CfgNode, dataset_name: str, load_label: bool = True) 
     if load_label and any("sem_seg_file_name" not in d for d in dicts):
         load_label = False  # an unlabelled split (e.g. a test set): predict only
     mapper = UDADatasetMapper.from_config(cfg, "test", load_label=load_label)
+    return _sharded_loader(dicts, mapper, cfg.TEST.IMS_PER_BATCH, cfg.DATALOADER.NUM_WORKERS)
+
+
+def _sharded_loader(dicts: Sequence[dict], mapper: UDADatasetMapper, batch_size: int, num_workers: int) -> DataLoader:
+    """Batches (lists of mapped dicts with their ``dataset_index``) of this rank's contiguous shard of ``dicts``."""
     dataset = _MappedList(dicts, mapper)
-    sampler = InferenceSampler(len(dataset), comm.get_rank(), comm.get_world_size())
     return DataLoader(
         dataset,
-        batch_size=cfg.TEST.IMS_PER_BATCH,
-        sampler=sampler,
-        num_workers=cfg.DATALOADER.NUM_WORKERS,
+        batch_size=batch_size,
+        sampler=InferenceSampler(len(dataset), comm.get_rank(), comm.get_world_size()),
+        num_workers=num_workers,
         collate_fn=_identity,
         worker_init_fn=_worker_init,
     )
@@ -492,12 +496,4 @@ def build_full_view_loader(cfg: CfgNode, dataset_name: str, batch_size: int, lim
         load_label=False,
         ignore_label=cfg.MODEL.SEM_SEG_HEAD.IGNORE_VALUE,
     )
-    dataset = _MappedList(dicts, mapper)
-    return DataLoader(
-        dataset,
-        batch_size=batch_size,
-        sampler=InferenceSampler(len(dataset), comm.get_rank(), comm.get_world_size()),
-        num_workers=cfg.DATALOADER.NUM_WORKERS,
-        collate_fn=_identity,
-        worker_init_fn=_worker_init,
-    )
+    return _sharded_loader(dicts, mapper, batch_size, cfg.DATALOADER.NUM_WORKERS)
