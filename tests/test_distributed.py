@@ -139,7 +139,10 @@ def test_duda_on_two_processes_equals_one_with_accumulation_and_writes_each_labe
         "UDA.DUDA.BETA_RAMP_START": 0,
     }
     ddp = str(tmp_path / "ddp")
-    assert train_net.cli(["--config-file", config, "--num-gpus", "2", "--dist-url", "auto"] + _overrides(ddp, **extra)) == 0
+    assert (
+        train_net.cli(["--config-file", config, "--num-gpus", "2", "--dist-url", "auto"] + _overrides(ddp, **extra))
+        == 0
+    )
     accumulated = str(tmp_path / "accumulated")
     overrides = _overrides(accumulated, **extra, **{"SOLVER.GRAD_ACCUMULATION_STEPS": 2})
     assert train_net.cli(["--config-file", config] + overrides) == 0

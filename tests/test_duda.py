@@ -29,16 +29,16 @@ from uda_plugins.modeling.losses import (  # noqa: E402
 )
 
 CONFIG = os.path.join(REPO, "configs", "synthetic", "duda.yaml")
-I = 255  # ignore
+IGN = 255  # the ignore label
 
 
 def test_keep_erase_refill_rule_on_hand_made_maps():
-    old = torch.tensor([[1, 1, I, I], [2, 2, I, 3]])
+    old = torch.tensor([[1, 1, IGN, IGN], [2, 2, IGN, 3]])
     prediction = torch.tensor([[1, 0, 4, 4], [2, 5, 6, 3]])
-    candidate = torch.tensor([[1, 0, 4, I], [2, 5, I, I]])  # the prediction where confident
+    candidate = torch.tensor([[1, 0, 4, IGN], [2, 5, IGN, IGN]])  # the prediction where confident
     new = temporal_consistency_update(old, prediction, candidate)
     # agree -> kept; disagree -> erased; unlabelled -> the confident candidate (or still ignored)
-    assert new.tolist() == [[1, I, 4, I], [2, I, I, 3]]
+    assert new.tolist() == [[1, IGN, 4, IGN], [2, IGN, IGN, 3]]
     # The kept label stays even where the new prediction is not confident (pixel (1, 3)).
 
 
@@ -105,7 +105,9 @@ def test_symmetric_cross_entropy_equals_the_reference():
     logits = torch.randn(2, 4, 6, 7, generator=g)
     target = torch.randint(0, 4, (2, 6, 7), generator=g)
     target[0, :2] = 255
-    assert float(symmetric_cross_entropy(logits, target)) == pytest.approx(float(_reference_sce(logits, target)), rel=1e-5)
+    assert float(symmetric_cross_entropy(logits, target)) == pytest.approx(
+        float(_reference_sce(logits, target)), rel=1e-5
+    )
     # no labelled pixel: 0, not NaN
     assert float(symmetric_cross_entropy(logits, torch.full_like(target, 255))) == 0.0
 
@@ -206,14 +208,16 @@ def test_bank_is_filled_after_the_warmup_and_rewritten_per_batch(tmp_path):
 
 
 def test_periodic_refresh_and_an_initial_folder(tmp_path):
-    from uda_plugins.data.pseudo_label_bank import bank_keys, write_label_atomic
     from uda_plugins.data.build import get_dataset_dicts
+    from uda_plugins.data.pseudo_label_bank import bank_keys, write_label_atomic
 
     initial = tmp_path / "initial"
     dicts = get_dataset_dicts(["synthetic_tiny_target_train"])
     for d, key in zip(dicts, bank_keys([d["file_name"] for d in dicts])):
         # named like the image file, flat (the authors' layout)
-        write_label_atomic(str(initial / (os.path.basename(key) + ".png")), np.full((d["height"], d["width"]), 7, np.uint8))
+        write_label_atomic(
+            str(initial / (os.path.basename(key) + ".png")), np.full((d["height"], d["width"]), 7, np.uint8)
+        )
     out = str(tmp_path / "duda")
     _train(
         out,
@@ -253,8 +257,16 @@ def test_generate_tool_makes_an_initial_bank_that_duda_starts_from(tmp_path):
     assert first.dtype == np.uint8 and set(np.unique(first)) - {255} <= set(range(19))
 
     out = str(tmp_path / "duda")
-    _train(out, **{"UDA.DUDA.SOURCE_WARMUP_ITERS": 0, "UDA.PSEUDO_LABEL_BANK.INITIAL_DIR": initial,
-                   "MODEL.WEIGHTS": weights, "SOLVER.MAX_ITER": 2, "UDA.DUDA.UPDATE_START": 5})
+    _train(
+        out,
+        **{
+            "UDA.DUDA.SOURCE_WARMUP_ITERS": 0,
+            "UDA.PSEUDO_LABEL_BANK.INITIAL_DIR": initial,
+            "MODEL.WEIGHTS": weights,
+            "SOLVER.MAX_ITER": 2,
+            "UDA.DUDA.UPDATE_START": 5,
+        },
+    )
     bank = os.path.join(out, "pseudo_label_bank", "synthetic_tiny_target_train")
     for name in labels[:-1]:
         copied = cv2.imread(os.path.join(bank, name[: -len(".png")] + "@0.png"), cv2.IMREAD_UNCHANGED)
@@ -276,8 +288,10 @@ def test_batch_norm_recalibration_averages_the_target_batches():
 
     net = Net().eval()
     g = torch.Generator().manual_seed(5)
-    batches = [[{"image": (torch.rand(3, 8, 8, generator=g) * 150 + 40 * k).to(torch.uint8)} for _ in range(2)]
-               for k in range(3)]
+    batches = [
+        [{"image": (torch.rand(3, 8, 8, generator=g) * 150 + 40 * k).to(torch.uint8)} for _ in range(2)]
+        for k in range(3)
+    ]
     assert recalibrate_batch_norm(net, batches, lambda x: x / 255.0) == 1
     assert not net.training  # the mode is restored
     with torch.no_grad():

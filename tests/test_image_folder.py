@@ -29,8 +29,11 @@ def _write_dataset(root, split, n, labelled=True):
         label[0, :] = 255
         image[label == 1] = (200, 30, 30)  # learnable classes
         image[label == 2] = (30, 200, 30)
-        Image.fromarray(image).save(root / "images" / split / city / f"frame{i}.jpg" if i % 2 else
-                                    root / "images" / split / city / f"frame{i}.png")
+        Image.fromarray(image).save(
+            root / "images" / split / city / f"frame{i}.jpg"
+            if i % 2
+            else root / "images" / split / city / f"frame{i}.png"
+        )
         if labelled:
             os.makedirs(root / "labels" / split / city, exist_ok=True)
             Image.fromarray(label).save(root / "labels" / split / city / f"frame{i}_label.png")
@@ -42,13 +45,23 @@ def custom(tmp_path):
     _write_dataset(root, "train", 6)
     _write_dataset(root, "unlabelled", 4, labelled=False)
     _write_dataset(root, "val", 4)
-    (root / "classes.yaml").write_text("- {name: ground, color: [128, 64, 128]}\n- {name: wall}\n- {name: grass, color: [0, 200, 0]}\n")
+    (root / "classes.yaml").write_text(
+        "- {name: ground, color: [128, 64, 128]}\n- {name: wall}\n- {name: grass, color: [0, 200, 0]}\n"
+    )
     spec = {
-        "mine_train": {"images": "images/train", "labels": "labels/train", "classes": "classes.yaml",
-                       "label_suffix": "_label"},
+        "mine_train": {
+            "images": "images/train",
+            "labels": "labels/train",
+            "classes": "classes.yaml",
+            "label_suffix": "_label",
+        },
         "mine_target": {"images": "images/unlabelled", "classes": "classes.yaml"},
-        "mine_val": {"images": "images/val", "labels": "labels/val", "classes": "classes.yaml",
-                     "label_suffix": "_label"},
+        "mine_val": {
+            "images": "images/val",
+            "labels": "labels/val",
+            "classes": "classes.yaml",
+            "label_suffix": "_label",
+        },
     }
     (root / "datasets.json").write_text(json.dumps(spec))
     return root

@@ -23,8 +23,13 @@ MIT_B0 = dict(dims=[32, 64, 160, 256], depths=[2, 2, 2, 2], sr=[8, 4, 2, 1], mlp
 
 
 def _bn(prefix, c):
-    return {f"{prefix}.weight": (c,), f"{prefix}.bias": (c,), f"{prefix}.running_mean": (c,),
-            f"{prefix}.running_var": (c,), f"{prefix}.num_batches_tracked": ()}
+    return {
+        f"{prefix}.weight": (c,),
+        f"{prefix}.bias": (c,),
+        f"{prefix}.running_mean": (c,),
+        f"{prefix}.running_var": (c,),
+        f"{prefix}.num_batches_tracked": (),
+    }
 
 
 def _mit_keys():
@@ -33,21 +38,48 @@ def _mit_keys():
     for i in range(4):
         d, prev = dims[i], (3 if i == 0 else dims[i - 1])
         k = 7 if i == 0 else 3
-        keys.update({f"patch_embed{i + 1}.proj.weight": (d, prev, k, k), f"patch_embed{i + 1}.proj.bias": (d,),
-                     f"patch_embed{i + 1}.norm.weight": (d,), f"patch_embed{i + 1}.norm.bias": (d,)})
+        keys.update(
+            {
+                f"patch_embed{i + 1}.proj.weight": (d, prev, k, k),
+                f"patch_embed{i + 1}.proj.bias": (d,),
+                f"patch_embed{i + 1}.norm.weight": (d,),
+                f"patch_embed{i + 1}.norm.bias": (d,),
+            }
+        )
         hidden, sr = d * MIT_B0["mlp"][i], MIT_B0["sr"][i]
         for j in range(MIT_B0["depths"][i]):
             b = f"block{i + 1}.{j}"
             for name, shape in [("norm1", (d,)), ("norm2", (d,))]:
                 keys.update({f"{b}.{name}.weight": shape, f"{b}.{name}.bias": shape})
-            keys.update({f"{b}.attn.q.weight": (d, d), f"{b}.attn.q.bias": (d,), f"{b}.attn.kv.weight": (2 * d, d),
-                         f"{b}.attn.kv.bias": (2 * d,), f"{b}.attn.proj.weight": (d, d), f"{b}.attn.proj.bias": (d,)})
+            keys.update(
+                {
+                    f"{b}.attn.q.weight": (d, d),
+                    f"{b}.attn.q.bias": (d,),
+                    f"{b}.attn.kv.weight": (2 * d, d),
+                    f"{b}.attn.kv.bias": (2 * d,),
+                    f"{b}.attn.proj.weight": (d, d),
+                    f"{b}.attn.proj.bias": (d,),
+                }
+            )
             if sr > 1:
-                keys.update({f"{b}.attn.sr.weight": (d, d, sr, sr), f"{b}.attn.sr.bias": (d,),
-                             f"{b}.attn.norm.weight": (d,), f"{b}.attn.norm.bias": (d,)})
-            keys.update({f"{b}.mlp.fc1.weight": (hidden, d), f"{b}.mlp.fc1.bias": (hidden,),
-                         f"{b}.mlp.dwconv.dwconv.weight": (hidden, 1, 3, 3), f"{b}.mlp.dwconv.dwconv.bias": (hidden,),
-                         f"{b}.mlp.fc2.weight": (d, hidden), f"{b}.mlp.fc2.bias": (d,)})
+                keys.update(
+                    {
+                        f"{b}.attn.sr.weight": (d, d, sr, sr),
+                        f"{b}.attn.sr.bias": (d,),
+                        f"{b}.attn.norm.weight": (d,),
+                        f"{b}.attn.norm.bias": (d,),
+                    }
+                )
+            keys.update(
+                {
+                    f"{b}.mlp.fc1.weight": (hidden, d),
+                    f"{b}.mlp.fc1.bias": (hidden,),
+                    f"{b}.mlp.dwconv.dwconv.weight": (hidden, 1, 3, 3),
+                    f"{b}.mlp.dwconv.dwconv.bias": (hidden,),
+                    f"{b}.mlp.fc2.weight": (d, hidden),
+                    f"{b}.mlp.fc2.bias": (d,),
+                }
+            )
         keys.update({f"norm{i + 1}.weight": (d,), f"norm{i + 1}.bias": (d,)})
     return keys
 
@@ -57,7 +89,9 @@ def _daformer_head_keys(prefix, in_dims, embed, classes, attention=False):
     HRDA's attention head whose fusion is a 1x1 ConvModule."""
     keys = {}
     for i, c in enumerate(in_dims):
-        keys.update({f"{prefix}.embed_layers.{i}.proj.weight": (embed, c), f"{prefix}.embed_layers.{i}.proj.bias": (embed,)})
+        keys.update(
+            {f"{prefix}.embed_layers.{i}.proj.weight": (embed, c), f"{prefix}.embed_layers.{i}.proj.bias": (embed,)}
+        )
     cat = embed * len(in_dims)
     if attention:
         keys[f"{prefix}.fuse_layer.conv.weight"] = (embed, cat, 1, 1)
@@ -85,8 +119,20 @@ def _tensors(shapes, seed):
 def test_a_mic_hrda_mitb5_style_checkpoint_fills_every_parameter():
     cfg = get_uda_cfg()
     cfg.merge_from_file(os.path.join(REPO, "configs", "gta5_cityscapes", "mic_hrda_mitb5.yaml"))
-    cfg.merge_from_list(["MODEL.DEVICE", "cpu", "MODEL.BACKBONE.PRETRAINED", "", "MODEL.TIMM.ARCH", "pvt_v2_b0",
-                         "MODEL.SEM_SEG_HEAD.EMBED_DIM", "32", "MODEL.HRDA.ATTENTION_EMBED_DIM", "16"])
+    cfg.merge_from_list(
+        [
+            "MODEL.DEVICE",
+            "cpu",
+            "MODEL.BACKBONE.PRETRAINED",
+            "",
+            "MODEL.TIMM.ARCH",
+            "pvt_v2_b0",
+            "MODEL.SEM_SEG_HEAD.EMBED_DIM",
+            "32",
+            "MODEL.HRDA.ATTENTION_EMBED_DIM",
+            "16",
+        ]
+    )
     model = build_model(cfg)
     segmentor = dict(_mit_keys())
     segmentor = {"backbone." + k: v for k, v in segmentor.items()}
@@ -100,14 +146,22 @@ def test_a_mic_hrda_mitb5_style_checkpoint_fills_every_parameter():
     assert set(own) - set(state) == {"ema_updates"}
     assert all(k.startswith("imnet_model.decode_head.") for k in unused) and unused  # the ImageNet model's head
     source = checkpoint["state_dict"]
-    torch.testing.assert_close(state["student.head.embed.res3.weight"][:, :, 0, 0], source["model.decode_head.head.embed_layers.1.proj.weight"])
+    torch.testing.assert_close(
+        state["student.head.embed.res3.weight"][:, :, 0, 0], source["model.decode_head.head.embed_layers.1.proj.weight"]
+    )
     assert torch.equal(state["teacher.head.classifier.bias"], source["ema_model.decode_head.head.conv_seg.bias"])
-    assert torch.equal(state["student.head.fuse.branches.2.1.1.running_var"],
-                       source["model.decode_head.head.fuse_layer.aspp_modules.2.pointwise_conv.bn.running_var"])
-    assert torch.equal(state["student.scale_attention_head.fuse.0.weight"],
-                       source["model.decode_head.scale_attention.fuse_layer.conv.weight"])
-    assert torch.equal(state["feature_distance.encoder.model.stages.3.blocks.1.attn.kv.weight"],
-                       source["imnet_model.backbone.block4.1.attn.kv.weight"])
+    assert torch.equal(
+        state["student.head.fuse.branches.2.1.1.running_var"],
+        source["model.decode_head.head.fuse_layer.aspp_modules.2.pointwise_conv.bn.running_var"],
+    )
+    assert torch.equal(
+        state["student.scale_attention_head.fuse.0.weight"],
+        source["model.decode_head.scale_attention.fuse_layer.conv.weight"],
+    )
+    assert torch.equal(
+        state["feature_distance.encoder.model.stages.3.blocks.1.attn.kv.weight"],
+        source["imnet_model.backbone.block4.1.attn.kv.weight"],
+    )
     model.load_state_dict(state, strict=False)
 
     wrong = dict(checkpoint["state_dict"])
@@ -123,9 +177,9 @@ def _to_reference_names(ours):
     for k, v in ours.items():
         if not k.startswith("student."):
             continue
-        k = k[len("student."):]
+        k = k[len("student.") :]
         if k.startswith("backbone.model."):
-            k = k[len("backbone.model."):]
+            k = k[len("backbone.model.") :]
             k = re.sub(r"^conv1\.(\d+)\.", r"stem.\1.", k)
             k = re.sub(r"^bn1\.", "stem.7.", k)
             out["backbone." + k] = v
@@ -134,10 +188,22 @@ def _to_reference_names(ours):
             (r"^head\.embed\.res(\d)\.(weight|bias)$", lambda m: f"embed_layers.{int(m[1]) - 2}.proj.{m[2]}"),
             (r"^head\.fuse\.branches\.0\.0\.(.+)$", lambda m: f"fuse_layer.aspp_modules.0.conv.{m[1]}"),
             (r"^head\.fuse\.branches\.0\.1\.(.+)$", lambda m: f"fuse_layer.aspp_modules.0.bn.{m[1]}"),
-            (r"^head\.fuse\.branches\.(\d)\.0\.0\.(.+)$", lambda m: f"fuse_layer.aspp_modules.{m[1]}.depthwise_conv.conv.{m[2]}"),
-            (r"^head\.fuse\.branches\.(\d)\.0\.1\.(.+)$", lambda m: f"fuse_layer.aspp_modules.{m[1]}.depthwise_conv.bn.{m[2]}"),
-            (r"^head\.fuse\.branches\.(\d)\.1\.0\.(.+)$", lambda m: f"fuse_layer.aspp_modules.{m[1]}.pointwise_conv.conv.{m[2]}"),
-            (r"^head\.fuse\.branches\.(\d)\.1\.1\.(.+)$", lambda m: f"fuse_layer.aspp_modules.{m[1]}.pointwise_conv.bn.{m[2]}"),
+            (
+                r"^head\.fuse\.branches\.(\d)\.0\.0\.(.+)$",
+                lambda m: f"fuse_layer.aspp_modules.{m[1]}.depthwise_conv.conv.{m[2]}",
+            ),
+            (
+                r"^head\.fuse\.branches\.(\d)\.0\.1\.(.+)$",
+                lambda m: f"fuse_layer.aspp_modules.{m[1]}.depthwise_conv.bn.{m[2]}",
+            ),
+            (
+                r"^head\.fuse\.branches\.(\d)\.1\.0\.(.+)$",
+                lambda m: f"fuse_layer.aspp_modules.{m[1]}.pointwise_conv.conv.{m[2]}",
+            ),
+            (
+                r"^head\.fuse\.branches\.(\d)\.1\.1\.(.+)$",
+                lambda m: f"fuse_layer.aspp_modules.{m[1]}.pointwise_conv.bn.{m[2]}",
+            ),
             (r"^head\.fuse\.bottleneck\.0\.(.+)$", lambda m: f"fuse_layer.bottleneck.conv.{m[1]}"),
             (r"^head\.fuse\.bottleneck\.1\.(.+)$", lambda m: f"fuse_layer.bottleneck.bn.{m[1]}"),
             (r"^head\.classifier\.(.+)$", lambda m: f"conv_seg.{m[1]}"),
@@ -159,8 +225,9 @@ def test_a_trained_model_round_trips_through_the_reference_names(tmp_path):
     assert train_net.cli(["--config-file", config] + tiny_overrides(trained, **{"TEST.EVAL_PERIOD": 0})) == 0
     ours = torch.load(os.path.join(trained, "model_final.pth"), weights_only=True)["model"]
     reference = str(tmp_path / "mmseg.pth")
-    torch.save({"meta": {"iter": 4}, "state_dict": {"model." + k: v for k, v in _to_reference_names(ours).items()}},
-               reference)
+    torch.save(
+        {"meta": {"iter": 4}, "state_dict": {"model." + k: v for k, v in _to_reference_names(ours).items()}}, reference
+    )
     converted = str(tmp_path / "converted.pth")
     overrides = tiny_overrides(str(tmp_path / "unused"))
     assert convert_tool.main(["--config-file", config, "--input", reference, "--output", converted] + overrides) == 0
@@ -176,4 +243,6 @@ def test_a_trained_model_round_trips_through_the_reference_names(tmp_path):
     assert results[0] == results[1]
     # A config that does not describe the checkpoint's network fails naming the parameters.
     bad = ["MODEL.SEM_SEG_HEAD.NAME", "DeepLabV2Head", "MODEL.SEM_SEG_HEAD.IN_FEATURES", "['res5']"]
-    assert convert_tool.main(["--config-file", config, "--input", reference, "--output", converted] + overrides + bad) == 1
+    assert (
+        convert_tool.main(["--config-file", config, "--input", reference, "--output", converted] + overrides + bad) == 1
+    )

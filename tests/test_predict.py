@@ -60,7 +60,9 @@ def test_images_from_a_folder_and_a_glob(checkpoint, images, tmp_path, mode):
         assert labels.max() < 19
         np.testing.assert_array_equal(seg, palette[labels])  # the dataset's palette
     glob_out = tmp_path / "glob"
-    assert _predict(["--input", str(images / "*.jpg"), "--output", str(glob_out), "MODEL.WEIGHTS", checkpoint] + TINY) == 0
+    assert (
+        _predict(["--input", str(images / "*.jpg"), "--output", str(glob_out), "MODEL.WEIGHTS", checkpoint] + TINY) == 0
+    )
     assert len(glob.glob(str(glob_out / "*_labels.png"))) == len(stems)
 
 

@@ -55,8 +55,7 @@ def test_versions_reads_and_superseded_files(tmp_path):
     bank.commit([(1, _label(11))], iteration=6)
     # ... and is deleted then; version 6 of image 1 is superseded in turn but not yet deleted.
     assert _files(bank.root) == sorted(
-        [f"{_key(0)}@0.png", f"{_key(1)}@6.png", f"{_key(1)}@7.png",
-         f"{_key(2)}@6.png", f"{_key(3)}@0.png"]
+        [f"{_key(0)}@0.png", f"{_key(1)}@6.png", f"{_key(1)}@7.png", f"{_key(2)}@6.png", f"{_key(3)}@0.png"]
     )
 
 
@@ -87,9 +86,7 @@ def test_resume_restores_the_checkpoint_bank_and_removes_later_files(tmp_path):
     resumed.open()
     assert resumed.versions.tolist() == [10, 0, 0, 0]
     assert (resumed.read(0)[0] == 100).all() and (resumed.read(1)[0] == 1).all()
-    assert _files(resumed.root) == sorted(
-        [f"{_key(0)}@10.png"] + [f"{_key(i)}@0.png" for i in range(1, 4)]
-    )
+    assert _files(resumed.root) == sorted([f"{_key(0)}@10.png"] + [f"{_key(i)}@0.png" for i in range(1, 4)])
 
 
 def test_pinned_checkpoint_states_stay_restorable_and_older_ones_fail_loudly(tmp_path):

@@ -66,7 +66,9 @@ def main(argv=None) -> int:
         tablefmt="github",
     )
     collapsed = [
-        f"- {n}: {c} in seed {s} (IoU {v:.1f}, mean {m:.1f})" for n in names for c, s, v, m in collapsed_classes(results[n])
+        f"- {n}: {c} in seed {s} (IoU {v:.1f}, mean {m:.1f})"
+        for n in names
+        for c, s, v, m in collapsed_classes(results[n])
     ]
     text = (
         f"Seeds {args.seeds}; last evaluation of each run on its first test set.\n\n{summary}\n\n"

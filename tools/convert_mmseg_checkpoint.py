@@ -49,7 +49,9 @@ def convert(config_file: str, source: str, output: str, opts=()) -> dict:
         )
     counts = {part: sum(k.startswith(part + ".") for k in state) for part in ("student", "teacher", "feature_distance")}
     if "teacher" in {n.split(".")[0] for n in own} and counts["teacher"] and "ema_updates" in own:
-        state["ema_updates"] = torch.ones((), dtype=torch.long)  # a trained teacher: not re-initialised from the student
+        state["ema_updates"] = torch.ones(
+            (), dtype=torch.long
+        )  # a trained teacher: not re-initialised from the student
     logger.info("Converted %s", ", ".join(f"{n} {c} tensors" for n, c in counts.items() if c))
     if unused:
         logger.info("%d checkpoint tensors have no place in this network (e.g. %s)", len(unused), unused[:5])

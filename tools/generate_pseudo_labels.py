@@ -20,7 +20,6 @@ import logging
 import os
 import sys
 
-import numpy as np
 import torch
 from tqdm import tqdm
 
@@ -76,7 +75,9 @@ def generate(cfg, dataset: str, output: str, network_name: str = "student", batc
     }
     with open(os.path.join(output, "class_thresholds.json"), "w") as f:
         json.dump(summary, f, indent=1)
-    logger.info("Wrote %d pseudo-labels to %s (%.1f%% of pixels kept)", len(keys), output, 100 * summary["kept_fraction"])
+    logger.info(
+        "Wrote %d pseudo-labels to %s (%.1f%% of pixels kept)", len(keys), output, 100 * summary["kept_fraction"]
+    )
     return summary
 
 

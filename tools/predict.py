@@ -54,7 +54,9 @@ def expand_inputs(items: Sequence[str]) -> Tuple[List[str], List[str]]:
         elif ext in VIDEO_EXTENSIONS:
             videos.append(path)
         elif explicit:
-            raise ValueError(f"--input '{path}' is neither an image ({IMAGE_EXTENSIONS}) nor a video ({VIDEO_EXTENSIONS})")
+            raise ValueError(
+                f"--input '{path}' is neither an image ({IMAGE_EXTENSIONS}) nor a video ({VIDEO_EXTENSIONS})"
+            )
 
     for item in items:
         before = len(images) + len(videos)

@@ -41,7 +41,9 @@ def main(argv=None) -> int:
     )
     collapsed = collapsed_classes(metrics)
     flags = "\n".join(f"COLLAPSED: {c} in seed {s}: IoU {v:.1f} (mean {mean:.1f})" for c, s, v, mean in collapsed)
-    text = f"{summary}\n\nPer class over seeds:\n\n{per_class_range_table(metrics)}\n" + (f"\n{flags}\n" if flags else "")
+    text = f"{summary}\n\nPer class over seeds:\n\n{per_class_range_table(metrics)}\n" + (
+        f"\n{flags}\n" if flags else ""
+    )
     print(text)
     atomic_write_text(os.path.join(args.output_dir, runs[0].name, "sweep.md"), text)
     return 0

@@ -158,7 +158,9 @@ class DomainStream:
 
     def attach_label_bank(self, bank) -> None:
         if len(bank) != len(self.dataset):
-            raise ValueError(f"A pseudo-label bank of {len(bank)} images for the stream '{self.name}' of {len(self.dataset)}")
+            raise ValueError(
+                f"A pseudo-label bank of {len(bank)} images for the stream '{self.name}' of {len(self.dataset)}"
+            )
         self.label_bank = bank
 
     def batch(self, iteration: int, rank: int, world_size: int) -> List[dict]:

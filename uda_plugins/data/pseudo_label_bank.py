@@ -86,7 +86,9 @@ def read_label_file(path: str) -> np.ndarray:
             raise FileNotFoundError(f"Pseudo-label file '{path}' does not exist")
         raise OSError(f"Pseudo-label file '{path}' is corrupt or not a PNG")
     if label.ndim != 2 or label.dtype != np.uint8:
-        raise ValueError(f"Pseudo-label file '{path}' must be a single-channel uint8 PNG, not {label.shape} {label.dtype}")
+        raise ValueError(
+            f"Pseudo-label file '{path}' must be a single-channel uint8 PNG, not {label.shape} {label.dtype}"
+        )
     return label
 
 

@@ -56,7 +56,9 @@ class Run:
 
 def plan_runs(configs: Sequence[str], seeds: Sequence[int], root: str) -> List[Run]:
     return [
-        Run(c, s, os.path.join(root, os.path.splitext(os.path.basename(c))[0], f"seed{s}")) for c in configs for s in seeds
+        Run(c, s, os.path.join(root, os.path.splitext(os.path.basename(c))[0], f"seed{s}"))
+        for c in configs
+        for s in seeds
     ]
 
 

@@ -37,7 +37,9 @@ class PseudoLabelBankHook(HookBase):
         self._model.commit_bank_update(self._cfg, self.trainer.iter)
         storage = self.trainer.storage
         for k, bank in enumerate(self._banks):
-            storage.put_scalar(f"bank{k}/stale_reads" if k else "bank/stale_reads", bank.stale_reads, smoothing_hint=False)
+            storage.put_scalar(
+                f"bank{k}/stale_reads" if k else "bank/stale_reads", bank.stale_reads, smoothing_hint=False
+            )
 
     def state_dict(self) -> dict:
         return {f"bank{k}": bank.state_dict() for k, bank in enumerate(self._banks)}

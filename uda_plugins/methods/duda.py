@@ -212,8 +212,9 @@ class DUDA(SelfTrainingArch):
             shard = range(comm.get_rank(), len(bank), comm.get_world_size())
             bank.initialize((i, read_initial_label(self.initial_dir, bank.keys[i])) for i in shard)
             return
-        logger.info("DUDA: generating the initial pseudo-labels with the student (IAST selection, proportion %s)",
-                    self.ias[0])
+        logger.info(
+            "DUDA: generating the initial pseudo-labels with the student (IAST selection, proportion %s)", self.ias[0]
+        )
         selector = InstanceAdaptiveSelector(self.num_classes, *self.ias, ignore_index=self.ignore_value)
         bank.initialize(ias_pseudo_labels(self.student, self._full_view_loader(cfg), selector))
 

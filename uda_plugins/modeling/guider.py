@@ -44,7 +44,9 @@ def sincos_position_embedding(embed_dim: int, rows: int, cols: int) -> torch.Ten
         raise ValueError(f"The Guider's embedding width must be a multiple of 4, got {embed_dim}")
     quarter = embed_dim // 4
     omega = 1.0 / 10000 ** (torch.arange(quarter, dtype=torch.float64) / quarter)
-    ys, xs = torch.meshgrid(torch.arange(rows, dtype=torch.float64), torch.arange(cols, dtype=torch.float64), indexing="ij")
+    ys, xs = torch.meshgrid(
+        torch.arange(rows, dtype=torch.float64), torch.arange(cols, dtype=torch.float64), indexing="ij"
+    )
 
     def embed(pos: torch.Tensor) -> torch.Tensor:
         out = pos.reshape(-1, 1) * omega[None]
@@ -97,7 +99,9 @@ class Guider(nn.Module):
         """``channels``: the width of every level the decode head reads; ``guided``: the level to reconstruct."""
         super().__init__()
         if guided not in channels:
-            raise ValueError(f"UDA.GUIDANCE.FEATURE '{guided}' is not a level the decode head reads: {sorted(channels)}")
+            raise ValueError(
+                f"UDA.GUIDANCE.FEATURE '{guided}' is not a level the decode head reads: {sorted(channels)}"
+            )
         if embed_dim % num_heads:
             raise ValueError(f"UDA.GUIDANCE.EMBED_DIM {embed_dim} must be divisible by NUM_HEADS {num_heads}")
         self.guided, self.patch_size, self.embed_dim = guided, patch_size, embed_dim
@@ -127,7 +131,9 @@ class Guider(nn.Module):
             out[key] = features[key] * m + (1 - m) * token
         f = features[self.guided]
         m = _mask_like(target_mask, f)
-        out[self.guided] = f * m + (1 - m) * self.projector_token + self.offset(f * m + (1 - m) * self.aggregation_token)
+        out[self.guided] = (
+            f * m + (1 - m) * self.projector_token + self.offset(f * m + (1 - m) * self.aggregation_token)
+        )
         return out
 
     def offset(self, masked: torch.Tensor) -> torch.Tensor:

@@ -280,7 +280,10 @@ class HRDASegmentor(Segmentor):
     def views(self, output: SegmentorOutput) -> List[View]:
         """The context view (whole image at the context scale) and the detail view (the detail box at scale 1)."""
         extras = output.extras
-        return [View(extras["lr_features"], self.lr_scale), View(extras["hr_features"], self.hr_scale, extras["detail_box"])]
+        return [
+            View(extras["lr_features"], self.lr_scale),
+            View(extras["hr_features"], self.hr_scale, extras["detail_box"]),
+        ]
 
     def decode_views(self, features: Sequence[Dict[str, torch.Tensor]], output: SegmentorOutput) -> SegmentorOutput:
         """Replacement (context, detail) features decoded and fused as in training, with ``output``'s detail box;

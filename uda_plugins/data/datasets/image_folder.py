@@ -32,7 +32,13 @@ from uda_plugins.data.labels import ClassSet
 
 from .common import image_label_dicts, image_size, register_sem_seg, require_dir
 
-__all__ = ["IMAGE_EXTENSIONS", "load_class_list", "image_folder_dicts", "register_image_folder", "register_datasets_file"]
+__all__ = [
+    "IMAGE_EXTENSIONS",
+    "load_class_list",
+    "image_folder_dicts",
+    "register_image_folder",
+    "register_datasets_file",
+]
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 
@@ -65,7 +71,9 @@ def load_class_list(spec: Union[str, Sequence], name: str = "custom") -> ClassSe
     else:
         names = data
     if not isinstance(names, (list, tuple)) or not names or not all(isinstance(n, str) and n for n in names):
-        raise ValueError(f"{where} must list the class names (a list of strings, of {{name, color}} or {{classes: [...]}})")
+        raise ValueError(
+            f"{where} must list the class names (a list of strings, of {{name, color}} or {{classes: [...]}})"
+        )
     if len(set(names)) != len(names):
         raise ValueError(f"{where} names a class twice")
     if len(names) > 255:
