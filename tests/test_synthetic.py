@@ -81,3 +81,22 @@ def test_concurrent_first_use_generates_once(tmp_path):
     assert len(paths) == 1
     entries = [e for e in os.listdir(tmp_path) if not e.endswith(".lock")]
     assert entries == [spec.key()]  # no leftover temporary folders
+
+
+def test_further_target_styles_for_multi_target_adaptation():
+    spec = SyntheticPairSpec(height=64, width=128)
+    brightness, contrast = {}, {}
+    for domain in ("target", "target_dusk", "target_fog"):
+        images = [render_image(spec, domain, "train", i)[0].astype(float) for i in range(12)]
+        brightness[domain] = np.mean([im.mean() for im in images])
+        contrast[domain] = np.mean([im.std() for im in images])
+        # the scene of image i depends on its domain too: not a re-colouring of the target's image i
+        assert not np.array_equal(
+            render_image(spec, domain, "train", 0)[1], render_image(spec, "source", "train", 0)[1]
+        )
+    assert brightness["target_dusk"] < 0.75 * brightness["target"]  # dusk is dark
+    assert contrast["target_fog"] < 0.8 * contrast["target"]  # fog flattens the image
+    for style in ("dusk", "fog"):
+        dicts = DatasetCatalog.get(f"synthetic_tiny_target_{style}_val")
+        assert len(dicts) == TINY_SPEC.num_target_val and f"target_{style}" in dicts[0]["file_name"]
+        assert MetadataCatalog.get(f"synthetic_tiny_target_{style}_train").stuff_classes == list(CITYSCAPES_19.classes)

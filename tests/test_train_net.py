@@ -173,3 +173,12 @@ def test_two_processes_on_cpu(tmp_path):
     assert os.path.isfile(os.path.join(out, "log.txt.rank1"))
     evals = [r for r in _metrics(out) if "sem_seg/mIoU" in r]
     assert len(evals) == 1
+
+
+def test_several_test_sets_report_each_and_their_mean(tmp_path):
+    out = str(tmp_path / "three_targets")
+    tests = "('synthetic_tiny_target_val', 'synthetic_tiny_target_dusk_val', 'synthetic_tiny_target_fog_val')"
+    assert train_net.cli(["--config-file", SOURCE_ONLY] + tiny_overrides(out, **{"DATASETS.TEST": tests})) == 0
+    final = [r for r in _metrics(out) if "mean_over_test_sets/sem_seg/mIoU" in r][-1]
+    each = [final[f"synthetic_tiny_target{s}_val/sem_seg/mIoU"] for s in ("", "_dusk", "_fog")]
+    assert final["mean_over_test_sets/sem_seg/mIoU"] == pytest.approx(sum(each) / 3)

@@ -230,7 +230,26 @@ class UDATrainer(DefaultTrainer):
             finally:
                 meta_arch.eval_model = previous
             put_iou_charts(cfg, results[name], name if len(names) > 1 else "")
+            add_mean_over_test_sets(results[name])
         return results[names[0]] if len(names) == 1 else results
+
+
+MEAN_OVER_TEST_SETS = "mean_over_test_sets"
+
+
+def add_mean_over_test_sets(results) -> None:
+    """With several test sets (multi-target adaptation: one per target), add their mean mIoU (and the mean of every
+    other ``mIoU*`` entry they all have) as ``results["mean_over_test_sets"]["sem_seg"]``, in place."""
+    per_dataset = [r["sem_seg"] for r in results.values() if isinstance(r, dict) and "sem_seg" in r]
+    if len(per_dataset) < 2 or "sem_seg" in results:
+        return
+    keys = [k for k in per_dataset[0] if k.startswith("mIoU") and all(k in r for r in per_dataset)]
+    results[MEAN_OVER_TEST_SETS] = {"sem_seg": {k: sum(r[k] for r in per_dataset) / len(per_dataset) for k in keys}}
+    logger.info(
+        "Mean over %d test sets: %s",
+        len(per_dataset),
+        ", ".join(f"{k} {v:.2f}" for k, v in results[MEAN_OVER_TEST_SETS]["sem_seg"].items()),
+    )
 
 
 def put_iou_charts(cfg: CfgNode, results, model_name: str = "") -> None:

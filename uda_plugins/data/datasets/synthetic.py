@@ -32,7 +32,7 @@ import logging
 import os
 import shutil
 import tempfile
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Dict, List, Sequence, Tuple
 
 import cv2
@@ -51,6 +51,8 @@ __all__ = [
     "synthetic_root",
     "ensure_synthetic_pair",
     "register_synthetic_pair",
+    "ensure_synthetic_target",
+    "EXTRA_TARGETS",
 ]
 
 logger = logging.getLogger(__name__)
@@ -99,6 +101,11 @@ class DomainStyle:
     persons: float  # mean number of persons per image
     poles: float  # mean number of poles (with signs)
     trees: float  # mean number of sidewalk trees
+    # Further target domains (multi-target adaptation) add a global look on top; the defaults change nothing (and
+    # draw no random numbers), so the source and the first target render exactly as before.
+    brightness: float = 1.0  # overall brightness factor (dusk < 1)
+    cast: Tuple[float, float, float] = (1.0, 1.0, 1.0)  # a fixed RGB colour cast
+    haze: float = 0.0  # blend towards a light grey haze, strongest at the horizon (fog)
 
 
 @dataclass(frozen=True)
@@ -361,18 +368,46 @@ def _render(rng: np.random.Generator, canvas: _Canvas, style: DomainStyle) -> np
         gradient = 1.0 + 0.25 * (direction[0] * (canvas.xx / W - 0.5) + direction[1] * (canvas.yy / H - 0.5))
         cast = rng.uniform(0.85, 1.15, 3)
         image = image * gradient[..., None] * cast * rng.uniform(0.8, 1.15)
+    if style.brightness != 1.0 or style.cast != (1.0, 1.0, 1.0):
+        image = image * style.brightness * np.asarray(style.cast)
+    if style.haze > 0:
+        horizon = 1.0 - np.abs(canvas.yy / H - 0.45) / 0.55  # 1 at the horizon line, lower towards top and bottom
+        amount = style.haze * np.clip(horizon, 0.3, 1.0)[..., None]
+        image = (1 - amount) * image + amount * np.asarray((205.0, 208.0, 212.0))
     if style.blur_sigma[1] > 0:
         image = cv2.GaussianBlur(image.astype(np.float32), (0, 0), float(rng.uniform(*style.blur_sigma)))
     image = image + rng.normal(0.0, style.noise_sigma, image.shape)
     return np.clip(np.round(image), 0, 255).astype(np.uint8)
 
 
+def extra_target_style(spec: SyntheticPairSpec, name: str) -> DomainStyle:
+    """The further target domains of the multi-target setting: the target's palettes and textures seen at dusk
+    (dark, warm cast, more noise, more cars) or in fog (haze towards the horizon, low contrast, more blur, more
+    persons)."""
+    base = spec.target_style()
+    if name == "dusk":
+        return replace(base, brightness=0.55, cast=(1.15, 0.95, 0.75), noise_sigma=12.0, cars=8.0, persons=2.5)
+    if name == "fog":
+        return replace(base, haze=0.55, blur_sigma=(1.0, 1.6), cars=4.0, persons=5.0)
+    raise KeyError(f"Unknown synthetic target style '{name}'; known: {', '.join(EXTRA_TARGETS)}")
+
+
+EXTRA_TARGETS = ("dusk", "fog")
+
+
 def render_image(spec: SyntheticPairSpec, domain: str, split: str, index: int) -> Tuple[np.ndarray, np.ndarray]:
-    """Image ``index`` of a split: (RGB uint8 HxWx3, Cityscapes labelIds uint8 HxW). Deterministic."""
-    domain_id = {"source": 0, "target": 1}[domain]
+    """Image ``index`` of a split: (RGB uint8 HxWx3, Cityscapes labelIds uint8 HxW). Deterministic. ``domain``:
+    "source", "target", or "target_<style>" for the further targets (:data:`EXTRA_TARGETS`)."""
+    domain_ids = {"source": 0, "target": 1, **{f"target_{n}": 2 + k for k, n in enumerate(EXTRA_TARGETS)}}
+    domain_id = domain_ids[domain]
     split_id = {"train": 0, "val": 1}[split]
     rng = np.random.default_rng([spec.seed, domain_id, split_id, index])
-    style = spec.source_style() if domain == "source" else spec.target_style()
+    if domain == "source":
+        style = spec.source_style()
+    elif domain == "target":
+        style = spec.target_style()
+    else:
+        style = extra_target_style(spec, domain[len("target_") :])
     canvas = _draw_scene(rng, style, spec.height, spec.width)
     return _render(rng, canvas, style), canvas.label
 
@@ -393,10 +428,11 @@ def _split_sizes(spec: SyntheticPairSpec) -> Dict[Tuple[str, str], int]:
     }
 
 
-def _write_pair(spec: SyntheticPairSpec, out_dir: str) -> None:
+def _write_domain(spec: SyntheticPairSpec, domain: str, sizes: Dict[str, int], out_dir: str) -> None:
+    """Write one domain's splits in the Cityscapes layout under ``out_dir/<domain>`` and prepare its labels."""
     from tqdm import tqdm
 
-    for (domain, split), count in _split_sizes(spec).items():
+    for split, count in sizes.items():
         for i in tqdm(range(count), desc=f"synthetic {domain} {split}", unit="img", leave=False):
             city = spec.cities[i % len(spec.cities)]
             stem = f"{city}_{i // len(spec.cities):06d}_000019"
@@ -405,26 +441,31 @@ def _write_pair(spec: SyntheticPairSpec, out_dir: str) -> None:
             atomic_write_png(os.path.join(base, "leftImg8bit", split, city, stem + "_leftImg8bit.png"), image)
             atomic_write_png(os.path.join(base, "gtFine", split, city, stem + "_gtFine_labelIds.png"), label_ids)
         prepare_cityscapes(os.path.join(out_dir, domain), splits=(split,))
+
+
+def _write_pair(spec: SyntheticPairSpec, out_dir: str) -> None:
+    for domain in ("source", "target"):
+        sizes = {split: n for (d, split), n in _split_sizes(spec).items() if d == domain}
+        _write_domain(spec, domain, sizes, out_dir)
     with open(os.path.join(out_dir, "spec.json"), "w") as f:
         json.dump(asdict(spec), f, indent=1, sort_keys=True)
 
 
-def ensure_synthetic_pair(spec: SyntheticPairSpec = DEFAULT_SPEC, root: str = "") -> str:
-    """The folder holding the pair described by ``spec``, generating it first if needed. Safe to call from
+def _ensure_generated(root: str, name: str, write) -> str:
+    """``root/name``, made by ``write(tmp_folder)`` first if it holds no ``spec.json`` yet. Safe to call from
     several processes at once: one generates (into a temporary folder renamed into place), the others wait."""
-    root = root or synthetic_root()
-    final = os.path.join(root, spec.key())
+    final = os.path.join(root, name)
     if os.path.isfile(os.path.join(final, "spec.json")):
         return final
     os.makedirs(root, exist_ok=True)
-    with open(os.path.join(root, spec.key() + ".lock"), "w") as lock:
+    with open(os.path.join(root, name + ".lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         try:
             if not os.path.isfile(os.path.join(final, "spec.json")):
-                logger.info(f"Generating the synthetic domain pair into {final} (once per machine) ...")
-                tmp = tempfile.mkdtemp(prefix=spec.key() + ".", suffix=".tmp", dir=root)
+                logger.info(f"Generating synthetic data into {final} (once per machine) ...")
+                tmp = tempfile.mkdtemp(prefix=name + ".", suffix=".tmp", dir=root)
                 try:
-                    _write_pair(spec, tmp)
+                    write(tmp)
                     if os.path.isdir(final):  # a partial folder from an interrupted old-style write
                         shutil.rmtree(final)
                     os.rename(tmp, final)
@@ -436,9 +477,28 @@ def ensure_synthetic_pair(spec: SyntheticPairSpec = DEFAULT_SPEC, root: str = ""
     return final
 
 
+def ensure_synthetic_pair(spec: SyntheticPairSpec = DEFAULT_SPEC, root: str = "") -> str:
+    """The folder holding the pair described by ``spec``, generating it first if needed (process-safe)."""
+    return _ensure_generated(root or synthetic_root(), spec.key(), lambda tmp: _write_pair(spec, tmp))
+
+
+def ensure_synthetic_target(spec: SyntheticPairSpec, style: str, root: str = "") -> str:
+    """The folder holding the further target domain ``style`` (same sizes as the target), generated if needed."""
+    domain = f"target_{style}"
+    sizes = {"train": spec.num_target_train, "val": spec.num_target_val}
+
+    def write(tmp: str) -> None:
+        _write_domain(spec, domain, sizes, tmp)
+        with open(os.path.join(tmp, "spec.json"), "w") as f:
+            json.dump(dict(asdict(spec), style=style), f, indent=1, sort_keys=True)
+
+    return os.path.join(_ensure_generated(root or synthetic_root(), f"{spec.key()}-{domain}", write), domain)
+
+
 def register_synthetic_pair(prefix: str = "synthetic", spec: SyntheticPairSpec = DEFAULT_SPEC) -> None:
-    """Register ``{prefix}_source_{train,val}`` and ``{prefix}_target_{train,val}`` (19-class Cityscapes
-    trainIds). Nothing is generated until a split is first listed."""
+    """Register ``{prefix}_source_{train,val}``, ``{prefix}_target_{train,val}`` and the further targets
+    ``{prefix}_target_{dusk,fog}_{train,val}`` (19-class Cityscapes trainIds). Nothing is generated until a split is
+    first listed; each further target is generated on its own."""
     suffix = LABEL_SUFFIXES[CITYSCAPES_19.name]
     for domain in ("source", "target"):
         for split in ("train", "val"):
@@ -449,6 +509,16 @@ def register_synthetic_pair(prefix: str = "synthetic", spec: SyntheticPairSpec =
                 ),
                 CITYSCAPES_19,
                 synthetic_spec=spec.key(),
+            )
+    for style in EXTRA_TARGETS:
+        for split in ("train", "val"):
+            register_sem_seg(
+                f"{prefix}_target_{style}_{split}",
+                lambda style=style, split=split: load_cityscapes_semseg(
+                    ensure_synthetic_target(spec, style), split, suffix
+                ),
+                CITYSCAPES_19,
+                synthetic_spec=f"{spec.key()}-target_{style}",
             )
 
 
