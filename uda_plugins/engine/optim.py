@@ -20,15 +20,16 @@ from torch import nn
 
 from uda_plugins.d2 import CfgNode, LRMultiplier, WarmupParamScheduler
 
-__all__ = ["build_param_groups", "build_optimizer", "PolyWithWarmup", "build_lr_scheduler"]
+__all__ = ["build_param_groups", "build_optimizer", "CompositeOptimizer", "PolyWithWarmup", "build_lr_scheduler"]
 
 _NORM_TYPES = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm, nn.LocalResponseNorm)
 
 
-def build_param_groups(cfg: CfgNode, model: nn.Module) -> List[dict]:
+def build_param_groups(cfg: CfgNode, model: nn.Module, excluded=frozenset()) -> List[dict]:
+    """Groups of the trainable parameters of ``model`` except those whose ``id`` is in ``excluded``."""
     s = cfg.SOLVER
     groups: Dict[Tuple[float, float], List[nn.Parameter]] = {}
-    seen = set()
+    seen = set(excluded)
     for module_name, module in model.named_modules():
         for name, p in module.named_parameters(recurse=False):
             if not p.requires_grad or id(p) in seen:
@@ -46,11 +47,65 @@ def build_param_groups(cfg: CfgNode, model: nn.Module) -> List[dict]:
     return [{"params": params, "lr": lr, "weight_decay": wd} for (lr, wd), params in groups.items()]
 
 
+class CompositeOptimizer(torch.optim.Optimizer):
+    """Several optimizers stepped as one (SGD for the segmenter beside Adam for discriminators, MCL's warm-up): one
+    ``zero_grad``/``step``, one ``param_groups`` list (the optimizers' own group dicts, so a learning-rate scheduler
+    and a GradScaler see every group), one state dict holding each optimizer's."""
+
+    def __init__(self, optimizers) -> None:  # noqa: D107 (torch.optim.Optimizer.__init__ is not called on purpose)
+        self.optimizers = list(optimizers)
+        self.defaults = {}
+        self._optimizer_step_pre_hooks, self._optimizer_step_post_hooks = {}, {}
+        self._optimizer_state_dict_pre_hooks, self._optimizer_state_dict_post_hooks = {}, {}
+        self._optimizer_load_state_dict_pre_hooks, self._optimizer_load_state_dict_post_hooks = {}, {}
+
+    @property
+    def param_groups(self):
+        return [g for o in self.optimizers for g in o.param_groups]
+
+    @property
+    def state(self):
+        return {p: s for o in self.optimizers for p, s in o.state.items()}
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for o in self.optimizers:
+            o.zero_grad(set_to_none=set_to_none)
+
+    def step(self, closure=None):
+        if closure is not None:
+            raise ValueError("CompositeOptimizer.step takes no closure")
+        for o in self.optimizers:
+            o.step()
+
+    def state_dict(self) -> dict:
+        return {"optimizers": [o.state_dict() for o in self.optimizers]}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        states = state_dict["optimizers"]
+        if len(states) != len(self.optimizers):
+            raise ValueError(f"The checkpoint has {len(states)} optimizers, this model {len(self.optimizers)}")
+        for o, s in zip(self.optimizers, states):
+            o.load_state_dict(s)
+
+    def __repr__(self) -> str:
+        return f"CompositeOptimizer({', '.join(type(o).__name__ for o in self.optimizers)})"
+
+
 def build_optimizer(cfg: CfgNode, model: nn.Module) -> torch.optim.Optimizer:
+    """The segmenter's optimizer (``SOLVER.OPTIMIZER`` over :func:`build_param_groups`). A meta-architecture with
+    ``separate_optimizers(cfg)`` (a list of optimizers over some of its parameters, e.g. discriminators) gets a
+    :class:`CompositeOptimizer` of both, those parameters left out of the first."""
+    extras = list(getattr(model, "separate_optimizers", lambda c: [])(cfg))
+    separate = {id(p) for o in extras for g in o.param_groups for p in g["params"]}
+    main = _build_main_optimizer(cfg, model, separate)
+    return CompositeOptimizer([main] + extras) if extras else main
+
+
+def _build_main_optimizer(cfg: CfgNode, model: nn.Module, excluded=frozenset()) -> torch.optim.Optimizer:
     s = cfg.SOLVER
     if s.CLIP_GRADIENTS.ENABLED:
         raise NotImplementedError("SOLVER.CLIP_GRADIENTS is not supported yet; set SOLVER.CLIP_GRADIENTS.ENABLED False")
-    groups = build_param_groups(cfg, model)
+    groups = build_param_groups(cfg, model, excluded)
     if not groups:
         raise ValueError("The model has no trainable parameters")
     name = s.OPTIMIZER.upper()
