@@ -61,6 +61,14 @@ METHODS = {
             "DATALOADER.NUM_WORKERS": 2,
         },
     ),
+    # MCL's warm-up on two targets: per-target heads and discriminators, SGD/AdamW + Adam as one composite optimizer.
+    "mcl_warmup": (
+        "mcl_warmup.yaml",
+        {
+            "DATASETS.TARGET_TRAIN": "('synthetic_tiny_target_train', 'synthetic_tiny_target_dusk_train')",
+            "DATASETS.TEST": "('synthetic_tiny_target_val', 'synthetic_tiny_target_dusk_val')",
+        },
+    ),
     # bf16 autocast; the killed and resumed runs read their data through 2 worker processes, the uninterrupted
     # one in-process.
     "mic_bf16_2_workers": (
@@ -94,7 +102,7 @@ def test_method_trains_resumes_exactly_and_evaluates(name, tmp_path):
     config, extra = METHODS[name]
     extra = dict(extra, **{"TEST.EVAL_PERIOD": 0, "VIS_PERIOD": 1, "TEST.EVAL_MODEL": "both"})
     extra.update({"SOLVER.MAX_ITER": 7, "SOLVER.CHECKPOINT_PERIOD": 3})  # checkpoints after iterations 2 and 5
-    if name == "source_only_fd":
+    if name in ("source_only_fd", "mcl_warmup"):  # no teacher
         extra["TEST.EVAL_MODEL"] = "student"
     full = str(tmp_path / "full")
     _run(config, full, {k: v for k, v in extra.items() if k != "DATALOADER.NUM_WORKERS"})

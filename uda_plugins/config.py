@@ -267,6 +267,23 @@ def add_uda_config(cfg: CN) -> None:
     # rare objects keep the pixel weight beneath them instead of 1. False: all three fixed.
     _C.UDA.QUADMIX.REFERENCE_QUIRKS = False
 
+    _C.UDA.MCL = CN()
+    # MCL (uda_plugins/methods/mcl.py, feifei-cv/MCL@b91c947): one head per DATASETS.TARGET_TRAIN entry on a shared
+    # backbone. "warm_up": ADVENT-style output-level adversarial training, one discriminator per target (the
+    # self-training stage is not implemented yet).
+    _C.UDA.MCL.STAGE = "warm_up"
+    # Weight of the generator (adversarial) term per target (MCL's pretrain.sh: 0.001, vanilla GAN = BCE).
+    _C.UDA.MCL.ADV_WEIGHT = 0.001
+    # The discriminators' own Adam (stepped with the segmenter's optimizer, the same poly schedule).
+    _C.UDA.MCL.DISCRIMINATOR_LR = 1e-4
+    _C.UDA.MCL.DISCRIMINATOR_BETAS = (0.9, 0.99)
+    _C.UDA.MCL.DISCRIMINATOR_WIDTH = 64
+    # BatchNorm of the backbone in eval mode and not trained (the warm-up's --freeze_bn; needs pretrained weights).
+    _C.UDA.MCL.FREEZE_BN = True
+    # The head evaluation uses for every test set: an index into the target heads (-1 = the last, as the reference
+    # validates its warm-up).
+    _C.UDA.MCL.EVAL_HEAD = -1
+
     _C.UDA.PSEUDO_LABEL_BANK = CN()
     # Offline pseudo-label banks (uda_plugins/data/pseudo_label_bank.py) live in OUTPUT_DIR/pseudo_label_bank/<target
     # dataset>/; the bank states of the newest SOLVER.MAX_CHECKPOINTS_TO_KEEP checkpoints (+ model_final) stay

@@ -3,9 +3,10 @@
 from .base import UDAMetaArch
 from .dacs import DACS
 from .duda import DUDA
+from .mcl import MCL
 from .quad_mix import QuadMix
 from .self_training import SelfTrainingArch
 from .source_only import SourceOnly
 from .target_only import TargetOnly
 
-__all__ = ["UDAMetaArch", "SelfTrainingArch", "SourceOnly", "TargetOnly", "DACS", "QuadMix", "DUDA"]
+__all__ = ["UDAMetaArch", "SelfTrainingArch", "SourceOnly", "TargetOnly", "DACS", "QuadMix", "DUDA", "MCL"]

@@ -36,7 +36,7 @@ class UDAMetaArch(nn.Module):
 
     def __init__(self, cfg: CfgNode) -> None:
         super().__init__()
-        self.student = build_segmentor(cfg)
+        self.student = self.build_student(cfg)
         self.ignore_value = cfg.MODEL.SEM_SEG_HEAD.IGNORE_VALUE
         self.test_mode = cfg.TEST.MODE
         self.slide_crop = tuple(cfg.TEST.SLIDE_CROP_SIZE)
@@ -61,6 +61,10 @@ class UDAMetaArch(nn.Module):
                 cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES,
                 self.ignore_value,
             )
+
+    def build_student(self, cfg: CfgNode) -> nn.Module:
+        """The network this method trains (``MODEL.*``); a method with several heads builds its own."""
+        return build_segmentor(cfg)
 
     @property
     def device(self) -> torch.device:
