@@ -175,3 +175,23 @@ def test_two_processes_write_each_image_once(tmp_path):
         assert r["labels"] == [100, 1, 102, 103]
     # (the superseded version 0 files go at the next commit)
     assert _files(root) == ["0@0.png", "0@8.png", "1@0.png", "2@0.png", "2@8.png", "3@0.png", "3@8.png"]
+
+
+def test_a_soft_bank_stores_probabilities_and_crops_them_bilinearly(tmp_path):
+    from uda_plugins.data.pseudo_label_bank import SoftLabels
+    from uda_plugins.data.transforms import apply_geometry_tensor
+
+    names = [str(tmp_path / "images" / _key(i)) + ".png" for i in range(2)]
+    bank = PseudoLabelBank(str(tmp_path / "soft"), names, codec=SoftLabels)
+    bank.open()
+    g = torch.Generator().manual_seed(0)
+    probs = [torch.softmax(torch.randn(4, 6, 12, generator=g), 0).half().numpy() for _ in range(2)]
+    bank.initialize(enumerate(probs))
+    assert _files(bank.root) == sorted(f"{_key(i)}@0.npy" for i in range(2))
+    geometry = Geometry((24, 48), (36, 72), (4, 8, 16, 32), True)  # the map is at 1/4 of the image
+    crop, version = bank.read_crop(1, geometry)
+    expected = apply_geometry_tensor(torch.from_numpy(probs[1]).float(), geometry)
+    assert version == 0 and crop.dtype == np.float16 and crop.shape == (4, 16, 32)
+    np.testing.assert_allclose(crop.astype(np.float32), expected.numpy(), atol=2e-3)
+    bank.commit([(0, probs[1])], iteration=3)
+    assert np.array_equal(bank.read(0)[0], probs[1]) and bank.versions.tolist() == [4, 0]

@@ -5,7 +5,8 @@ refreshed pseudo-labels are files that the data loader reads and the training lo
 overwrite PNGs in place while loader workers read them, and a restart continues from whatever the files hold.
 This bank keeps the same idea with three guarantees:
 
-* **Atomic, immutable versions.** A write creates ``<root>/<key>@<version>.png`` through a temporary file and a
+* **Atomic, immutable versions.** A write creates ``<root>/<key>@<version>.png`` (hard labels; soft ones: ``.npy``,
+  :class:`SoftLabels`) through a temporary file and a
   rename, so a reader sees a whole file or none; a version is never modified. ``<key>`` is the image path relative
   to the dataset's common folder, without extension (sub-folders are kept, e.g. ``aachen/aachen_..._leftImg8bit``).
   Version 0 is the initial bank; a write at iteration ``t`` is version ``t + 1``.
@@ -41,9 +42,19 @@ import torch
 
 from uda_plugins.d2 import comm
 
-from .transforms import Geometry, apply_geometry
+from .transforms import Geometry, apply_geometry, apply_geometry_tensor
 
-__all__ = ["PseudoLabelBank", "bank_keys", "write_label_atomic", "read_label_file", "read_initial_label"]
+__all__ = [
+    "PseudoLabelBank",
+    "HardLabels",
+    "SoftLabels",
+    "bank_keys",
+    "write_label_atomic",
+    "read_label_file",
+    "write_array_atomic",
+    "read_array_file",
+    "read_initial_label",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -92,6 +103,50 @@ def read_label_file(path: str) -> np.ndarray:
     return label
 
 
+def write_array_atomic(path: str, array: np.ndarray) -> None:
+    """Write an array as ``.npy`` at ``path`` through a temporary file and a rename."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "wb") as f:
+        np.save(f, array)
+    os.replace(tmp, path)
+
+
+def read_array_file(path: str) -> np.ndarray:
+    try:
+        return np.load(path)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"Pseudo-label file '{path}' does not exist") from None
+    except (ValueError, OSError) as e:
+        raise OSError(f"Pseudo-label file '{path}' is corrupt or not a .npy array ({e})") from None
+
+
+class HardLabels:
+    """A map of class indices per image (uint8, 255 = ignore), stored as PNG (DUDA)."""
+
+    extension = ".png"
+    write = staticmethod(write_label_atomic)
+    read = staticmethod(read_label_file)
+
+    @staticmethod
+    def crop(label: np.ndarray, geometry: Geometry) -> np.ndarray:
+        return apply_geometry(label, geometry, is_label=True)
+
+
+class SoftLabels:
+    """Class probabilities per image, (C, h, w) float16 at any resolution covering the image, stored as ``.npy``
+    (MCL's soft pseudo-labels); a crop is resized bilinearly."""
+
+    extension = ".npy"
+    write = staticmethod(write_array_atomic)
+    read = staticmethod(read_array_file)
+
+    @staticmethod
+    def crop(probs: np.ndarray, geometry: Geometry) -> np.ndarray:
+        tensor = torch.from_numpy(np.ascontiguousarray(probs)).float()
+        return apply_geometry_tensor(tensor, geometry, mode="bilinear").to(torch.float16).numpy()
+
+
 def read_initial_label(folder: str, key: str) -> np.ndarray:
     """An initial pseudo-label of the image with bank key ``key`` from a folder of PNGs named either like the key
     (``<folder>/<key>.png``, sub-folders kept) or like the image file (``<folder>/<file name>.png``)."""
@@ -109,10 +164,12 @@ class PseudoLabelBank:
         root: the bank's folder (e.g. ``OUTPUT_DIR/pseudo_label_bank/<dataset>``).
         file_names: the dataset's image files, in dataset order; image ``i`` of the bank is ``file_names[i]``.
         keep_pinned: how many of the newest checkpoints' tables stay restorable.
+        codec: :class:`HardLabels` (class maps as PNG) or :class:`SoftLabels` (probabilities as ``.npy``).
     """
 
-    def __init__(self, root: str, file_names: Sequence[str], keep_pinned: int = 2) -> None:
+    def __init__(self, root: str, file_names: Sequence[str], keep_pinned: int = 2, codec=HardLabels) -> None:
         self.root = root
+        self.codec = codec
         self.keys = bank_keys(file_names)
         self.keep_pinned = max(1, int(keep_pinned))
         self.versions = torch.full((len(self.keys),), _NONE, dtype=torch.int64).share_memory_()
@@ -125,7 +182,7 @@ class PseudoLabelBank:
 
     # ------------------------------------------------------------------------------------------ files
     def path(self, index: int, version: int) -> str:
-        return os.path.join(self.root, f"{self.keys[index]}@{version}.png")
+        return os.path.join(self.root, f"{self.keys[index]}@{version}{self.codec.extension}")
 
     @property
     def initialized(self) -> bool:
@@ -139,7 +196,7 @@ class PseudoLabelBank:
             if version < 0:
                 raise RuntimeError(f"The pseudo-label bank '{self.root}' has no label for '{self.keys[index]}' yet")
             try:
-                return read_label_file(self.path(index, version)), version
+                return self.codec.read(self.path(index, version)), version
             except FileNotFoundError:
                 if int(self.versions[index]) == version and attempt >= 10:
                     raise
@@ -149,7 +206,7 @@ class PseudoLabelBank:
     def read_crop(self, index: int, geometry: Geometry) -> Tuple[np.ndarray, int]:
         """The current label of image ``index`` with a sample's recorded resize/crop/flip replayed (nearest)."""
         label, version = self.read(index)
-        return apply_geometry(label, geometry, is_label=True), version
+        return self.codec.crop(label, geometry), version
 
     def current_crop(self, index: int, geometry: Geometry, label: Optional[np.ndarray], version: int) -> np.ndarray:
         """``label`` (read by a worker at ``version``) if that is still the current version, else the current one
@@ -200,7 +257,8 @@ class PseudoLabelBank:
         for folder, _, files in os.walk(self.root):
             for name in files:
                 path = os.path.join(folder, name)
-                if (name.endswith(".png") and "@" in name or ".png.tmp" in name) and path not in referenced:
+                ext = self.codec.extension
+                if (name.endswith(ext) and "@" in name or f"{ext}.tmp" in name) and path not in referenced:
                     os.remove(path)
                     removed += 1
         return removed
@@ -209,7 +267,7 @@ class PseudoLabelBank:
         """Write version 0 of this process's images from ``labels`` (``(index, uint8 map)`` pairs), then mark the
         whole bank as initialised. Collective: together the processes' pairs must cover the bank."""
         for index, label in labels:
-            write_label_atomic(self.path(int(index), INITIAL_VERSION), label)
+            self.codec.write(self.path(int(index), INITIAL_VERSION), label)
         comm.synchronize()
         self.versions.fill_(INITIAL_VERSION)
 
@@ -228,7 +286,7 @@ class PseudoLabelBank:
         written = 0
         for slot, (index, label) in enumerate(labels):
             if owner[int(index)] == (rank, slot):
-                write_label_atomic(self.path(int(index), version), label)
+                self.codec.write(self.path(int(index), version), label)
                 written += 1
         comm.synchronize()  # every write is on disk before any process reads the new table
         if comm.is_main_process():
