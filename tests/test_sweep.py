@@ -42,3 +42,19 @@ def test_seed_sweep_runs_each_seed_once_and_resumes(tmp_path, capsys):
     assert os.path.isfile(tmp_path / "source_only" / "sweep.md")
     assert seed_sweep.main(args) == 0  # finished runs are not repeated
     assert "2 runs, 2 already done" in capsys.readouterr().out
+
+
+def test_final_metrics_read_the_first_configured_test_set(tmp_path):
+    import json
+
+    from uda_plugins.engine.sweep import final_metrics
+
+    run = tmp_path / "run"
+    (run / "inference" / "b_first").mkdir(parents=True)
+    (run / "inference" / "a_second").mkdir(parents=True)
+    (run / "config.yaml").write_text("DATASETS:\n  TEST: [b_first, a_second]\n")
+    assert final_metrics(str(run)) is None  # not finished
+    (run / "model_final.pth").write_bytes(b"")
+    for name, miou in (("b_first", 1.0), ("a_second", 2.0)):
+        (run / "inference" / name / "sem_seg_evaluation.json").write_text(json.dumps({"metrics": {"mIoU": miou}}))
+    assert final_metrics(str(run)) == {"mIoU": 1.0}  # the configured order, not the alphabetical one

@@ -63,12 +63,15 @@ def plan_runs(configs: Sequence[str], seeds: Sequence[int], root: str) -> List[R
 
 
 def final_metrics(run_dir: str) -> Optional[dict]:
-    """The last evaluation of a finished run (its first test set), or None."""
+    """The last evaluation of a finished run on its first test set (``DATASETS.TEST[0]`` of the run's config), or
+    None."""
     if not os.path.isfile(os.path.join(run_dir, "model_final.pth")):
         return None
-    inference = os.path.join(run_dir, "inference")
-    sets = sorted(os.listdir(inference)) if os.path.isdir(inference) else []
-    path = os.path.join(inference, sets[0], "sem_seg_evaluation.json") if sets else ""
+    with open(os.path.join(run_dir, "config.yaml")) as f:
+        tests = yaml.safe_load(f)["DATASETS"]["TEST"]
+    if not tests:
+        return None
+    path = os.path.join(run_dir, "inference", tests[0], "sem_seg_evaluation.json")
     if not os.path.isfile(path):
         return None
     with open(path) as f:
