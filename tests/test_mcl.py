@@ -4,6 +4,7 @@ composite optimizer's Adam state in the checkpoint, and the configuration errors
 import os
 import sys
 
+import numpy as np
 import pytest
 import torch
 from conftest import REPO, tiny_overrides
@@ -69,3 +70,33 @@ def test_configuration_errors_name_the_key(tmp_path):
         build_model(_cfg(tmp_path, **{"DATASETS.TARGET_TRAIN": "('synthetic_tiny_target_train',)"}))
     with pytest.raises(NotImplementedError, match="UDA.MCL.STAGE"):
         build_model(_cfg(tmp_path, **{"UDA.MCL.STAGE": "self_training"}))
+
+
+def _reference_mcl_selection(probs):
+    # feifei-cv/MCL models/adaptation_modelv2.py step(): entropy-guided pseudo-labels, transcribed with numpy
+    C = probs.shape[1]
+    entropy = (-probs * np.log2(probs + 1e-30)).sum(1) / np.log2(C)
+    labels = probs.argmax(1)
+    thres = []
+    for c in range(C):
+        x = entropy[labels == c]
+        if len(x) == 0:
+            thres.append(0)
+            continue
+        x = np.sort(x)
+        thres.append(x[np.int32(np.round(len(x) * 0.5))])
+    keep = np.zeros(labels.shape, bool)
+    for c in range(C):
+        keep |= (labels == c) & (entropy < np.maximum(0.25, thres[c]))
+    return np.where(keep, labels, 255)
+
+
+def test_mcl_median_entropy_selection_equals_the_reference():
+    from uda_plugins.methods.offline_pseudo_labels import median_entropy_pseudo_labels
+
+    g = torch.Generator().manual_seed(6)
+    for scale in (0.5, 3.0):  # mostly uncertain (the median decides) and mostly confident (the floor decides)
+        probs = torch.softmax(torch.randn(2, 5, 9, 11, generator=g, dtype=torch.float64) * scale, 1)
+        probs[0, :, 0, 0] = torch.tensor([0.0, 0.0, 0.0, 0.0, 1.0], dtype=torch.float64)  # class 4 present once
+        ours, _ = median_entropy_pseudo_labels(probs)
+        assert np.array_equal(ours.numpy(), _reference_mcl_selection(probs.numpy()))

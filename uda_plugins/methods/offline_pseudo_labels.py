@@ -10,6 +10,7 @@ The DUDA thresholds are numpy percentiles on the host there; here they are compu
 
 from __future__ import annotations
 
+import math
 from typing import Tuple
 
 import numpy as np
@@ -17,6 +18,7 @@ import torch
 
 __all__ = [
     "class_percentile_thresholds",
+    "median_entropy_pseudo_labels",
     "keep_top_fraction",
     "temporal_consistency_update",
     "ramp",
@@ -103,3 +105,26 @@ class InstanceAdaptiveSelector:
         label = prediction.astype(np.uint8).copy()
         label[confidence < self.thresholds[prediction]] = self.ignore_index
         return label
+
+
+def median_entropy_pseudo_labels(
+    probs: torch.Tensor, floor: float = 0.25, ignore_index: int = 255
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """MCL's selection of soft pseudo-labels (feifei-cv/MCL ``models/adaptation_modelv2.py``, ``step``): the argmax
+    of ``probs`` (N, C, H, W) where the pixel's normalised entropy is below ``max(floor, theta_c)``, ``theta_c`` =
+    the batch's "median" entropy of the pixels predicted c, taken as the reference does: the sorted values at index
+    ``round(n / 2)`` (half to even). Returns (labels with ``ignore_index`` elsewhere, the entropy map), (N, H, W)."""
+    C = probs.shape[1]
+    entropy = (-probs * torch.log2(probs + 1e-30)).sum(1) / math.log2(C)
+    labels = probs.argmax(1)
+    h, lab = entropy.reshape(-1), labels.reshape(-1)
+    order = torch.argsort(h, stable=True)
+    h, lab = h[order], lab[order]
+    order = torch.argsort(lab, stable=True)
+    h, lab = h[order], lab[order]
+    counts = torch.bincount(lab, minlength=C)[:C]
+    starts = torch.cumsum(counts, 0) - counts
+    index = (starts + torch.round(counts.double() * 0.5).long()).clamp(max=max(h.numel() - 1, 0))
+    theta = torch.where(counts > 0, h[index], torch.zeros_like(h[index]))
+    keep = entropy < theta.clamp(min=floor)[labels]
+    return torch.where(keep, labels, torch.full_like(labels, ignore_index)), entropy
