@@ -298,10 +298,13 @@ class PseudoLabelBank:
                 self._superseded.append((index, previous))
         return written
 
+    def _still_referenced(self, index: int, version: int) -> bool:
+        return any(int(table[index]) == version for table in [self.versions] + self._pinned)
+
     def _delete_superseded(self) -> None:
-        pinned = self._referenced()
+        # Only the superseded entries are checked (not a set of the whole bank built every step).
         for index, version in self._superseded:
-            if (index, version) not in pinned:
+            if not self._still_referenced(index, version):
                 try:
                     os.remove(self.path(index, version))
                 except FileNotFoundError:

@@ -111,9 +111,8 @@ def recalibrate_batch_norm(network: nn.Module, loader, normalize) -> int:
         network.train(was_training)
         return 0
     device = next(network.parameters()).device
-    batches = [normalize(stack_images(dicts, device)) for dicts in loader]
-    if batches:
-        update_bn_stats(network, batches, num_iters=len(batches))
+    if len(loader):  # streamed: one batch of whole images on the device at a time
+        update_bn_stats(network, (normalize(stack_images(dicts, device)) for dicts in loader), num_iters=len(loader))
     layers = get_bn_modules(network)
     network.train(was_training)
     if comm.get_world_size() > 1:

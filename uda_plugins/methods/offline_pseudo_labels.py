@@ -26,20 +26,26 @@ __all__ = [
 ]
 
 
+def _sorted_per_class(
+    values: torch.Tensor, labels: torch.Tensor, num_classes: int
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``values`` sorted within each class, classes in order: (sorted values, per-class counts, per-class start
+    offsets). Two sorts on the device (by value, then stably by class), no host sync."""
+    v, lab = values.reshape(-1), labels.reshape(-1).long()
+    order = torch.argsort(v, stable=True)
+    v, lab = v[order], lab[order]
+    order = torch.argsort(lab, stable=True)
+    v, lab = v[order], lab[order]
+    counts = torch.bincount(lab, minlength=num_classes)[:num_classes]
+    return v, counts, torch.cumsum(counts, 0) - counts
+
+
 def class_percentile_thresholds(
     confidence: torch.Tensor, labels: torch.Tensor, fraction: float, num_classes: int
 ) -> torch.Tensor:
     """Per class c, the ``(1 - fraction) * 100``-th percentile (linear interpolation) of the confidence of the
     pixels labelled c; 0 for classes without pixels -> (num_classes,) float."""
-    conf = confidence.reshape(-1).float()
-    lab = labels.reshape(-1).long()
-    # Sort by confidence, then stably by class: each class's confidences are a sorted run.
-    order = torch.argsort(conf, stable=True)
-    conf, lab = conf[order], lab[order]
-    order = torch.argsort(lab, stable=True)
-    conf, lab = conf[order], lab[order]
-    counts = torch.bincount(lab, minlength=num_classes)[:num_classes]
-    starts = torch.cumsum(counts, 0) - counts
+    conf, counts, starts = _sorted_per_class(confidence.float(), labels, num_classes)
     position = (counts - 1).clamp(min=0).float() * (1.0 - float(fraction))
     low = position.floor().long()
     high = torch.minimum(low + 1, (counts - 1).clamp(min=0))
@@ -117,13 +123,7 @@ def median_entropy_pseudo_labels(
     C = probs.shape[1]
     entropy = (-probs * torch.log2(probs + 1e-30)).sum(1) / math.log2(C)
     labels = probs.argmax(1)
-    h, lab = entropy.reshape(-1), labels.reshape(-1)
-    order = torch.argsort(h, stable=True)
-    h, lab = h[order], lab[order]
-    order = torch.argsort(lab, stable=True)
-    h, lab = h[order], lab[order]
-    counts = torch.bincount(lab, minlength=C)[:C]
-    starts = torch.cumsum(counts, 0) - counts
+    h, counts, starts = _sorted_per_class(entropy, labels, C)
     index = (starts + torch.round(counts.double() * 0.5).long()).clamp(max=max(h.numel() - 1, 0))
     theta = torch.where(counts > 0, h[index], torch.zeros_like(h[index]))
     keep = entropy < theta.clamp(min=floor)[labels]
