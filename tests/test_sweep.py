@@ -33,12 +33,15 @@ def test_seed_sweep_runs_each_seed_once_and_resumes(tmp_path, capsys):
     config = os.path.join(REPO, "configs", "synthetic", "source_only.yaml")
     overrides = tiny_overrides("unused", **{"SOLVER.MAX_ITER": 2, "TEST.EVAL_PERIOD": 0, "VIS_PERIOD": 0})
     overrides = overrides[: overrides.index("OUTPUT_DIR")]  # the sweep sets OUTPUT_DIR and SEED per run
+    overrides += ["SOLVER.CHECKPOINT_PERIOD", "1{seed}"]  # {seed}: each run's own seed
     args = ["--config-file", config, "--seeds", "3", "4", "--output-dir", str(tmp_path)] + overrides
     assert seed_sweep.main(args) == 0
     out = capsys.readouterr().out
     assert "2 runs, 0 already done" in out and "per seed [3, 4]" in out and "IoU mean ± std" in out
     for seed in (3, 4):
         assert os.path.isfile(tmp_path / "source_only" / f"seed{seed}" / "model_final.pth")
+        written = (tmp_path / "source_only" / f"seed{seed}" / "config.yaml").read_text()
+        assert f"CHECKPOINT_PERIOD: 1{seed}\n" in written
     assert os.path.isfile(tmp_path / "source_only" / "sweep.md")
     assert seed_sweep.main(args) == 0  # finished runs are not repeated
     assert "2 runs, 2 already done" in capsys.readouterr().out

@@ -3,7 +3,8 @@
 
 Every (config, seed) run is ``tools/train_net.py --config-file <config> SEED <seed> OUTPUT_DIR <root>/<config
 name>/seed<seed>`` in its own process; a run whose final evaluation already exists is not repeated, so a sweep can
-be re-run to resume it. A run's result is its **last** evaluation on its first test set (no checkpoint selection
+be re-run to resume it. ``{seed}`` in an override is replaced by the run's seed, so a run can start from the same
+seed's run of an earlier stage (``MODEL.WEIGHTS output/adaptation_benchmark/mcl_warmup/seed{seed}/model_final.pth``). A run's result is its **last** evaluation on its first test set (no checkpoint selection
 on target labels).
 """
 
@@ -87,7 +88,7 @@ def _train(run: Run, opts: Sequence[str], threads: int) -> float:
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
     train_net = os.path.join(REPO, "tools", "train_net.py")
     cmd = [sys.executable, train_net, "--config-file", run.config, "SEED", str(run.seed), "OUTPUT_DIR", run.output_dir]
-    cmd += list(opts)
+    cmd += [o.replace("{seed}", str(run.seed)) for o in opts]
     start = time.time()
     os.makedirs(run.output_dir, exist_ok=True)
     with open(os.path.join(run.output_dir, "stdout.txt"), "w") as log:
