@@ -34,7 +34,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 import cv2
 import numpy as np
@@ -54,6 +54,7 @@ __all__ = [
     "write_array_atomic",
     "read_array_file",
     "read_initial_label",
+    "commit_in_batches",
 ]
 
 logger = logging.getLogger(__name__)
@@ -157,6 +158,17 @@ def read_initial_label(folder: str, key: str) -> np.ndarray:
     raise FileNotFoundError(f"No initial pseudo-label for '{key}': tried {' and '.join(candidates)}")
 
 
+def commit_in_batches(
+    bank: "PseudoLabelBank", batches: Iterator[Sequence[Tuple[int, np.ndarray]]], batch_size: int, iteration: int
+) -> None:
+    """Rewrite the whole bank, one collective :meth:`PseudoLabelBank.commit` per batch of this process's shard
+    (``batches``: the new labels of each batch of a sharded loader with ``batch_size`` images per batch). Every
+    process makes the same number of commits, though its shard may be one image shorter."""
+    per_rank = -(-len(bank) // comm.get_world_size())
+    for _ in range(-(-per_rank // batch_size)):
+        bank.commit(next(batches, []), iteration)
+
+
 class PseudoLabelBank:
     """The bank of one target dataset.
 
@@ -215,6 +227,22 @@ class PseudoLabelBank:
             return label
         self.stale_reads += 1
         return self.read_crop(index, geometry)[0]
+
+    def crops_of(self, samples: Sequence[dict]) -> List[np.ndarray]:
+        """The current labels of a training batch's samples of this bank's dataset (:meth:`current_crop` of the
+        ``pseudo_label`` each sample's loader worker read)."""
+        crops = []
+        for d in samples:
+            worker_label = d.get("pseudo_label")
+            crops.append(
+                self.current_crop(
+                    d["dataset_index"],
+                    Geometry.from_dict(d["geometry"]),
+                    None if worker_label is None else worker_label.numpy(),
+                    d.get("pseudo_label_version", -1),
+                )
+            )
+        return crops
 
     # ------------------------------------------------------------------------------------- lifecycle
     def open(self) -> None:

@@ -54,7 +54,7 @@ from torch import nn
 
 from uda_plugins.d2 import META_ARCH_REGISTRY, CfgNode, comm, get_event_storage
 from uda_plugins.data.build import DataRequirements, build_full_view_loader, get_dataset_dicts
-from uda_plugins.data.pseudo_label_bank import PseudoLabelBank, read_initial_label
+from uda_plugins.data.pseudo_label_bank import PseudoLabelBank, commit_in_batches, read_initial_label
 from uda_plugins.data.transforms import Geometry, apply_geometry_tensor
 from uda_plugins.modeling import stack_images
 from uda_plugins.modeling.losses import (
@@ -235,19 +235,15 @@ class DUDA(SelfTrainingArch):
         """Rewrite the whole bank from the teacher's whole-image predictions, one commit per batch."""
         bank = self.pseudo_label_banks()[0]
         loader = self._full_view_loader(cfg)
-        per_rank = -(-len(bank) // comm.get_world_size())
-        batches = -(-per_rank // loader.batch_size)  # the same number of collective commits on every process
-        predictions = predict_full_views(self.teacher, loader, self.student.normalize)
         beta = self.beta(self.self_training_iteration(iteration))
         logger.info("DUDA: refreshing the pseudo-label bank at iteration %d (beta %.3f)", iteration, beta)
-        for _ in range(batches):
-            pending = []
-            batch = next(predictions, None)
-            if batch is not None:
-                indices, probs = batch
+
+        def rewrites():
+            for indices, probs in predict_full_views(self.teacher, loader, self.student.normalize):
                 confidence, labels = probs.max(dim=1)
-                pending = list(zip(indices, labels, confidence))
-            bank.commit(self._rewrite(pending, beta), iteration)
+                yield self._rewrite(list(zip(indices, labels, confidence)), beta)
+
+        commit_in_batches(bank, rewrites(), loader.batch_size, iteration)
 
     def _rewrite(self, pending, beta: float) -> List[Tuple[int, np.ndarray]]:
         """The new labels of one batch (one rank's micro-batch: BETA thresholds over it, as the reference's per-GPU
@@ -301,18 +297,9 @@ class DUDA(SelfTrainingArch):
     # ---------------------------------------------------------------------------------------- step
     def offline_labels(self, dicts: List[dict]) -> torch.Tensor:
         """The bank's current labels of the target crops (re-read here if a worker read an older version)."""
-        bank = self.pseudo_label_banks()[0]
-        labels = []
-        for d in dicts:
-            worker_label = d.get("pseudo_label")
-            label = bank.current_crop(
-                d["dataset_index"],
-                Geometry.from_dict(d["geometry"]),
-                None if worker_label is None else worker_label.numpy(),
-                d.get("pseudo_label_version", -1),
-            )
-            labels.append(torch.from_numpy(np.asarray(label)).long())
-        return torch.stack(labels).to(self.device, non_blocking=True)
+        crops = self.pseudo_label_banks()[0].crops_of(dicts)
+        labels = torch.stack([torch.from_numpy(np.asarray(c)).long() for c in crops])
+        return labels.to(self.device, non_blocking=True)
 
     def forward_train(self, batch: Dict[str, list]) -> Dict[str, torch.Tensor]:
         iteration = get_event_storage().iter
