@@ -69,6 +69,18 @@ METHODS = {
             "DATASETS.TEST": "('synthetic_tiny_target_val', 'synthetic_tiny_target_dusk_val')",
         },
     ),
+    # MCL's self-training (from random weights here): soft pseudo-label banks remade before iterations 2 and 5, so
+    # every kill resumes across a refresh; the killed and resumed runs read the banks through 2 worker processes.
+    "mcl": (
+        "mcl.yaml",
+        {
+            "DATASETS.TARGET_TRAIN": "('synthetic_tiny_target_train', 'synthetic_tiny_target_dusk_train')",
+            "DATASETS.TEST": "('synthetic_tiny_target_val', 'synthetic_tiny_target_dusk_val')",
+            "MODEL.WEIGHTS": "",
+            "UDA.MCL.REFRESH_PERIOD": 3,
+            "DATALOADER.NUM_WORKERS": 2,
+        },
+    ),
     # bf16 autocast; the killed and resumed runs read their data through 2 worker processes, the uninterrupted
     # one in-process.
     "mic_bf16_2_workers": (
@@ -102,7 +114,7 @@ def test_method_trains_resumes_exactly_and_evaluates(name, tmp_path):
     config, extra = METHODS[name]
     extra = dict(extra, **{"TEST.EVAL_PERIOD": 0, "VIS_PERIOD": 1, "TEST.EVAL_MODEL": "both"})
     extra.update({"SOLVER.MAX_ITER": 7, "SOLVER.CHECKPOINT_PERIOD": 3})  # checkpoints after iterations 2 and 5
-    if name in ("source_only_fd", "mcl_warmup"):  # no teacher
+    if name in ("source_only_fd", "mcl_warmup", "mcl"):  # no teacher
         extra["TEST.EVAL_MODEL"] = "student"
     full = str(tmp_path / "full")
     _run(config, full, {k: v for k, v in extra.items() if k != "DATALOADER.NUM_WORKERS"})

@@ -28,7 +28,9 @@ def main(argv=None) -> int:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--output-dir", default="output/adaptation_benchmark")
     parser.add_argument("--jobs", type=int, default=1, help="runs in parallel (threads per run = cores / jobs)")
-    parser.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE overrides for every run ({seed} = the run's seed)")
+    parser.add_argument(
+        "opts", nargs=argparse.REMAINDER, help="KEY VALUE overrides for every run ({seed} = the run's seed)"
+    )
     args = parser.parse_args(argv)
     for c in args.configs:
         if not os.path.isfile(c):

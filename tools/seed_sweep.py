@@ -26,7 +26,9 @@ def main(argv=None) -> int:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--output-dir", default="output/seed_sweep")
     parser.add_argument("--jobs", type=int, default=1, help="runs in parallel (threads per run = cores / jobs)")
-    parser.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE overrides for every run ({seed} = the run's seed)")
+    parser.add_argument(
+        "opts", nargs=argparse.REMAINDER, help="KEY VALUE overrides for every run ({seed} = the run's seed)"
+    )
     args = parser.parse_args(argv)
     if not os.path.isfile(args.config_file):
         parser.error(f"Config file '{args.config_file}' does not exist")

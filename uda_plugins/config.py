@@ -269,8 +269,10 @@ def add_uda_config(cfg: CN) -> None:
 
     _C.UDA.MCL = CN()
     # MCL (uda_plugins/methods/mcl.py, feifei-cv/MCL@b91c947): one head per DATASETS.TARGET_TRAIN entry on a shared
-    # backbone. "warm_up": ADVENT-style output-level adversarial training, one discriminator per target (the
-    # self-training stage is not implemented yet).
+    # backbone. Two stages, two runs (as the authors' pretrain.sh and train.sh): "warm_up" = ADVENT-style
+    # output-level adversarial training, one discriminator per target; "self_training" (their "stage1") = soft
+    # pseudo-labels, collaborative and ensemble self-training and distillation into a domain-agnostic head, from the
+    # warm-up's weights (MODEL.WEIGHTS; the new heads start fresh).
     _C.UDA.MCL.STAGE = "warm_up"
     # Weight of the generator (adversarial) term per target (MCL's pretrain.sh: 0.001, vanilla GAN = BCE).
     _C.UDA.MCL.ADV_WEIGHT = 0.001
@@ -278,11 +280,35 @@ def add_uda_config(cfg: CN) -> None:
     _C.UDA.MCL.DISCRIMINATOR_LR = 1e-4
     _C.UDA.MCL.DISCRIMINATOR_BETAS = (0.9, 0.99)
     _C.UDA.MCL.DISCRIMINATOR_WIDTH = 64
-    # BatchNorm of the backbone in eval mode and not trained (the warm-up's --freeze_bn; needs pretrained weights).
+    # BatchNorm of the backbone in eval mode and not trained (the warm-up's --freeze_bn; needs pretrained weights;
+    # the authors' self-training stage trains it: False there).
     _C.UDA.MCL.FREEZE_BN = True
-    # The head evaluation uses for every test set: an index into the target heads (-1 = the last, as the reference
-    # validates its warm-up).
-    _C.UDA.MCL.EVAL_HEAD = -1
+    # The head evaluation uses for every test set: "" = the stage's (warm-up: the last target's, as the reference
+    # validates it; self-training: "agnostic", the deployed model), or a head name ("target0", ..., "agnostic").
+    _C.UDA.MCL.EVAL_HEAD = ""
+    # Self-training: the soft pseudo-labels of every target image (each target's own head, whole image at
+    # INPUT.TARGET.RESIZE, class probabilities at the head's resolution, float16) are made when the stage starts
+    # and remade before every REFRESH_PERIOD-th iteration (the authors: 10000 of 60000; 0 = never).
+    _C.UDA.MCL.REFRESH_PERIOD = 10000
+    # A step reads them at this fraction of the crop size (the authors: 0.25), keeps each pixel whose normalised
+    # entropy is below max(ENTROPY_FLOOR, its class's median entropy in the batch) (0.25), and replays the strong
+    # view's geometry on them.
+    _C.UDA.MCL.PSEUDO_LABEL_SCALE = 0.25
+    _C.UDA.MCL.ENTROPY_FLOOR = 0.25
+    # The strong target view: FixMatch's RandAugment(n, m) with a Cutout of a third of the side (the authors: 2, 10).
+    _C.UDA.MCL.RAND_AUGMENT_N = 2
+    _C.UDA.MCL.RAND_AUGMENT_M = 10
+    # Loss weights per target: collaborative (the authors' --ratio 1.0), ensemble (0.05), distillation (1.0); target
+    # self-training terms weighted by exp(-GAMMA * KL) agreement between the heads (--rectify, gamma 1.0).
+    _C.UDA.MCL.COLLABORATIVE_WEIGHT = 1.0
+    _C.UDA.MCL.ENSEMBLE_WEIGHT = 0.05
+    _C.UDA.MCL.DISTILLATION_WEIGHT = 1.0
+    _C.UDA.MCL.RECTIFY = True
+    _C.UDA.MCL.GAMMA = 1.0
+    # The ensemble head reads one feature per target style. "domain": slot k is always the image in target k's
+    # style (source and target side alike); "own_first": the reference's target side (own style first, then the
+    # others), which swaps the slots against its source side.
+    _C.UDA.MCL.ENSEMBLE_ORDER = "domain"
 
     _C.UDA.PSEUDO_LABEL_BANK = CN()
     # Offline pseudo-label banks (uda_plugins/data/pseudo_label_bank.py) live in OUTPUT_DIR/pseudo_label_bank/<target

@@ -167,6 +167,8 @@ def commit_in_batches(
     per_rank = -(-len(bank) // comm.get_world_size())
     for _ in range(-(-per_rank // batch_size)):
         bank.commit(next(batches, []), iteration)
+    if comm.is_main_process():
+        bank.delete_superseded()  # the last batch's old versions too: no commit may follow for a long time
 
 
 class PseudoLabelBank:
@@ -318,7 +320,7 @@ class PseudoLabelBank:
                 written += 1
         comm.synchronize()  # every write is on disk before any process reads the new table
         if comm.is_main_process():
-            self._delete_superseded()
+            self.delete_superseded()
         for index in owner:
             previous = int(self.versions[index])
             self.versions[index] = version
@@ -329,7 +331,9 @@ class PseudoLabelBank:
     def _still_referenced(self, index: int, version: int) -> bool:
         return any(int(table[index]) == version for table in [self.versions] + self._pinned)
 
-    def _delete_superseded(self) -> None:
+    def delete_superseded(self) -> None:
+        """Main process: delete the files earlier commits superseded that no pinned table refers to. A commit does
+        it for the previous commit's; a reader that still had an old table entry retries with the new one."""
         # Only the superseded entries are checked (not a set of the whole bank built every step).
         for index, version in self._superseded:
             if not self._still_referenced(index, version):

@@ -1,7 +1,8 @@
 """Optimizers and learning-rate schedules of the UDA papers.
 
 Parameter groups follow mmcv's ``paramwise_cfg`` as DAFormer/MIC use it: parameters whose name contains
-"head" get ``SOLVER.HEAD_LR_MULTIPLIER`` x the learning rate; normalisation layers get
+"head" (or, for a model with ``is_head_parameter(name)``, those it names) get ``SOLVER.HEAD_LR_MULTIPLIER`` x the
+learning rate; normalisation layers get
 ``SOLVER.WEIGHT_DECAY_NORM`` (Detectron2's key, 0 by default) and names containing a
 ``SOLVER.NO_WEIGHT_DECAY_KEYWORDS`` entry get no decay. Frozen parameters (a teacher) are left out.
 """
@@ -30,13 +31,14 @@ def build_param_groups(cfg: CfgNode, model: nn.Module, excluded=frozenset()) -> 
     s = cfg.SOLVER
     groups: Dict[Tuple[float, float], List[nn.Parameter]] = {}
     seen = set(excluded)
+    is_head = getattr(model, "is_head_parameter", lambda name: "head" in name)
     for module_name, module in model.named_modules():
         for name, p in module.named_parameters(recurse=False):
             if not p.requires_grad or id(p) in seen:
                 continue
             seen.add(id(p))
             full_name = f"{module_name}.{name}" if module_name else name
-            lr = s.BASE_LR * (s.HEAD_LR_MULTIPLIER if "head" in full_name else 1.0)
+            lr = s.BASE_LR * (s.HEAD_LR_MULTIPLIER if is_head(full_name) else 1.0)
             if isinstance(module, _NORM_TYPES):
                 wd = s.WEIGHT_DECAY_NORM
             elif any(k in full_name for k in s.NO_WEIGHT_DECAY_KEYWORDS):

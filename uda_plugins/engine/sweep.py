@@ -4,8 +4,8 @@
 Every (config, seed) run is ``tools/train_net.py --config-file <config> SEED <seed> OUTPUT_DIR <root>/<config
 name>/seed<seed>`` in its own process; a run whose final evaluation already exists is not repeated, so a sweep can
 be re-run to resume it. ``{seed}`` in an override is replaced by the run's seed, so a run can start from the same
-seed's run of an earlier stage (``MODEL.WEIGHTS output/adaptation_benchmark/mcl_warmup/seed{seed}/model_final.pth``). A run's result is its **last** evaluation on its first test set (no checkpoint selection
-on target labels).
+seed's run of an earlier stage (``MODEL.WEIGHTS output/adaptation_benchmark/mcl_warmup/seed{seed}/model_final.pth``).
+A run's result is its **last** evaluation on its first test set (no checkpoint selection on target labels).
 """
 
 from __future__ import annotations

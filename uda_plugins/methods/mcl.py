@@ -1,9 +1,13 @@
-"""MCL — multi-level collaborative learning for multi-target adaptation (TCSVT 2024): the warm-up stage.
+"""MCL — multi-level collaborative learning for multi-target adaptation (TCSVT 2024).
 
-Follows feifei-cv/MCL@b91c947 ``models/adaptation_modelv2.py`` (``CustomModel.step_adv``) with ``pretrain.sh``:
-a shared backbone with one head per target domain (``MultiScaleSEHead``, the reference's ``Classifier_Module2``) and
-one output-level discriminator per target (:class:`~uda_plugins.modeling.discriminator.OutputDiscriminator`) on
-ADVENT's self-information maps. One iteration, with T targets:
+Follows feifei-cv/MCL@b91c947 ``models/adaptation_modelv2.py`` (``CustomModel.step_adv``, ``CustomModel.step``),
+``train.py`` (``generate``) and ``data/randaugment.py``, with ``pretrain.sh`` and ``train.sh``. One shared backbone;
+``UDA.MCL.STAGE`` picks one of the authors' two runs.
+
+**Warm-up** (``step_adv``): one head per target domain (``MultiScaleSEHead``, the reference's
+``Classifier_Module2``) and one output-level discriminator per target
+(:class:`~uda_plugins.modeling.discriminator.OutputDiscriminator`) on ADVENT's self-information maps. With T
+targets:
 
 1. source: ``L_src = sum_i CE(head_i(x_s), y_s)`` (every head learns the source);
 2. each target i: ``E_i`` = self-information of ``softmax(head_i(x_t^i))``;
@@ -16,24 +20,58 @@ discriminator weights and the discriminator term reads detached maps, which give
 (``tests/test_discriminator.py``); the discriminators' Adam and the segmenter's SGD step together as one
 :class:`~uda_plugins.engine.optim.CompositeOptimizer`, checkpointed with the model.
 
-Deviations: logits are upsampled with align_corners=False (the reference: True); one Adam over all discriminators
+**Self-training** (``step``, the authors' "stage1", from the warm-up's weights): T target heads, a
+domain-agnostic head (the deployed model, the only head with the ``HEAD_LR_MULTIPLIER``) and an ensemble head
+reading T backbone features stacked. Soft pseudo-labels of every target image (head i on whole images of target
+i) live in a :class:`~uda_plugins.data.pseudo_label_bank.PseudoLabelBank` per target, made when the stage starts
+and remade every ``REFRESH_PERIOD`` iterations (:class:`~uda_plugins.hooks.PseudoLabelBankHook`). One iteration:
+
+1. source, re-coloured to each target (L*a*b* mean/std transfer from the paired weak target image):
+   ``sum_i CE(head_i(x_s->i), y_s) + CE(agnostic(x_s), y_s) + CE(ensemble([f(x_s->0), ..., f(x_s->T-1)]), y_s)``;
+2. each target i: the pseudo-label crop at a quarter of the crop size, kept where its normalised entropy is below
+   ``max(0.25, its class's batch median)``, warped like the strong view ``x^i`` (RandAugment + Cutout of the weak
+   crop); ``o_i = head_i(x^i)``, ``o_ag = agnostic(x^i)``; for every other target j, ``x^i`` re-coloured to the
+   strong view of target j gives ``o_j = head_j(x^i->j)``; ``W = mean_j exp(-GAMMA KL(p_i || p_j))`` (detached);
+   ``L_ind = CE(o_i)``, ``L_col = sum_j CE(o_j) / (T-1)`` and ``L_ens = CE(ensemble(features of x^i in every
+   style))``, each ``sum(CE * W * valid) / sum(valid)``; ``L_kd = [KL(p_i || p_ag) + KL(p_ens || p_i)] / T`` with
+   the teachers detached; ``L_i = L_kd + L_ind + 1.0 L_col + 0.05 L_ens``.
+
+Decisions where the reference is ambiguous (docs/methods.md §3.11):
+
+* ensemble channel order: slot k always holds the image in target k's style (``ENSEMBLE_ORDER domain``); the
+  reference's target side puts the own style first, swapping slots against its source side (``own_first``);
+* evaluation: the agnostic head for every target in self-training (as the reference), the last target head in
+  warm-up (the reference validates with head T-1); ``EVAL_HEAD`` names another;
+* distillation is averaged over all elements of the probability maps, classes included (the reference's
+  ``(loss_kd * mask).sum() / mask.sum()`` with an always-true mask), i.e. the per-pixel KL divided by C;
+  ``DISTILLATION_WEIGHT`` scales it.
+
+Deviations: logits are resized with align_corners=False (the reference: True); one Adam over all discriminators
 (the reference: one each; Adam is per-parameter, so the updates are the same); the discriminators share the
-segmenter's learning-rate schedule, warm-up included. Evaluation uses one head for every test set (``EVAL_HEAD``,
-the last target's by default, as the reference validates its warm-up, docs/methods.md §3.11.3); each test set is
-reported and their mean. The self-training stage (soft pseudo-labels, collaborative and ensemble heads,
-distillation) is the next part of this plugin.
+segmenter's learning-rate schedule; colour transfer and RandAugment run on the device
+(:mod:`~uda_plugins.data.color_transfer`, :mod:`~uda_plugins.data.rand_augment`: the label replays the image's
+exact geometry, which the reference approximates); soft pseudo-labels are float16 (the reference: float32); one
+forward and one backward per iteration (the reference: one backward per target). Each test set is reported with
+the mean over them.
 """
 
 from __future__ import annotations
 
-from typing import Dict, List
+import logging
+import os
+from typing import Dict, List, Sequence, Tuple
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from uda_plugins.d2 import META_ARCH_REGISTRY, CfgNode
-from uda_plugins.data.build import DataRequirements
+from uda_plugins.d2 import META_ARCH_REGISTRY, CfgNode, comm
+from uda_plugins.data.build import DataRequirements, build_full_view_loader, get_dataset_dicts
+from uda_plugins.data.color_transfer import lab_color_transfer
+from uda_plugins.data.pseudo_label_bank import PseudoLabelBank, SoftLabels, commit_in_batches
+from uda_plugins.data.rand_augment import apply_rand_augment, sample_rand_augment, warp_label
+from uda_plugins.modeling import stack_images
 from uda_plugins.modeling.discriminator import (
     OutputDiscriminator,
     discriminator_loss,
@@ -45,8 +83,14 @@ from uda_plugins.modeling.multi_head import MultiHeadSegmentor
 from uda_plugins.utils.profiling import timed
 
 from .base import UDAMetaArch
+from .offline_pseudo_labels import median_entropy_pseudo_labels
 
-__all__ = ["MCL", "target_head_names"]
+__all__ = ["MCL", "target_head_names", "AGNOSTIC", "ENSEMBLE", "target_self_training_losses"]
+
+logger = logging.getLogger(__name__)
+
+STAGES = ("warm_up", "self_training")
+AGNOSTIC, ENSEMBLE = "agnostic", "ensemble"
 
 
 def target_head_names(num_targets: int) -> List[str]:
@@ -61,42 +105,133 @@ def _mean_ce(logits: torch.Tensor, labels: torch.Tensor, ignore: int) -> torch.T
     return loss.sum() / valid.sum().clamp(min=1)
 
 
+def target_self_training_losses(
+    own: torch.Tensor,
+    agnostic: torch.Tensor,
+    others: Sequence[torch.Tensor],
+    ensemble: torch.Tensor,
+    labels: torch.Tensor,
+    gamma: float,
+    rectify: bool,
+    ignore: int,
+) -> Dict[str, torch.Tensor]:
+    """MCL's losses of one target (``CustomModel.step``, the loop body over targets) from logits at the
+    pseudo-label's resolution: ``own`` = its head on the strong view, ``agnostic`` = the agnostic head on it,
+    ``others`` = each other target's head on the view re-coloured to that target, ``ensemble`` = the ensemble
+    head, ``labels`` the selected, warped pseudo-labels. Unweighted terms: individual, collaborative, ensemble,
+    distillation."""
+    valid = (labels != ignore).float()
+    safe = torch.where(labels != ignore, labels, 0)
+    own_p = torch.softmax(own.float(), dim=1).detach()
+    weight = torch.ones_like(valid)
+    if rectify:
+        agreement = [
+            torch.exp(-gamma * F.kl_div(F.log_softmax(o.float(), 1), own_p, reduction="none").sum(1)) for o in others
+        ]
+        weight = (sum(agreement) / len(others)).detach()
+
+    def ce(logits: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(logits.float(), safe, reduction="none")
+
+    def weighted_mean(loss: torch.Tensor) -> torch.Tensor:
+        return (loss * weight * valid).sum() / valid.sum().clamp(min=1)
+
+    collaborative = weighted_mean(sum(ce(o) for o in others)) / len(others)
+    # Two-level distillation: the agnostic head learns from head i, head i from the ensemble head.
+    distillation = (
+        F.kl_div(F.log_softmax(agnostic.float(), 1), own_p, reduction="none")
+        + F.kl_div(F.log_softmax(own.float(), 1), torch.softmax(ensemble.float(), 1).detach(), reduction="none")
+    ).mean()
+    return {
+        "individual": weighted_mean(ce(own)),
+        "collaborative": collaborative,
+        "ensemble": weighted_mean(ce(ensemble)),
+        "distillation": distillation,
+    }
+
+
 @META_ARCH_REGISTRY.register()
 class MCL(UDAMetaArch):
     data_requirements = DataRequirements(source=True, source_labels=True, target=True, target_labels=False)
 
     def __init__(self, cfg: CfgNode) -> None:
         m = cfg.UDA.MCL
-        if m.STAGE != "warm_up":
-            raise NotImplementedError(
-                f"UDA.MCL.STAGE '{m.STAGE}': only the warm-up stage is implemented so far (issue 7 is open)"
-            )
+        if m.STAGE not in STAGES:
+            raise ValueError(f"UDA.MCL.STAGE must be one of {STAGES}, not '{m.STAGE}'")
         if len(cfg.DATASETS.TARGET_TRAIN) < 2:
             raise ValueError("MCL adapts to several targets: DATASETS.TARGET_TRAIN must name at least two datasets")
         if cfg.MODEL.HRDA.ENABLED or cfg.UDA.FD.LAMBDA > 0:
             raise ValueError("MCL uses neither HRDA nor the feature distance (MODEL.HRDA.ENABLED, UDA.FD.LAMBDA)")
+        if m.ENSEMBLE_ORDER not in ("domain", "own_first"):
+            raise ValueError(f"UDA.MCL.ENSEMBLE_ORDER must be 'domain' or 'own_first', not '{m.ENSEMBLE_ORDER}'")
+        self.stage = m.STAGE
         self.num_targets = len(cfg.DATASETS.TARGET_TRAIN)
         super().__init__(cfg)
         names = target_head_names(self.num_targets)
-        self.student.active_head = names[m.EVAL_HEAD]
-        self.discriminators = nn.ModuleList(
-            OutputDiscriminator(cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES, m.DISCRIMINATOR_WIDTH) for _ in names
-        )
-        self.adv_weight = m.ADV_WEIGHT
-        self.discriminator_optimizer = (m.DISCRIMINATOR_LR, tuple(m.DISCRIMINATOR_BETAS))
         self.freeze_bn = m.FREEZE_BN
         if self.freeze_bn:
             for module in self.student.backbone.modules():
                 if isinstance(module, nn.modules.batchnorm._BatchNorm):
                     for p in module.parameters():
                         p.requires_grad_(False)
+        default_head = names[-1] if self.stage == "warm_up" else AGNOSTIC
+        eval_head = m.EVAL_HEAD or default_head
+        if eval_head not in self.student.heads or eval_head == ENSEMBLE:
+            choices = [n for n in self.student.heads if n != ENSEMBLE]
+            raise ValueError(f"UDA.MCL.EVAL_HEAD '{eval_head}' is not one of this stage's heads {choices}")
+        self.student.active_head = eval_head
+        if self.stage == "warm_up":
+            self.discriminators = nn.ModuleList(
+                OutputDiscriminator(cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES, m.DISCRIMINATOR_WIDTH) for _ in names
+            )
+            self.adv_weight = m.ADV_WEIGHT
+            self.discriminator_optimizer = (m.DISCRIMINATOR_LR, tuple(m.DISCRIMINATOR_BETAS))
+            return
+        self.target_names = list(cfg.DATASETS.TARGET_TRAIN)
+        keep = cfg.SOLVER.MAX_CHECKPOINTS_TO_KEEP
+        self._bank_root, self._bank_keep = (
+            os.path.join(cfg.OUTPUT_DIR, "pseudo_label_bank"),
+            keep + 1 if keep > 0 else 1 << 30,
+        )
+        self._banks: List[PseudoLabelBank] = []
+        self.refresh_period, self.max_iter = m.REFRESH_PERIOD, cfg.SOLVER.MAX_ITER
+        self.label_scale, self.entropy_floor = m.PSEUDO_LABEL_SCALE, m.ENTROPY_FLOOR
+        self.rand_augment = (m.RAND_AUGMENT_N, m.RAND_AUGMENT_M)
+        self.weights = {
+            "individual": 1.0,
+            "collaborative": m.COLLABORATIVE_WEIGHT,
+            "ensemble": m.ENSEMBLE_WEIGHT,
+            "distillation": m.DISTILLATION_WEIGHT,
+        }
+        self.rectify, self.gamma = m.RECTIFY, m.GAMMA
+        self.own_style_first = m.ENSEMBLE_ORDER == "own_first"
 
+    # ------------------------------------------------------------------------------------------ building
     def build_student(self, cfg: CfgNode) -> MultiHeadSegmentor:
-        return MultiHeadSegmentor(cfg, target_head_names(self.num_targets))
+        names = target_head_names(self.num_targets)
+        if self.stage == "warm_up":
+            return MultiHeadSegmentor(cfg, names)
+        return MultiHeadSegmentor(cfg, names + [AGNOSTIC, ENSEMBLE], stacked_inputs={ENSEMBLE: self.num_targets})
+
+    def is_head_parameter(self, name: str) -> bool:
+        """Which parameters get ``SOLVER.HEAD_LR_MULTIPLIER``: every head in warm-up, only the new domain-agnostic
+        head in self-training (the reference's ``get_*_lr_params_new``)."""
+        if self.stage == "warm_up":
+            return "head" in name
+        return name.startswith(f"student.heads.{AGNOSTIC}.")
 
     def separate_optimizers(self, cfg: CfgNode) -> List[torch.optim.Optimizer]:
+        if self.stage != "warm_up":
+            return []
         lr, betas = self.discriminator_optimizer
         return [torch.optim.Adam(self.discriminators.parameters(), lr=lr, betas=betas)]
+
+    def training_hooks(self, cfg: CfgNode) -> List:
+        if self.stage == "warm_up":
+            return []
+        from uda_plugins.hooks import PseudoLabelBankHook
+
+        return [PseudoLabelBankHook(self, cfg)]
 
     def train(self, mode: bool = True) -> "MCL":
         super().train(mode)
@@ -109,6 +244,12 @@ class MCL(UDAMetaArch):
     def forward_train(self, batch: Dict[str, list]) -> Dict[str, torch.Tensor]:
         if len(batch["target"]) != self.num_targets:
             raise ValueError(f"MCL was built for {self.num_targets} targets, the batch has {len(batch['target'])}")
+        if self.stage == "warm_up":
+            return self._warm_up_step(batch)
+        return self._self_training_step(batch)
+
+    # ------------------------------------------------------------------------------------------- warm-up
+    def _warm_up_step(self, batch: Dict[str, list]) -> Dict[str, torch.Tensor]:
         names = target_head_names(self.num_targets)
         source_images, source_labels = self.images_and_labels(batch["source"])
         with timed("student_forward"):
@@ -140,3 +281,141 @@ class MCL(UDAMetaArch):
             "loss_adversarial": self.adv_weight * loss_adv,
             "loss_discriminator": loss_d,
         }
+
+    # ------------------------------------------------------------------------------- pseudo-label banks
+    def pseudo_label_banks(self) -> List[PseudoLabelBank]:
+        """Self-training: one bank of soft pseudo-labels per target (built on first use); warm-up: none."""
+        if self.stage == "warm_up":
+            return []
+        if not self._banks:
+            for name in self.target_names:
+                files = [d["file_name"] for d in get_dataset_dicts([name])]
+                root = os.path.join(self._bank_root, name)
+                self._banks.append(PseudoLabelBank(root, files, keep_pinned=self._bank_keep, codec=SoftLabels))
+        return self._banks
+
+    def self_training_iteration(self, iteration: int) -> int:
+        return iteration  # the whole run self-trains
+
+    def _soft_labels(self, cfg: CfgNode, target: int):
+        """(dataset index, float16 probabilities at the head's resolution) of every image of this process's shard
+        of target ``target``, predicted by its own head on the whole image (the reference's ``generate``)."""
+        per_rank = max(1, cfg.SOLVER.IMS_PER_BATCH_TARGET // comm.get_world_size())
+        loader = build_full_view_loader(cfg, self.target_names[target], per_rank)
+        name = target_head_names(self.num_targets)[target]
+
+        def batches():
+            was_training = self.student.training
+            self.student.eval()
+            try:
+                with torch.no_grad():
+                    for dicts in loader:
+                        images = self.student.normalize(stack_images(dicts, self.device))
+                        logits = self.student.decode_with(name, self.student.extract_features(images))
+                        probs = torch.softmax(logits.float(), dim=1).to(torch.float16).cpu().numpy()
+                        yield [(d["dataset_index"], p) for d, p in zip(dicts, probs)]
+            finally:
+                self.student.train(was_training)
+
+        return loader, batches()
+
+    def initialize_bank(self, cfg: CfgNode) -> None:
+        """Version 0 of every target's soft pseudo-labels, from the model as loaded (the warm-up's heads)."""
+        with timed("pseudo_label_refresh"):
+            for target, bank in enumerate(self.pseudo_label_banks()):
+                logger.info("MCL: soft pseudo-labels of %s (%d images)", self.target_names[target], len(bank))
+                _, batches = self._soft_labels(cfg, target)
+                bank.initialize(pair for batch in batches for pair in batch)
+
+    def commit_bank_update(self, cfg: CfgNode, iteration: int) -> None:
+        """After the step of ``iteration``: remake the soft pseudo-labels when the next iteration is a refresh one
+        (the reference regenerates before iteration ``it`` when ``(it + 1) % 10000 == 0``, except the last)."""
+        upcoming = iteration + 1
+        if self.refresh_period <= 0 or (upcoming + 1) % self.refresh_period or upcoming >= self.max_iter - 1:
+            return
+        with timed("pseudo_label_refresh"):
+            for target, bank in enumerate(self.pseudo_label_banks()):
+                logger.info("MCL: refreshing the soft pseudo-labels of %s after iteration %d", bank.root, iteration)
+                loader, batches = self._soft_labels(cfg, target)
+                commit_in_batches(bank, batches, loader.batch_size, iteration)
+
+    # ------------------------------------------------------------------------------------ self-training
+    def _styled(self, content: torch.Tensor, style: torch.Tensor) -> torch.Tensor:
+        """``content`` (RGB 0..255) re-coloured to ``style``, pairing image k with style image k mod len(style)."""
+        with timed("color_transfer"):
+            index = torch.arange(content.shape[0], device=style.device) % style.shape[0]
+            return lab_color_transfer(content, style[index])
+
+    def _ensemble_slots(self, own: int, features: Dict[int, dict]) -> List[dict]:
+        """Features by target style, in the ensemble head's channel order (see ``ENSEMBLE_ORDER``)."""
+        order = list(range(self.num_targets))
+        if self.own_style_first:
+            order = [own] + [j for j in order if j != own]
+        return [features[j] for j in order]
+
+    def _pseudo_labels(self, target: int, dicts: List[dict], draws, crop_size: Tuple[int, int]) -> torch.Tensor:
+        """The selected soft pseudo-labels of target ``target``'s crops at ``PSEUDO_LABEL_SCALE`` of the crop size,
+        warped like the strong views."""
+        crops = self.pseudo_label_banks()[target].crops_of(dicts)
+        soft = torch.stack([torch.from_numpy(np.asarray(c)) for c in crops]).to(self.device).float()
+        size = (int(crop_size[0] * self.label_scale), int(crop_size[1] * self.label_scale))
+        soft = F.interpolate(soft, size=size, mode="bilinear", align_corners=False)
+        labels, _ = median_entropy_pseudo_labels(soft, self.entropy_floor, self.ignore_value)
+        return torch.stack([warp_label(label, draw, self.ignore_value) for label, draw in zip(labels, draws)])
+
+    def _self_training_step(self, batch: Dict[str, list]) -> Dict[str, torch.Tensor]:
+        T, names = self.num_targets, target_head_names(self.num_targets)
+        student, norm, ignore = self.student, self.student.normalize, self.ignore_value
+        source_raw = stack_images(batch["source"], self.device)
+        source_labels = torch.stack([d["sem_seg"] for d in batch["source"]]).to(self.device)
+        weak = [stack_images(dicts, self.device) for dicts in batch["target"]]
+
+        # Source: individual (each target's style), agnostic (as is) and ensemble (all styles) supervision.
+        styled_sources = [self._styled(source_raw, weak[i]) for i in range(T)]
+        with timed("student_forward"):
+            styled_features = [student.extract_features(norm(x)) for x in styled_sources]
+            loss_source = sum(
+                _mean_ce(student.decode_with(names[i], f), source_labels, ignore) for i, f in enumerate(styled_features)
+            )
+            agnostic_logits = student.decode_with(AGNOSTIC, student.extract_features(norm(source_raw)))
+            loss_source = loss_source + _mean_ce(agnostic_logits, source_labels, ignore)
+            loss_source_ensemble = _mean_ce(student.decode_stacked(ENSEMBLE, styled_features), source_labels, ignore)
+
+        # Strong views of every target, drawn before any is used (another target's view is a style reference).
+        crop_size = tuple(weak[0].shape[-2:])
+        with timed("rand_augment"):
+            n, m = self.rand_augment
+            draws = [[sample_rand_augment(crop_size, n, m) for _ in range(len(w))] for w in weak]
+            strong = [
+                torch.stack([apply_rand_augment(x, d) for x, d in zip(w, ds)]).float() for w, ds in zip(weak, draws)
+            ]
+
+        totals = {k: 0.0 for k in self.weights}
+        for i in range(T):
+            with timed("pseudo_labels"):
+                labels = self._pseudo_labels(i, batch["target"][i], draws[i], crop_size)
+            size = labels.shape[-2:]
+            with timed("student_forward"):
+                features = {i: student.extract_features(norm(strong[i]))}
+                own = upsample_like(student.decode_with(names[i], features[i]), size)
+                agnostic = upsample_like(student.decode_with(AGNOSTIC, features[i]), size)
+                others = []
+                for j in range(T):
+                    if j != i:
+                        features[j] = student.extract_features(norm(self._styled(strong[i], strong[j])))
+                        others.append(upsample_like(student.decode_with(names[j], features[j]), size))
+                ensemble = upsample_like(student.decode_stacked(ENSEMBLE, self._ensemble_slots(i, features)), size)
+            terms = target_self_training_losses(
+                own, agnostic, others, ensemble, labels, self.gamma, self.rectify, ignore
+            )
+            for k, v in terms.items():
+                totals[k] = totals[k] + v
+            if i == 0 and self.should_visualize():
+                self.visualize("source/input_gt_pred", norm(source_raw), source_labels, agnostic_logits)
+                self.visualize_panel(
+                    "target0/strong_pseudo_label_own_agnostic", [norm(strong[i]), labels, own, agnostic]
+                )
+        losses = {"loss_source": loss_source, "loss_source_ensemble": loss_source_ensemble}
+        losses.update({f"loss_{k}": self.weights[k] * totals[k] for k in self.weights})
+        losses["loss_distillation"] = losses["loss_distillation"] / T
+        return losses

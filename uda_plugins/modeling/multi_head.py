@@ -18,20 +18,26 @@ __all__ = ["MultiHeadSegmentor"]
 class MultiHeadSegmentor(Segmentor):
     """A :class:`Segmentor` whose ``MODEL.SEM_SEG_HEAD`` exists once per name in ``head_names`` (independently
     initialised). ``decode``/``predict``/``forward`` use ``active_head`` (what evaluation sees); training code names
-    the head it wants with :meth:`decode_with`."""
+    the head it wants with :meth:`decode_with`.
 
-    def __init__(self, cfg: CfgNode, head_names: Sequence[str], head_in_channels: Optional[Dict[str, int]] = None):
+    ``stacked_inputs`` names heads that read several images' deepest features concatenated along the channels
+    (MCL's ensemble head: one per target style), with their number; such a head is fed by :meth:`decode_stacked`.
+    """
+
+    def __init__(self, cfg: CfgNode, head_names: Sequence[str], stacked_inputs: Optional[Dict[str, int]] = None):
         super().__init__(cfg)
         if len(set(head_names)) != len(head_names) or not head_names:
             raise ValueError(f"Head names must be distinct and at least one: {list(head_names)}")
-        widths = head_in_channels or {}
+        self.stacked_inputs = dict(stacked_inputs or {})
+        self.deepest_feature = cfg.MODEL.SEM_SEG_HEAD.IN_FEATURES[-1]
+        width = self.backbone.output_shape()[self.deepest_feature].channels
         build = SEM_SEG_HEADS_REGISTRY.get(cfg.MODEL.SEM_SEG_HEAD.NAME)
         heads = {}
         for k, name in enumerate(head_names):
-            if k == 0 and name not in widths:
+            if k == 0 and name not in self.stacked_inputs:
                 heads[name] = self._modules.pop("head")  # the one Segmentor built
             else:
-                kwargs = {"in_channels": widths[name]} if name in widths else {}
+                kwargs = {"in_channels": width * self.stacked_inputs[name]} if name in self.stacked_inputs else {}
                 heads[name] = build(cfg, self.backbone.output_shape(), **kwargs)
         if "head" in self._modules:
             del self._modules["head"]
@@ -47,3 +53,12 @@ class MultiHeadSegmentor(Segmentor):
 
     def decode_with(self, name: str, features: Dict[str, torch.Tensor]) -> torch.Tensor:
         return self.heads[name](features)
+
+    def decode_stacked(self, name: str, features: Sequence[Dict[str, torch.Tensor]]) -> torch.Tensor:
+        """Head ``name`` on the deepest features of ``features`` (one dict per image style) stacked in that order."""
+        if len(features) != self.stacked_inputs.get(name):
+            raise ValueError(
+                f"Head '{name}' reads {self.stacked_inputs.get(name)} stacked features, not {len(features)}"
+            )
+        key = self.deepest_feature
+        return self.heads[name]({key: torch.cat([f[key] for f in features], dim=1)})
