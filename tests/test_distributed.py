@@ -153,3 +153,38 @@ def test_duda_on_two_processes_equals_one_with_accumulation_and_writes_each_labe
     assert len(written) == 4 * ITERS  # 4 images per step, one file each
     for f in a:
         assert (a[f] == b[f]).mean() > 0.99, f
+
+
+def test_mcl_self_training_on_two_processes_equals_one_with_accumulation(tmp_path):
+    # Both soft pseudo-label banks are made by the two processes together (each its shard of the images) and remade
+    # after iteration 0; the losses and every file equal one process with two micro-batches. BatchNorm is frozen, so
+    # no per-process running statistics enter the refreshed labels (and it must stay frozen across a refresh).
+    import numpy as np
+
+    config = os.path.join(CONFIGS, "mcl.yaml")
+    extra = {
+        "DATASETS.TARGET_TRAIN": "('synthetic_tiny_target_train', 'synthetic_tiny_target_dusk_train')",
+        "DATASETS.TEST": "('synthetic_tiny_target_val', 'synthetic_tiny_target_dusk_val')",
+        "MODEL.WEIGHTS": "",
+        "UDA.MCL.FREEZE_BN": True,
+        "UDA.MCL.REFRESH_PERIOD": 2,
+    }
+    ddp = str(tmp_path / "ddp")
+    args = ["--config-file", config, "--num-gpus", "2", "--dist-url", "auto"] + _overrides(ddp, **extra)
+    assert train_net.cli(args) == 0
+    accumulated = str(tmp_path / "accumulated")
+    overrides = _overrides(accumulated, **extra, **{"SOLVER.GRAD_ACCUMULATION_STEPS": 2})
+    assert train_net.cli(["--config-file", config] + overrides) == 0
+    _assert_same_losses(_losses(ddp), _losses(accumulated))
+
+    def soft_labels(out):
+        root = os.path.join(out, "pseudo_label_bank")
+        files = sorted(os.path.relpath(os.path.join(d, f), root) for d, _, fs in os.walk(root) for f in fs if "@" in f)
+        return {f: np.load(os.path.join(root, f)).astype(np.float32) for f in files}
+
+    a, b = soft_labels(ddp), soft_labels(accumulated)
+    assert a.keys() == b.keys() and len(a) == 2 * 24 and all(f.endswith("@1.npy") for f in a)  # refreshed, once
+    for f in a:
+        assert np.abs(a[f] - b[f]).max() < 2e-3, f
+    tracked = [v for k, v in torch.load(os.path.join(ddp, "model_final.pth"))["model"].items() if "num_batches" in k]
+    assert tracked and all(int(v) == 0 for v in tracked)  # BatchNorm never left eval mode

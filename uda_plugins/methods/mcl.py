@@ -305,8 +305,8 @@ class MCL(UDAMetaArch):
         name = target_head_names(self.num_targets)[target]
 
         def batches():
-            was_training = self.student.training
-            self.student.eval()
+            was_training = self.training
+            self.eval()
             try:
                 with torch.no_grad():
                     for dicts in loader:
@@ -315,7 +315,7 @@ class MCL(UDAMetaArch):
                         probs = torch.softmax(logits.float(), dim=1).to(torch.float16).cpu().numpy()
                         yield [(d["dataset_index"], p) for d, p in zip(dicts, probs)]
             finally:
-                self.student.train(was_training)
+                self.train(was_training)  # MCL.train: BatchNorm stays frozen with FREEZE_BN
 
         return loader, batches()
 
