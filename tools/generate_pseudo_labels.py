@@ -27,7 +27,7 @@ import uda_plugins  # noqa: F401  (registration)
 from uda_plugins.d2 import setup_logger
 from uda_plugins.data.build import build_full_view_loader, get_dataset_dicts
 from uda_plugins.data.pseudo_label_bank import bank_keys, write_label_atomic
-from uda_plugins.engine import UDACheckpointer, UDATrainer
+from uda_plugins.engine.checkpoint import load_network
 from uda_plugins.engine.setup import load_cfg
 from uda_plugins.methods.duda import ias_pseudo_labels
 from uda_plugins.methods.offline_pseudo_labels import InstanceAdaptiveSelector
@@ -38,17 +38,7 @@ logger = logging.getLogger("uda_plugins.generate_pseudo_labels")
 
 def generate(cfg, dataset: str, output: str, network_name: str = "student", batch_size: int = 2) -> dict:
     """Write the pseudo-labels of ``dataset`` into ``output``; returns the summary written beside them."""
-    model = UDATrainer.build_model(cfg)
-    if cfg.MODEL.WEIGHTS:
-        if not os.path.isfile(cfg.MODEL.WEIGHTS):
-            raise FileNotFoundError(f"MODEL.WEIGHTS file '{cfg.MODEL.WEIGHTS}' does not exist")
-        UDACheckpointer(model).load(cfg.MODEL.WEIGHTS, checkpointables=[])
-    else:
-        logger.warning("No MODEL.WEIGHTS: labelling with a randomly initialised model")
-    networks = model.evaluable_models()
-    if network_name not in networks:
-        raise KeyError(f"--network '{network_name}': this method has only {sorted(networks)}")
-    network = networks[network_name]
+    network = load_network(cfg, network_name)
     keys = bank_keys([d["file_name"] for d in get_dataset_dicts([dataset])])
     bank_cfg = cfg.UDA.PSEUDO_LABEL_BANK
     ignore = cfg.MODEL.SEM_SEG_HEAD.IGNORE_VALUE

@@ -9,16 +9,19 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 from typing import Any, Dict, List
 
 import torch
 
-from uda_plugins.d2 import DetectionCheckpointer
+from uda_plugins.d2 import CfgNode, DetectionCheckpointer, build_model
 from uda_plugins.utils.file_io import atomic_open, atomic_write_text
 
-__all__ = ["UDACheckpointer", "UnreadableCheckpointError"]
+__all__ = ["UDACheckpointer", "UnreadableCheckpointError", "load_network"]
+
+logger = logging.getLogger(__name__)
 
 _PERIODIC = re.compile(r"^model_(\d+)\.pth$")
 
@@ -87,3 +90,19 @@ class UDACheckpointer(DetectionCheckpointer):
             f"--resume: no readable checkpoint in {self.save_dir} (tried {', '.join(skipped) or 'none'}). "
             "Remove the damaged files to start afresh, or point MODEL.WEIGHTS at a checkpoint without --resume."
         )
+
+
+def load_network(cfg: CfgNode, network: str = "student") -> torch.nn.Module:
+    """The network ``network`` (``student``, ``teacher``, ... as ``TEST.EVAL_MODEL`` names them) of the model
+    ``cfg`` describes, with the weights of ``MODEL.WEIGHTS``, in eval mode: what a tool predicts with."""
+    model = build_model(cfg)
+    if cfg.MODEL.WEIGHTS:
+        if not os.path.isfile(cfg.MODEL.WEIGHTS):
+            raise FileNotFoundError(f"MODEL.WEIGHTS file '{cfg.MODEL.WEIGHTS}' does not exist")
+        UDACheckpointer(model).load(cfg.MODEL.WEIGHTS, checkpointables=[])
+    else:
+        logger.warning("No MODEL.WEIGHTS: predicting with a randomly initialised model")
+    networks = model.evaluable_models()
+    if network not in networks:
+        raise KeyError(f"Network '{network}': this method has only {sorted(networks)}")
+    return networks[network].eval()

@@ -57,6 +57,7 @@ from uda_plugins.data.build import DataRequirements, build_full_view_loader, get
 from uda_plugins.data.pseudo_label_bank import PseudoLabelBank, commit_in_batches, read_initial_label
 from uda_plugins.data.transforms import Geometry, apply_geometry_tensor
 from uda_plugins.modeling import stack_images
+from uda_plugins.modeling.inference import predict_full_views
 from uda_plugins.modeling.losses import (
     entropy_regularizer,
     kld_uniform_regularizer,
@@ -75,24 +76,9 @@ from .offline_pseudo_labels import (
 from .self_training import SelfTrainingArch
 from .teacher import copy_parameters_
 
-__all__ = ["DUDA", "predict_full_views", "recalibrate_batch_norm"]
+__all__ = ["DUDA", "recalibrate_batch_norm"]
 
 logger = logging.getLogger(__name__)
-
-
-@torch.no_grad()
-def predict_full_views(network: nn.Module, loader, normalize) -> Iterator[Tuple[List[int], torch.Tensor]]:
-    """(dataset indices, softmax probabilities (N, C, H, W)) of each batch of a full-view loader, ``network`` in
-    eval mode (its mode is restored)."""
-    was_training = network.training
-    network.eval()
-    try:
-        for dicts in loader:
-            device = next(network.parameters()).device
-            images = normalize(stack_images(dicts, device))
-            yield [d["dataset_index"] for d in dicts], torch.softmax(network.predict(images).float(), dim=1)
-    finally:
-        network.train(was_training)
 
 
 @torch.no_grad()

@@ -1,17 +1,19 @@
 """Whole-image and sliding-window inference, Detectron2's ``SemanticSegmentor`` output contract:
-``[{"sem_seg": logits (C, height, width)}]`` at each input's original size."""
+``[{"sem_seg": logits (C, height, width)}]`` at each input's original size; and the probabilities of a network on
+every image of a full-view loader (:func:`predict_full_views`: pseudo-label banks, active-learning scores)."""
 
 from __future__ import annotations
 
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, Iterator, List, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from .losses import upsample_like
-from .segmentor import Segmentor
+from .segmentor import Segmentor, stack_images
 
-__all__ = ["whole_inference", "slide_inference", "slide_windows", "clamp_crop_size", "segment"]
+__all__ = ["whole_inference", "slide_inference", "slide_windows", "clamp_crop_size", "segment", "predict_full_views"]
 
 # A box (y1, y2, x1, x2) in pixels, end-exclusive (the order of HRDA's reference code).
 Box = Tuple[int, int, int, int]
@@ -91,3 +93,18 @@ def segment(
             logits = F.interpolate(logits, size=(height, width), mode="bilinear", align_corners=False)
         results.append({"sem_seg": logits[0]})
     return results
+
+
+@torch.no_grad()
+def predict_full_views(network: nn.Module, loader, normalize) -> Iterator[Tuple[List[int], torch.Tensor]]:
+    """(dataset indices, softmax probabilities (N, C, H, W)) of each batch of a full-view loader, ``network`` in
+    eval mode (its mode is restored)."""
+    was_training = network.training
+    network.eval()
+    try:
+        for dicts in loader:
+            device = next(network.parameters()).device
+            images = normalize(stack_images(dicts, device))
+            yield [d["dataset_index"] for d in dicts], torch.softmax(network.predict(images).float(), dim=1)
+    finally:
+        network.train(was_training)
