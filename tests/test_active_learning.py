@@ -1,0 +1,209 @@
+"""Active learning (STAL / ILM-ASSL): image scores and per-city quotas on hand-made numbers, nested rounds, the
+strategies, image lists, and the folder annotator's checks."""
+
+import math
+import os
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from uda_plugins.active_learning.annotation import (
+    AnnotationPending,
+    FolderAnnotator,
+    GroundTruthAnnotator,
+    image_keys,
+    read_image_list,
+    write_image_list,
+)
+from uda_plugins.active_learning.selection import (
+    SELECTION_STRATEGIES,
+    allocate_quotas,
+    group_of,
+    image_entropy,
+    select_images,
+)
+
+
+def test_image_score_is_the_mean_normalised_pixel_entropy():
+    C = 19
+    certain = torch.zeros(1, C, 2, 2)
+    certain[:, 3] = 1.0
+    uniform = torch.full((1, C, 2, 2), 1.0 / C)
+    half = torch.zeros(1, C, 1, 2)
+    half[0, 0, 0, 0] = 1.0  # one certain pixel, one uniform pixel
+    half[0, :, 0, 1] = 1.0 / C
+    scores = torch.cat([image_entropy(certain), image_entropy(uniform), image_entropy(half)])
+    # The reference's -sum p log(p + 1e-6) / log C, pixel mean.
+    uniform_value = -C * (1 / C) * math.log(1 / C + 1e-6) / math.log(C)
+    assert scores.tolist() == pytest.approx(
+        [-math.log(1 + 1e-6) / math.log(C), uniform_value, uniform_value / 2], abs=1e-6
+    )
+
+
+def test_quotas_follow_the_images_each_city_has_left():
+    sizes = {"aachen": 174, "bochum": 96, "bremen": 316, "zurich": 122}
+    labelled = {"aachen": 10, "bochum": 2}
+    quotas = allocate_quotas(35, sizes, labelled)
+    assert sum(quotas.values()) == 35
+    left = {g: sizes[g] - labelled.get(g, 0) for g in sizes}
+    for g in sizes:  # Hamilton: each within 1 of its exact share
+        assert abs(quotas[g] - 35 * left[g] / sum(left.values())) < 1
+    # The reference normalises by all images and gives the rest to the last city.
+    reference = allocate_quotas(35, sizes, labelled, rule="reference")
+    total = sum(sizes.values())
+    assert reference == {
+        "aachen": round(35 * 164 / total),
+        "bochum": round(35 * 94 / total),
+        "bremen": round(35 * 316 / total),
+        "zurich": 35 - round(35 * 164 / total) - round(35 * 94 / total) - round(35 * 316 / total),
+    }
+    # A city with fewer images left than its share gives the excess to the others.
+    assert allocate_quotas(6, {"a": 10, "b": 10}, {"a": 9}) == {"a": 1, "b": 5}
+    with pytest.raises(ValueError, match="only 4 are not labelled"):
+        allocate_quotas(5, {"a": 2, "b": 2, "c": 1}, {"a": 1})
+
+
+def test_entropy_selection_takes_each_citys_most_uncertain_unlabelled_images_and_rounds_nest():
+    groups = ["a"] * 6 + ["b"] * 6
+    scores = np.array([0.1, 0.9, 0.5, 0.8, 0.2, 0.3, 0.7, 0.1, 0.6, 0.2, 0.95, 0.4])
+    labelled = np.zeros(12, dtype=bool)
+    labelled[[1, 10]] = True  # the seed set: the most uncertain of each city are already labelled
+    first = select_images(4, groups, labelled, "entropy", scores)
+    assert first == [2, 3, 6, 8]  # a: 0.8, 0.5; b: 0.7, 0.6 (never 1 or 10 again)
+    labelled[first] = True
+    second = select_images(4, groups, labelled, "entropy", scores)
+    assert not set(second) & set(first) and not set(second) & {1, 10}  # nested budgets: the pool only grows
+    assert second == [4, 5, 9, 11]  # a: 0.3, 0.2; b: 0.4, 0.2
+
+
+def test_random_selection_is_seeded_and_uniform_within_quotas():
+    groups = ["a"] * 50 + ["b"] * 50
+    labelled = np.zeros(100, dtype=bool)
+    picks = [select_images(10, groups, labelled, "random", rng=np.random.default_rng(s)) for s in range(300)]
+    assert all(sum(i < 50 for i in p) == 5 for p in picks)  # quotas hold
+    counts = np.bincount(np.concatenate(picks), minlength=100)
+    assert counts.min() > 0 and counts.max() < 3 * counts.mean()
+    assert picks[0] == select_images(10, groups, labelled, "random", rng=np.random.default_rng(0))
+    assert {"entropy", "random"} <= set(SELECTION_STRATEGIES._obj_map)
+
+
+def _dataset(tmp_path, n=4):
+    dicts = []
+    for k in range(n):
+        city = "aachen" if k < 2 else "bochum"
+        path = tmp_path / "leftImg8bit" / "train" / city / f"{city}_{k:06d}_000019_leftImg8bit.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        cv2.imwrite(str(path), np.zeros((6, 8, 3), np.uint8))
+        dicts.append({"file_name": str(path), "height": 6, "width": 8})
+    return dicts
+
+
+def test_image_lists_round_trip_and_read_the_authors_format(tmp_path):
+    dicts = _dataset(tmp_path)
+    assert image_keys(dicts)[2] == os.path.join("bochum", "bochum_000002_000019_leftImg8bit.png")
+    assert [group_of(d["file_name"]) for d in dicts] == ["aachen", "aachen", "bochum", "bochum"]
+    write_image_list(str(tmp_path / "round1.txt"), dicts, [3, 0])
+    assert read_image_list(str(tmp_path / "round1.txt"), dicts) == [3, 0]
+    authors = tmp_path / "labeled_cs.txt"
+    authors.write_text("leftImg8bit/train/bochum/bochum_000002_000019_leftImg8bit.png\n")
+    assert read_image_list(str(authors), dicts) == [2]
+    authors.write_text("leftImg8bit/train/bochum/bochum_000009_000019_leftImg8bit.png\n")
+    with pytest.raises(ValueError, match=r"labeled_cs.txt:1: .* matches no image"):
+        read_image_list(str(authors), dicts)
+
+
+def test_folder_annotator_waits_for_every_label_and_rejects_a_bad_one(tmp_path):
+    dicts = _dataset(tmp_path / "data")
+    folder = tmp_path / "labels"
+    annotator = FolderAnnotator(str(folder), num_classes=19, ignore_value=255)
+    annotator.request(1, dicts, [0, 2])
+    assert (folder / "round1_to_label.txt").read_text().split() == [image_keys(dicts)[0], image_keys(dicts)[2]]
+    with pytest.raises(AnnotationPending, match="2 of the 2 images of round 1"):
+        annotator.labels(1, dicts, [0, 2])
+    good = np.full((6, 8), 4, np.uint8)
+    good[0, 0] = 255
+    (folder / "aachen").mkdir()
+    cv2.imwrite(str(folder / "aachen" / "aachen_000000_000019_leftImg8bit.png"), good)  # named like the image
+    with pytest.raises(AnnotationPending, match="1 of the 2"):
+        annotator.labels(1, dicts, [0, 2])
+    bad = good.copy()
+    bad[1, 1] = 30  # not a class
+    cv2.imwrite(str(folder / "bochum_000002_000019_leftImg8bit.png"), bad)  # or just its file name
+    with pytest.raises(ValueError, match=r"bochum_000002_000019_leftImg8bit.png' has class ids \[30\]"):
+        annotator.labels(1, dicts, [0, 2])
+    cv2.imwrite(str(folder / "bochum_000002_000019_leftImg8bit.png"), np.zeros((5, 8), np.uint8))
+    with pytest.raises(ValueError, match="is 8x5, its image 8x6"):
+        annotator.labels(1, dicts, [0, 2])
+    cv2.imwrite(str(folder / "bochum_000002_000019_leftImg8bit.png"), np.zeros((6, 8, 3), np.uint8))
+    with pytest.raises(ValueError, match="one 8-bit channel"):
+        annotator.labels(1, dicts, [0, 2])
+    cv2.imwrite(str(folder / "bochum_000002_000019_leftImg8bit.png"), good)
+    labels = annotator.labels(1, dicts, [0, 2])
+    assert sorted(labels) == [0, 2] and all(os.path.isfile(p) for p in labels.values())
+
+
+def test_ground_truth_annotator_reveals_the_dataset_labels_or_says_it_cannot(tmp_path):
+    dicts = _dataset(tmp_path)
+    with pytest.raises(ValueError, match="no ground truth to reveal"):
+        GroundTruthAnnotator().labels(0, dicts, [1])
+    dicts[1]["sem_seg_file_name"] = "/x/label.png"
+    assert GroundTruthAnnotator().labels(0, dicts, [1]) == {1: "/x/label.png"}
+
+
+def test_round_tool_grows_nested_lists_and_waits_for_folder_labels(tmp_path, capsys):
+    import shutil
+    import sys
+
+    from conftest import REPO, tiny_overrides
+
+    sys.path.insert(0, os.path.join(REPO, "tools"))
+    import active_learning_round
+
+    from uda_plugins.data.build import get_dataset_dicts
+
+    config = os.path.join(REPO, "configs", "synthetic", "source_only.yaml")
+    opts = tiny_overrides(str(tmp_path / "unused"))
+    common = ["--config-file", config, "--network", "student"]
+    first, second = str(tmp_path / "round1.txt"), str(tmp_path / "round2.txt")
+    assert active_learning_round.main(common + ["--num", "4", "--strategy", "random", "--output", first] + opts) == 0
+    assert active_learning_round.main(common + ["--num", "4", "--labelled", first, "--output", second] + opts) == 0
+    dicts = get_dataset_dicts(["synthetic_tiny_target_train"])
+    one, two = read_image_list(first, dicts), read_image_list(second, dicts)
+    assert len(one) == 4 and two[:4] == one and len(set(two)) == 8  # nested: the first round's images stay
+    with open(second + ".scores.tsv") as f:
+        rows = [line.split("\t") for line in f.read().splitlines()[1:]]
+    scores = [float(s) for s, _ in rows]
+    assert len(rows) == len(dicts) and scores == sorted(scores, reverse=True)
+    with open(second + ".round.json") as f:
+        summary = __import__("json").load(f)
+    assert summary["round"] == 2 and summary["labelled_after"] == 8 and summary["strategy"] == "entropy"
+    # The new images are the most uncertain of their cities among those not labelled.
+    by_key = {k: float(s) for s, k in rows}
+    keys = image_keys(dicts)
+    for i in two[4:]:
+        city = group_of(dicts[i]["file_name"])
+        rest = [by_key[keys[j]] for j in range(len(dicts)) if group_of(dicts[j]["file_name"]) == city and j not in two]
+        assert all(by_key[keys[i]] >= r for r in rest)
+
+    # Folder mode: the tool asks (exit 3) until every label is in the folder, and rejects a bad one.
+    folder = tmp_path / "people"
+    third = str(tmp_path / "round3.txt")
+    args = common + ["--num", "2", "--labelled", second, "--output", third, "--annotator", "folder"]
+    args += ["--label-folder", str(folder)] + opts
+    assert active_learning_round.main(args) == 3
+    assert "waiting for labels: 2 of the 2 images of round 3" in capsys.readouterr().err
+    requested = read_image_list(str(folder / "round3_to_label.txt"), dicts)
+    for k, i in enumerate(requested):
+        target = folder / os.path.basename(dicts[i]["file_name"])
+        shutil.copy(dicts[i]["sem_seg_file_name"], target)
+        if k == 0:
+            label = cv2.imread(str(target), cv2.IMREAD_UNCHANGED)
+            label[0, 0] = 77
+            cv2.imwrite(str(target), label)
+    assert active_learning_round.main(args) == 1
+    assert "has class ids [77]" in capsys.readouterr().err
+    shutil.copy(dicts[requested[0]]["sem_seg_file_name"], folder / os.path.basename(dicts[requested[0]]["file_name"]))
+    assert active_learning_round.main(args) == 0
+    assert read_image_list(third, dicts) == two + requested
