@@ -53,9 +53,13 @@ def test_mit_backbone_is_pvt_v2():
     assert bb(torch.randn(1, 3, 64, 64))["res5"].shape == (1, 256, 2, 2)
 
 
-@pytest.mark.parametrize("head,stride", [("DeepLabV2Head", 8), ("SegFormerHead", 4), ("DAFormerHead", 4)])
+@pytest.mark.parametrize(
+    "head,stride", [("DeepLabV2Head", 8), ("SegFormerHead", 4), ("DAFormerHead", 4), ("DeepLabV3PlusHead", 4)]
+)
 def test_heads(head, stride):
-    features = ["res5"] if head == "DeepLabV2Head" else ["res2", "res3", "res4", "res5"]
+    features = {"DeepLabV2Head": ["res5"], "DeepLabV3PlusHead": ["res2", "res5"]}.get(
+        head, ["res2", "res3", "res4", "res5"]
+    )
     cfg = _cfg(
         **SMALL_RESNET,
         **{
@@ -84,6 +88,60 @@ def test_daformer_head_structure():
     dw = head.fuse.branches[2][0][0]
     assert dw.groups == dw.in_channels and dw.dilation == (12, 12)
     assert head.fuse.bottleneck[0].kernel_size == (3, 3)
+
+
+def _u2pl_deeplabv3_plus_parameters(in_planes, num_classes, inner=256, dilations=(12, 24, 36)):
+    # ILM-ASSL core/models/decoder.py dec_deeplabv3_plus + core/models/base.py ASPP, transcribed (BatchNorm).
+    bn = nn.BatchNorm2d
+
+    def seq(*m):
+        return nn.Sequential(*m)
+
+    aspp = [seq(nn.AdaptiveAvgPool2d(1), nn.Conv2d(in_planes, inner, 1, bias=False), bn(inner), nn.ReLU())]
+    aspp += [seq(nn.Conv2d(in_planes, inner, 1, bias=False), bn(inner), nn.ReLU())]
+    aspp += [
+        seq(nn.Conv2d(in_planes, inner, 3, padding=d, dilation=d, bias=False), bn(inner), nn.ReLU()) for d in dilations
+    ]
+    out_planes = (len(dilations) + 2) * inner
+    head = seq(nn.Conv2d(out_planes, 256, 3, padding=1, bias=False), bn(256), nn.ReLU(), nn.Dropout2d(0.1))
+    low_conv = seq(nn.Conv2d(256, 256, 1), bn(256), nn.ReLU())
+
+    def branch(out):
+        return seq(
+            nn.Conv2d(512, 256, 3, padding=1, bias=True),
+            bn(256),
+            nn.ReLU(),
+            nn.Dropout2d(0.1),
+            nn.Conv2d(256, 256, 3, padding=1, bias=True),
+            bn(256),
+            nn.ReLU(),
+            nn.Dropout2d(0.1),
+            nn.Conv2d(256, out, 1, bias=True),
+        )
+
+    modules = nn.ModuleList(aspp + [head, low_conv, branch(num_classes), branch(256)])
+    biases_before_a_norm = 1 + 4  # low_conv and the four 3x3 convs of the two branches (ours have none)
+    return sum(p.numel() for p in modules.parameters()) - biases_before_a_norm * 256
+
+
+def test_deeplabv3plus_head_is_u2pl_decoder():
+    cfg = _cfg(
+        **{"MODEL.TIMM.ARCH": "resnet18", "MODEL.TIMM.CHANNELS": (256, 24, 32, 48), "MODEL.TIMM.LAYERS": (1, 1, 1, 1)},
+        **{
+            "MODEL.SEM_SEG_HEAD.NAME": "DeepLabV3PlusHead",
+            "MODEL.SEM_SEG_HEAD.IN_FEATURES": ["res2", "res5"],
+            "MODEL.SEM_SEG_HEAD.ASPP_DILATIONS": (12, 24, 36),
+            "MODEL.SEM_SEG_HEAD.NUM_CLASSES": 19,
+        },
+    )
+    net = Segmentor(cfg)
+    assert sum(p.numel() for p in net.head.parameters()) == _u2pl_deeplabv3_plus_parameters(48, 19)
+    features = net.extract_features(net.normalize(torch.randint(0, 255, (2, 3, 64, 96))))
+    logits, representation = net.head.forward_with_representation(features)
+    assert logits.shape == (2, 19, 16, 24) and representation.shape == (2, 256, 16, 24)
+    with pytest.raises(ValueError, match="IN_FEATURES must name two"):
+        cfg.MODEL.SEM_SEG_HEAD.IN_FEATURES = ["res5"]
+        Segmentor(cfg)
 
 
 def _save(obj, path):
