@@ -9,14 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from uda_plugins.active_learning.annotation import (
-    AnnotationPending,
-    FolderAnnotator,
-    GroundTruthAnnotator,
-    image_keys,
-    read_image_list,
-    write_image_list,
-)
+from uda_plugins.active_learning.annotation import AnnotationPending, FolderAnnotator, GroundTruthAnnotator
 from uda_plugins.active_learning.selection import (
     SELECTION_STRATEGIES,
     allocate_quotas,
@@ -24,6 +17,7 @@ from uda_plugins.active_learning.selection import (
     image_entropy,
     select_images,
 )
+from uda_plugins.data.image_lists import image_keys, read_image_list, write_image_list
 
 
 def test_image_score_is_the_mean_normalised_pixel_entropy():
@@ -207,3 +201,30 @@ def test_round_tool_grows_nested_lists_and_waits_for_folder_labels(tmp_path, cap
     shutil.copy(dicts[requested[0]]["sem_seg_file_name"], folder / os.path.basename(dicts[requested[0]]["file_name"]))
     assert active_learning_round.main(args) == 0
     assert read_image_list(third, dicts) == two + requested
+
+
+def test_labelled_target_images_join_the_source_stream_oversampled_as_released(tmp_path):
+    from conftest import REPO, tiny_overrides
+
+    from uda_plugins.config import get_uda_cfg
+    from uda_plugins.data.build import build_uda_train_loader, get_dataset_dicts
+    from uda_plugins.methods.source_only import SourceOnly
+
+    targets = get_dataset_dicts(["synthetic_tiny_target_train"])
+    write_image_list(str(tmp_path / "labelled.txt"), targets, [1, 5, 9])
+    cfg = get_uda_cfg()
+    cfg.merge_from_file(os.path.join(REPO, "configs", "synthetic", "source_only.yaml"))
+    cfg.merge_from_list(
+        tiny_overrides(str(tmp_path / "out"), **{"DATASETS.TARGET_LABELED_LIST": str(tmp_path / "labelled.txt")})
+    )
+    loader = build_uda_train_loader(cfg, SourceOnly.data_requirements)
+    stream = loader.dataset.source
+    sources = get_dataset_dicts(["synthetic_tiny_source_train"])
+    assert len(stream.dataset) == len(sources) + len(targets) - 3  # the target images fill 24 - 3 entries
+    added = [stream.dataset[i]["file_name"] for i in range(len(sources), len(stream.dataset))]
+    assert added[:6] == [targets[i]["file_name"] for i in (1, 5, 9, 1, 5, 9)]
+    cfg.DATASETS.TARGET_LABELED_ENTRIES = 5
+    assert len(build_uda_train_loader(cfg, SourceOnly.data_requirements).dataset.source.dataset) == len(sources) + 5
+    cfg.DATALOADER.RCS.ENABLED = True
+    with pytest.raises(ValueError, match="TARGET_LABELED_LIST with DATALOADER.RCS.ENABLED"):
+        build_uda_train_loader(cfg, SourceOnly.data_requirements)

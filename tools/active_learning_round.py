@@ -30,17 +30,11 @@ import torch
 from tqdm import tqdm
 
 import uda_plugins  # noqa: F401  (registration)
-from uda_plugins.active_learning.annotation import (
-    AnnotationPending,
-    FolderAnnotator,
-    GroundTruthAnnotator,
-    image_keys,
-    read_image_list,
-    write_image_list,
-)
+from uda_plugins.active_learning.annotation import AnnotationPending, FolderAnnotator, GroundTruthAnnotator
 from uda_plugins.active_learning.selection import group_of, image_entropy, select_images
 from uda_plugins.d2 import setup_logger
 from uda_plugins.data.build import build_full_view_loader, get_dataset_dicts
+from uda_plugins.data.image_lists import image_keys, read_image_list, write_image_list
 from uda_plugins.engine.checkpoint import load_network
 from uda_plugins.engine.setup import load_cfg
 from uda_plugins.modeling.inference import predict_full_views

@@ -46,6 +46,12 @@ def add_uda_config(cfg: CN) -> None:
     # YAML/JSON files describing your own image-folder datasets (name -> images, labels, classes, label_suffix;
     # uda_plugins/data/datasets/image_folder.py), registered before any dataset is looked up.
     _C.DATASETS.REGISTER = ()
+    # A few labelled target images (semi-supervised / active-learning adaptation, STAL): a list file naming images
+    # of DATASETS.TARGET_TRAIN[0] (tools/active_learning_round.py writes them; the authors' lists read too). They
+    # join the source stream with their ground truth, cycled through TARGET_LABELED_ENTRIES entries of it:
+    # -1 = as many as the target images not in the list (ILM-ASSL's oversampling: 2975 - n for Cityscapes).
+    _C.DATASETS.TARGET_LABELED_LIST = ""
+    _C.DATASETS.TARGET_LABELED_ENTRIES = -1
 
     # ------------------------------------------------------------------ rare-class sampling (DAFormer)
     _C.DATALOADER.RCS = CN()

@@ -31,6 +31,7 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_in
 from uda_plugins.d2 import CfgNode, DatasetCatalog, MetadataCatalog, comm
 
 from .class_stats import ensure_class_stats
+from .image_lists import read_image_list
 from .mapper import UDADatasetMapper
 from .samplers import EpochPermutationSampler, InferenceSampler, RareClassSampler, rank_positions
 from .transforms import Geometry
@@ -382,6 +383,26 @@ def build_source_paste_stream(cfg: CfgNode, seed: int) -> Optional[DomainStream]
     )
 
 
+def labelled_target_entries(cfg: CfgNode) -> List[dict]:
+    """The labelled target images of ``DATASETS.TARGET_LABELED_LIST``, cycled to ``TARGET_LABELED_ENTRIES``
+    dataset dicts (with their ground truth) for the source stream."""
+    if not cfg.DATASETS.TARGET_TRAIN:
+        raise ValueError("DATASETS.TARGET_LABELED_LIST names images of DATASETS.TARGET_TRAIN[0], which is empty")
+    name = cfg.DATASETS.TARGET_TRAIN[0]
+    dicts = get_dataset_dicts([name])
+    chosen = [dicts[i] for i in read_image_list(cfg.DATASETS.TARGET_LABELED_LIST, dicts)]
+    if not chosen:
+        raise ValueError(f"DATASETS.TARGET_LABELED_LIST '{cfg.DATASETS.TARGET_LABELED_LIST}' names no image")
+    unlabelled = [d["file_name"] for d in chosen if not d.get("sem_seg_file_name")]
+    if unlabelled:
+        raise ValueError(f"'{unlabelled[0]}' of DATASETS.TARGET_LABELED_LIST has no label in '{name}'")
+    entries = cfg.DATASETS.TARGET_LABELED_ENTRIES
+    entries = len(dicts) - len(chosen) if entries < 0 else entries
+    entries = max(entries, len(chosen))
+    logger.info("Labelled target images: %d of %s in %d entries of the source stream", len(chosen), name, entries)
+    return [chosen[k % len(chosen)] for k in range(entries)]
+
+
 def build_uda_train_loader(cfg: CfgNode, requirements: DataRequirements, seed: Optional[int] = None) -> UDATrainLoader:
     """The training loader for ``cfg`` (``DATASETS.SOURCE_TRAIN``, ``DATASETS.TARGET_TRAIN``, the per-domain
     ``INPUT`` and global batch sizes), reading only what ``requirements`` asks for."""
@@ -389,6 +410,11 @@ def build_uda_train_loader(cfg: CfgNode, requirements: DataRequirements, seed: O
     rank, world_size = comm.get_rank(), comm.get_world_size()
     source = None
     if requirements.source:
+        if cfg.DATASETS.TARGET_LABELED_LIST and cfg.DATALOADER.RCS.ENABLED:
+            raise ValueError(
+                "DATASETS.TARGET_LABELED_LIST with DATALOADER.RCS.ENABLED: rare-class sampling draws from the "
+                "source's class statistics, which do not cover the labelled target images"
+            )
         rare_class_sampler = None
         if cfg.DATALOADER.RCS.ENABLED:
             names = _source_names(cfg)
@@ -397,6 +423,8 @@ def build_uda_train_loader(cfg: CfgNode, requirements: DataRequirements, seed: O
             rare_class_sampler = build_rare_class_sampler(cfg, names, dicts_per_name)
         else:
             source_dicts = get_dataset_dicts(cfg.DATASETS.SOURCE_TRAIN)
+        if cfg.DATASETS.TARGET_LABELED_LIST:
+            source_dicts = source_dicts + labelled_target_entries(cfg)
         source = DomainStream(
             "source",
             source_dicts,
