@@ -81,6 +81,9 @@ METHODS = {
             "DATALOADER.NUM_WORKERS": 2,
         },
     ),
+    # STAL's learner on the source and 3 labelled target images: its class criterion and CutMix bank are model
+    # buffers, so the resumed run must restore them to end bitwise equal.
+    "stal": ("stal.yaml", {"DATASETS.TARGET_LABELED_LIST": "random:3", "UDA.STAL.OHEM_MIN_KEPT": 200}),
     # bf16 autocast; the killed and resumed runs read their data through 2 worker processes, the uninterrupted
     # one in-process.
     "mic_bf16_2_workers": (

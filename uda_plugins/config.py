@@ -47,7 +47,8 @@ def add_uda_config(cfg: CN) -> None:
     # uda_plugins/data/datasets/image_folder.py), registered before any dataset is looked up.
     _C.DATASETS.REGISTER = ()
     # A few labelled target images (semi-supervised / active-learning adaptation, STAL): a list file naming images
-    # of DATASETS.TARGET_TRAIN[0] (tools/active_learning_round.py writes them; the authors' lists read too). They
+    # of DATASETS.TARGET_TRAIN[0] (tools/active_learning_round.py writes them; the authors' lists read too), or
+    # "random:<n>" for n images drawn at random (per-folder quotas, seeded by SEED) as a seed set. They
     # join the source stream with their ground truth, cycled through TARGET_LABELED_ENTRIES entries of it:
     # -1 = as many as the target images not in the list (ILM-ASSL's oversampling: 2975 - n for Cityscapes).
     _C.DATASETS.TARGET_LABELED_LIST = ""
@@ -328,6 +329,38 @@ def add_uda_config(cfg: CN) -> None:
     _C.UDA.PSEUDO_LABEL_BANK.IAS_PROPORTION = 0.45
     _C.UDA.PSEUDO_LABEL_BANK.IAS_MOMENTUM = 0.9
     _C.UDA.PSEUDO_LABEL_BANK.IAS_GAMMA = 8.0
+
+    _C.UDA.STAL = CN()
+    # STAL / ILM-ASSL's semi-supervised learner (uda_plugins/methods/stal.py, licongguan/ILM-ASSL train.py and
+    # experiments/*/config.yaml): mean teacher (UDA.TEACHER.ALPHA 0.99) on the labelled pool (source + labelled
+    # target images, DATASETS.TARGET_LABELED_LIST) and the unlabelled target images. Supervised: OHEM cross-entropy
+    # (pixels whose label probability is <= OHEM_THRESH, at least OHEM_MIN_KEPT of them) of the main head plus
+    # AUX_WEIGHT x that of an auxiliary head on AUX_FEATURE (U2PL: 0.7, 100000, 0.4, layer3).
+    _C.UDA.STAL.OHEM_THRESH = 0.7
+    _C.UDA.STAL.OHEM_MIN_KEPT = 100000
+    _C.UDA.STAL.AUX_WEIGHT = 0.4
+    _C.UDA.STAL.AUX_FEATURE = "res4"
+    # Consistency with the teacher's labels, weighted by its confidence ** CONFIDENCE_GAMMA (2) and, with
+    # EQUALISATION_SAMPLING, keeping a pixel predicted as c with probability ((1 - cc_c) / max(1 - cc)) **
+    # SAMPLING_GAMMA, cc = the running class confidence on labelled pixels (momentum CLASS_MOMENTUM, 0.999).
+    _C.UDA.STAL.CONSISTENCY_WEIGHT = 1.0
+    _C.UDA.STAL.CONFIDENCE_GAMMA = 2.0
+    _C.UDA.STAL.EQUALISATION_SAMPLING = True
+    _C.UDA.STAL.SAMPLING_GAMMA = 1.0
+    _C.UDA.STAL.CLASS_MOMENTUM = 0.999
+    # Adaptive copy-paste on the labelled batch: COPY_PASTE_CLASSES draws (0 = off) among the classes not in
+    # ADAPTIVE_CLASSES_IGNORED (the release: road, sidewalk, building, vegetation, sky of the 19 classes).
+    _C.UDA.STAL.COPY_PASTE_CLASSES = 3
+    _C.UDA.STAL.ADAPTIVE_CLASSES_IGNORED = (0, 1, 2, 8, 10)
+    # Adaptive CutMix of the unlabelled images with a partner showing a hard class: a region of that class larger
+    # than CUTMIX_AREA_THRESH of the crop (0.005); the bank marks classes covering CUTMIX_BANK_AREA_THRESH (0.01).
+    _C.UDA.STAL.CUTMIX = True
+    _C.UDA.STAL.CUTMIX_AREA_THRESH = 0.005
+    _C.UDA.STAL.CUTMIX_BANK_AREA_THRESH = 0.01
+    # The unlabelled pseudo-labels lose UNLABELED_DROP_PERCENT x (1 - progress) % of their pixels by entropy: the
+    # most uncertain (U2PL's rule), or the most confident as ILM-ASSL's code does (ENTROPY_FILTER_AS_RELEASED).
+    _C.UDA.STAL.UNLABELED_DROP_PERCENT = 20.0
+    _C.UDA.STAL.ENTROPY_FILTER_AS_RELEASED = False
 
     _C.UDA.DUDA = CN()
     # DUDA (uda_plugins/methods/duda.py, parquets/DUDA trainers/uda_trainer.py). Iterations are counted from the

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 
+from uda_plugins.active_learning.selection import group_of, select_images
 from uda_plugins.d2 import CfgNode, DatasetCatalog, MetadataCatalog, comm
 
 from .class_stats import ensure_class_stats
@@ -383,6 +384,16 @@ def build_source_paste_stream(cfg: CfgNode, seed: int) -> Optional[DomainStream]
     )
 
 
+def labelled_target_indices(spec: str, dicts: Sequence[dict], seed: int) -> List[int]:
+    """The images ``DATASETS.TARGET_LABELED_LIST`` names: a list file, or ``random:<n>`` (n images at random with
+    per-folder quotas, as an active-learning seed set)."""
+    if spec.startswith("random:"):
+        groups = [group_of(d["file_name"]) for d in dicts]
+        n = int(spec.split(":", 1)[1])
+        return select_images(n, groups, np.zeros(len(dicts), bool), "random", rng=np.random.default_rng(seed))
+    return read_image_list(spec, dicts)
+
+
 def labelled_target_entries(cfg: CfgNode) -> List[dict]:
     """The labelled target images of ``DATASETS.TARGET_LABELED_LIST``, cycled to ``TARGET_LABELED_ENTRIES``
     dataset dicts (with their ground truth) for the source stream."""
@@ -390,7 +401,7 @@ def labelled_target_entries(cfg: CfgNode) -> List[dict]:
         raise ValueError("DATASETS.TARGET_LABELED_LIST names images of DATASETS.TARGET_TRAIN[0], which is empty")
     name = cfg.DATASETS.TARGET_TRAIN[0]
     dicts = get_dataset_dicts([name])
-    chosen = [dicts[i] for i in read_image_list(cfg.DATASETS.TARGET_LABELED_LIST, dicts)]
+    chosen = [dicts[i] for i in labelled_target_indices(cfg.DATASETS.TARGET_LABELED_LIST, dicts, _data_seed(cfg))]
     if not chosen:
         raise ValueError(f"DATASETS.TARGET_LABELED_LIST '{cfg.DATASETS.TARGET_LABELED_LIST}' names no image")
     unlabelled = [d["file_name"] for d in chosen if not d.get("sem_seg_file_name")]

@@ -7,6 +7,7 @@ from .mcl import MCL
 from .quad_mix import QuadMix
 from .self_training import SelfTrainingArch
 from .source_only import SourceOnly
+from .stal import STAL
 from .target_only import TargetOnly
 
-__all__ = ["UDAMetaArch", "SelfTrainingArch", "SourceOnly", "TargetOnly", "DACS", "QuadMix", "DUDA", "MCL"]
+__all__ = ["UDAMetaArch", "SelfTrainingArch", "SourceOnly", "TargetOnly", "DACS", "QuadMix", "DUDA", "MCL", "STAL"]

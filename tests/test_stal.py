@@ -1,0 +1,57 @@
+"""STAL's learner: one step trains the student's heads and the auxiliary head, moves the class criterion, fills the
+CutMix bank from the teacher's predictions; the labelled seed set drawn with "random:<n>"."""
+
+import os
+
+import numpy as np
+import torch
+from conftest import REPO, tiny_overrides
+
+from uda_plugins.config import get_uda_cfg
+from uda_plugins.d2 import EventStorage, build_model
+from uda_plugins.data.build import build_uda_train_loader, get_dataset_dicts
+
+CONFIG = os.path.join(REPO, "configs", "synthetic", "stal.yaml")
+
+
+def _cfg(tmp_path, **extra):
+    cfg = get_uda_cfg()
+    cfg.merge_from_file(CONFIG)
+    values = {"DATASETS.TARGET_LABELED_LIST": "random:4", "UDA.STAL.OHEM_MIN_KEPT": 200}
+    cfg.merge_from_list(tiny_overrides(str(tmp_path / "out"), **dict(values, **extra)))
+    return cfg
+
+
+def test_one_step_trains_every_head_and_updates_the_adaptive_state(tmp_path):
+    cfg = _cfg(tmp_path)
+    model = build_model(cfg).train()
+    batch = next(iter(build_uda_train_loader(cfg, model.data_requirements)))
+    criterion_before = model.class_criterion.clone()
+    assert int(model.cutmix_bank.sum()) == 0  # the release starts with an empty bank
+    with EventStorage(0):
+        losses = model(batch)
+    assert set(losses) == {"loss_supervised", "loss_consistency"}
+    sum(losses.values()).backward()
+    for name, module in (("head", model.student.head), ("aux", model.aux_head), ("backbone", model.student.backbone)):
+        assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in module.parameters()), name
+    assert all(p.grad is None for p in model.teacher.parameters())
+    moved = model.class_criterion - criterion_before * cfg.UDA.STAL.CLASS_MOMENTUM
+    assert torch.all(moved >= -1e-7) and torch.any(moved > 0)  # 0.999 cc + 0.001 x confidence in [0, 1]
+    own = [d["dataset_index"] for d in batch["target"][0]]
+    assert all(model.cutmix_bank[:, i].any() for i in own)  # every predicted image shows some class
+    state = model.state_dict()
+    assert "class_criterion" in state and "cutmix_bank" in state  # checkpointed with the model
+
+
+def test_random_seed_set_is_seeded_and_spread_over_cities(tmp_path):
+    from uda_plugins.active_learning.selection import group_of
+    from uda_plugins.data.build import labelled_target_indices
+
+    dicts = get_dataset_dicts(["synthetic_tiny_target_train"])
+    first = labelled_target_indices("random:8", dicts, seed=3)
+    assert first == labelled_target_indices("random:8", dicts, seed=3) != labelled_target_indices("random:8", dicts, 4)
+    groups = [group_of(d["file_name"]) for d in dicts]
+    per_city = {g: sum(groups[i] == g for i in first) for g in set(groups)}
+    expected = {g: 8 * groups.count(g) / len(groups) for g in set(groups)}
+    assert all(abs(per_city[g] - expected[g]) < 1 for g in per_city)
+    assert len(set(first)) == 8 and np.all(np.diff(first) > 0)

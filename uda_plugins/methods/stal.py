@@ -1,0 +1,202 @@
+"""STAL / ILM-ASSL — the semi-supervised learner of the active-learning loop (arXiv 2301.13361).
+
+Follows licongguan/ILM-ASSL ``train.py`` (``train``) with ``experiments/gtav2cityscapes/2.2%/config.yaml``: a mean
+teacher (EMA 0.99) on a labelled pool — the source images plus a few labelled target images oversampled in the
+source stream (``DATASETS.TARGET_LABELED_LIST``; ``tools/active_learning_round.py`` picks them) — and the
+unlabelled target images. One iteration (``UDA.STAL``, pieces in :mod:`uda_plugins.methods.semi_supervised`):
+
+1. classes for the adaptive augmentations: three draws from the non-dominant classes with P ~ exp(sqrt(1 - cc_c)),
+   cc = each class's running confidence (the "class criterion");
+2. **adaptive copy-paste** on the labelled batch: the pixels of those classes of another labelled sample pasted in;
+3. **adaptive CutMix** on the unlabelled images: for each target image a partner from the CutMix bank showing a
+   class drawn with P ~ exp(1 - cc_c); the teacher (eval mode) predicts both; the box of a random connected region
+   of that class in the partner's prediction (or a random half-area box) is pasted, and the teacher's
+   predictions are mixed alike; the bank records the classes each image shows;
+4. the teacher (train mode, as released: its BatchNorm statistics come from these forwards) labels the labelled
+   batch; the mixed unlabelled labels lose a shrinking share of their pixels by entropy (20% -> 0% over training);
+5. the student: ``L_sup`` = OHEM cross-entropy of the main head + 0.4 x that of the auxiliary head on layer3;
+   the class criterion moves towards the student's class confidence on the labelled pixels (momentum 0.999);
+   ``L_cons`` = the teacher's labels weighted by its confidence squared with adaptive equalisation sampling, on the
+   labelled and the mixed unlabelled images; ``L = L_sup + L_cons``.
+
+Decisions (docs/methods.md §6.9): the unlabelled filter drops the *uncertain* tail (U2PL's rule) unless
+``ENTROPY_FILTER_AS_RELEASED``; the class criterion and the CutMix bank are averaged / gathered over processes, so
+every process holds the checkpointed state (the reference keeps one per GPU). Deviations: the copy-paste partner is
+the next sample of the labelled batch (the reference loads a second sample), every target image of the batch is
+mixed (the reference: one per GPU; ``IMS_PER_BATCH_TARGET`` = number of GPUs reproduces it), resizing uses
+align_corners=False. U2PL's pixel contrastive loss (weight 0.1 from epoch 20 in the release) is not implemented
+yet (issue 8).
+"""
+
+from __future__ import annotations
+
+from typing import Dict, List, Tuple
+
+import numpy as np
+import torch
+
+from uda_plugins.d2 import META_ARCH_REGISTRY, CfgNode, comm, get_event_storage
+from uda_plugins.data.build import DataRequirements, get_dataset_dicts
+from uda_plugins.data.mapper import UDADatasetMapper
+from uda_plugins.modeling import stack_images
+from uda_plugins.modeling.heads.deeplabv3plus import AuxiliaryHead
+from uda_plugins.modeling.losses import upsample_like
+from uda_plugins.utils.profiling import timed
+
+from .self_training import SelfTrainingArch
+from .semi_supervised import (
+    class_confidence,
+    confidence_weighted_consistency,
+    copy_paste,
+    cutmix_box,
+    draw_cutmix_source,
+    draw_query_classes,
+    filter_unlabelled_pseudo_labels,
+    ohem_cross_entropy,
+    update_cutmix_bank,
+)
+
+__all__ = ["STAL"]
+
+
+@META_ARCH_REGISTRY.register()
+class STAL(SelfTrainingArch):
+    data_requirements = DataRequirements(source=True, source_labels=True, target=True, target_labels=False)
+
+    def __init__(self, cfg: CfgNode) -> None:
+        super().__init__(cfg)
+        if len(cfg.DATASETS.TARGET_TRAIN) != 1:
+            raise ValueError("STAL adapts to one target domain: DATASETS.TARGET_TRAIN must name one dataset")
+        s = cfg.UDA.STAL
+        C = cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES
+        self.num_classes = C
+        self.aux_feature, self.aux_weight = s.AUX_FEATURE, s.AUX_WEIGHT
+        channels = self.student.backbone.output_shape()[s.AUX_FEATURE].channels
+        self.aux_head = AuxiliaryHead(channels, C, cfg.MODEL.SEM_SEG_HEAD.NORM)
+        self.ohem = (s.OHEM_THRESH, s.OHEM_MIN_KEPT)
+        self.consistency_weight, self.confidence_gamma = s.CONSISTENCY_WEIGHT, s.CONFIDENCE_GAMMA
+        self.equalisation_sampling, self.sampling_gamma = s.EQUALISATION_SAMPLING, s.SAMPLING_GAMMA
+        self.class_momentum = s.CLASS_MOMENTUM
+        self.adaptive_classes = [c for c in range(C) if c not in set(s.ADAPTIVE_CLASSES_IGNORED)]
+        self.copy_paste_draws = s.COPY_PASTE_CLASSES
+        self.cutmix, self.cutmix_area, self.bank_area = s.CUTMIX, s.CUTMIX_AREA_THRESH, s.CUTMIX_BANK_AREA_THRESH
+        self.drop_percent, self.as_released = s.UNLABELED_DROP_PERCENT, s.ENTROPY_FILTER_AS_RELEASED
+        self.max_iter = cfg.SOLVER.MAX_ITER
+        self.target_name = cfg.DATASETS.TARGET_TRAIN[0]
+        self._target_mapper = UDADatasetMapper.from_config(cfg, "target", load_label=False)
+        self._target_dicts = None
+        # State, checkpointed with the model: the class criterion (the reference starts it uniformly at random) and
+        # the CutMix bank (which classes each target image shows, per the teacher).
+        generator = torch.Generator().manual_seed(int(cfg.SEED) if cfg.SEED >= 0 else 0)
+        self.register_buffer("class_criterion", torch.rand(C, generator=generator))
+        self.register_buffer("cutmix_bank", torch.zeros(C, len(self.target_dicts()), dtype=torch.uint8))
+
+    def target_dicts(self) -> List[dict]:
+        if self._target_dicts is None:
+            self._target_dicts = get_dataset_dicts([self.target_name])
+        return self._target_dicts
+
+    # ------------------------------------------------------------------------------------------ pieces
+    def _student(self, images: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(main, auxiliary) logits of the student at the input size."""
+        features = self.student.extract_features(images)
+        main = upsample_like(self.student.decode(features), images.shape[-2:])
+        aux = upsample_like(self.aux_head(features[self.aux_feature]), images.shape[-2:])
+        return main.float(), aux.float()
+
+    def _partner(self, index: int) -> torch.Tensor:
+        """A training crop (RGB 0..255) of target image ``index``, drawn with the step's seeded RNG."""
+        rng = np.random.default_rng(int(torch.randint(2**31, ())))
+        return self._target_mapper(self.target_dicts()[index], rng=rng)["image"]
+
+    @torch.no_grad()
+    def _mixed_unlabelled(self, dicts: List[dict]) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Adaptive CutMix of the target batch with partners from the bank: (mixed normalised images, the teacher's
+        mixed logits, the CutMix masks). Updates the bank (gathered over processes)."""
+        images = self.student.normalize(stack_images(dicts, self.device))
+        self.teacher.eval()
+        logits = self.teacher.predict(images).float()
+        if not self.cutmix:
+            return images, logits, torch.zeros_like(images[:, 0])
+        partners, classes, indices = [], [], []
+        for _ in dicts:
+            index, c = draw_cutmix_source(self.cutmix_bank, self.class_criterion)
+            partners.append(self._partner(index))
+            classes.append(c)
+            indices.append(index)
+        partner_images = self.student.normalize(torch.stack(partners).to(self.device).float())
+        partner_logits = self.teacher.predict(partner_images).float()
+        masks = torch.zeros_like(images[:, 0])
+        partner_predictions = partner_logits.argmax(1)
+        for k, c in enumerate(classes):
+            y0, x0, y1, x1 = cutmix_box(partner_predictions[k].cpu().numpy(), c, self.cutmix_area)
+            masks[k, y0:y1, x0:x1] = 1
+        own = [d["dataset_index"] for d in dicts]
+        predictions = torch.cat([logits.argmax(1), partner_predictions])
+        self._update_bank(predictions, own + indices)
+        m = masks[:, None]
+        return images * (1 - m) + partner_images * m, logits * (1 - m) + partner_logits * m, masks
+
+    def _update_bank(self, predictions: torch.Tensor, indices: List[int]) -> None:
+        if comm.get_world_size() > 1:  # every process applies every process's updates, in rank order
+            gathered = comm.all_gather((predictions.cpu(), indices))
+            for p, idx in gathered:
+                update_cutmix_bank(self.cutmix_bank, p, idx, self.bank_area)
+        else:
+            update_cutmix_bank(self.cutmix_bank, predictions, indices, self.bank_area)
+
+    def _update_class_criterion(self, logits: torch.Tensor, labels: torch.Tensor) -> None:
+        value = class_confidence(logits, labels, self.num_classes)
+        if comm.get_world_size() > 1:
+            torch.distributed.all_reduce(value)
+            value /= comm.get_world_size()
+        self.class_criterion.mul_(self.class_momentum).add_(
+            value.to(self.class_criterion), alpha=1 - self.class_momentum
+        )
+
+    # -------------------------------------------------------------------------------------------- step
+    def forward_train(self, batch: Dict[str, list]) -> Dict[str, torch.Tensor]:
+        iteration = get_event_storage().iter
+        images, labels = self.images_and_labels(batch["source"])
+        with timed("mixing"):
+            query = draw_query_classes(self.class_criterion, self.adaptive_classes, self.copy_paste_draws)
+            if self.copy_paste_draws > 0 and len(images) > 1:
+                images, labels = copy_paste(images, labels, images.roll(1, 0), labels.roll(1, 0), query)
+        with timed("teacher_forward"):
+            unlabelled, teacher_unlabelled, masks = self._mixed_unlabelled(batch["target"][0])
+            with torch.no_grad():
+                self.teacher.train()  # as released: the teacher's BatchNorm statistics follow the labelled batch
+                teacher_labelled = self.teacher.predict(images).float()
+                self.teacher.eval()
+        with timed("pseudo_labels"):
+            confidence_l, pseudo_l = torch.softmax(teacher_labelled, 1).max(1)
+            probs_u = torch.softmax(teacher_unlabelled, 1)
+            confidence_u, pseudo_u = probs_u.max(1)
+            entropy = -(probs_u * torch.log(probs_u + 1e-10)).sum(1)
+            percent = self.drop_percent * (1 - iteration / self.max_iter)
+            pseudo_u = filter_unlabelled_pseudo_labels(pseudo_u, entropy, percent, self.as_released, self.ignore_value)
+        with timed("student_forward"):
+            main_l, aux_l = self._student(images)
+            main_u, _ = self._student(unlabelled)
+        thresh, min_kept = self.ohem
+        losses = {
+            "loss_supervised": ohem_cross_entropy(main_l, labels, thresh, min_kept, self.ignore_value)
+            + self.aux_weight * ohem_cross_entropy(aux_l, labels, thresh, min_kept, self.ignore_value)
+        }
+        with torch.no_grad():
+            self._update_class_criterion(main_l, labels)
+        criterion = self.class_criterion if self.equalisation_sampling else None
+        gamma, gamma2 = self.confidence_gamma, self.sampling_gamma
+        consistency = confidence_weighted_consistency(main_l, confidence_l, pseudo_l, criterion, gamma, gamma2)
+        consistency = consistency + confidence_weighted_consistency(
+            main_u, confidence_u, pseudo_u, criterion, gamma, gamma2, self.ignore_value
+        )
+        losses["loss_consistency"] = self.consistency_weight * consistency
+        if self.first_micro_batch:
+            storage = get_event_storage()
+            storage.put_scalar("stal/unlabelled_kept", float((pseudo_u != self.ignore_value).float().mean()))
+            storage.put_scalar("stal/cutmix_area", float(masks.mean()))
+        if self.should_visualize():
+            self.visualize("labelled/input_gt_pred", images, labels, main_l)
+            self.visualize_panel("unlabelled/mixed_mask_pseudolabel_pred", [unlabelled, masks, pseudo_u, main_u])
+        return losses
