@@ -202,6 +202,15 @@ def test_round_tool_grows_nested_lists_and_waits_for_folder_labels(tmp_path, cap
     assert active_learning_round.main(args) == 0
     assert read_image_list(third, dicts) == two + requested
 
+    # By default the images labelled so far are the config's (here a random seed set, drawn as training drew it).
+    from uda_plugins.data.build import labelled_target_indices
+
+    seeded = str(tmp_path / "after_seed_set.txt")
+    argv = common + ["--num", "2", "--output", seeded] + opts + ["DATASETS.TARGET_LABELED_LIST", "random:4"]
+    assert active_learning_round.main(argv) == 0
+    after = read_image_list(seeded, dicts)
+    assert after[:4] == labelled_target_indices("random:4", dicts, 0) and len(set(after)) == 6
+
 
 def test_labelled_target_images_join_the_source_stream_oversampled_as_released(tmp_path):
     from conftest import REPO, tiny_overrides

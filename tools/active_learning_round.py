@@ -2,15 +2,16 @@
 """One active-learning round of the authors' restart-per-round protocol (ILM-ASSL): score the target images with a
 trained model, pick the next ones to label, have them labelled, write the grown list.
 
-    python tools/active_learning_round.py --config-file <config> --num 35 \\
-        --labelled <current list> --output <next list> [--strategy entropy|random] \\
+    python tools/active_learning_round.py --config-file <config> --num 35 --output <next list> \\
+        [--labelled <current list>] [--strategy entropy|random] \\
         [--annotator ground_truth | --annotator folder --label-folder <folder>] MODEL.WEIGHTS <checkpoint.pth>
 
 Every image of ``--dataset`` (default ``DATASETS.TARGET_TRAIN[0]``), resized to fit ``INPUT.TARGET.RESIZE``, is
 scored by ``--network`` (student or teacher) with the mean normalised pixel entropy; per group (the image's folder:
 Cityscapes' city) a quota proportional to its images not yet labelled; within each group the strategy picks among
-those (uncertainty/entropy: the highest scores; random: uniformly, ``--seed``). Without ``--labelled`` the round is
-the first: ``--num`` images from nothing (``--strategy random`` is the usual seed set).
+those (uncertainty/entropy: the highest scores; random: uniformly, ``--seed``). The images labelled so far are
+``--labelled`` (a list file or ``random:<n>``), by default the config's ``DATASETS.TARGET_LABELED_LIST`` — what the
+model was trained with; with none, the round starts from nothing.
 
 Outputs: ``--output`` (the previous list plus the new images, so budgets nest), ``<output>.scores.tsv`` (every
 image's score, most uncertain first) and ``<output>.round.json`` (the new images, the quotas, the strategy). The
@@ -33,7 +34,7 @@ import uda_plugins  # noqa: F401  (registration)
 from uda_plugins.active_learning.annotation import AnnotationPending, FolderAnnotator, GroundTruthAnnotator
 from uda_plugins.active_learning.selection import group_of, image_entropy, select_images
 from uda_plugins.d2 import setup_logger
-from uda_plugins.data.build import build_full_view_loader, get_dataset_dicts
+from uda_plugins.data.build import build_full_view_loader, get_dataset_dicts, labelled_target_indices
 from uda_plugins.data.image_lists import image_keys, read_image_list, write_image_list
 from uda_plugins.engine.checkpoint import load_network
 from uda_plugins.engine.setup import load_cfg
@@ -62,12 +63,15 @@ def run_round(args, cfg) -> dict:
     if not dataset:
         raise ValueError("No --dataset and DATASETS.TARGET_TRAIN is empty")
     dicts = get_dataset_dicts([dataset])
-    labelled_indices = read_image_list(args.labelled, dicts) if args.labelled else []
+    spec = args.labelled if args.labelled is not None else cfg.DATASETS.TARGET_LABELED_LIST
+    if spec.startswith("random:") and cfg.SEED < 0:
+        raise ValueError(f"'{spec}' with SEED < 0 cannot be reproduced: pass the labelled images as a list file")
+    labelled_indices = labelled_target_indices(spec, dicts, cfg.SEED) if spec else []
     labelled = np.zeros(len(dicts), dtype=bool)
     labelled[labelled_indices] = True
-    round_index = 1 + int(args.labelled != "")
-    if args.labelled and os.path.isfile(args.labelled + ".round.json"):
-        with open(args.labelled + ".round.json") as f:
+    round_index = 1 + int(bool(spec))
+    if spec and os.path.isfile(spec + ".round.json"):
+        with open(spec + ".round.json") as f:
             round_index = json.load(f)["round"] + 1
     scores = None
     if args.strategy != "random":
@@ -125,7 +129,9 @@ def main(argv=None) -> int:
     parser.add_argument("--config-file", required=True)
     parser.add_argument("--num", type=int, required=True, help="images to add in this round")
     parser.add_argument("--output", required=True, help="the grown list file")
-    parser.add_argument("--labelled", default="", help="the list of images labelled so far (none: first round)")
+    parser.add_argument(
+        "--labelled", default=None, help="images labelled so far: a list file or random:<n> (default: the config's)"
+    )
     parser.add_argument("--dataset", default="", help="a registered dataset (default: DATASETS.TARGET_TRAIN[0])")
     parser.add_argument("--strategy", default="entropy", help="entropy (the authors') or random")
     parser.add_argument("--quota-rule", default="largest_remainder", help="largest_remainder or reference")
