@@ -237,3 +237,46 @@ def test_labelled_target_images_join_the_source_stream_oversampled_as_released(t
     cfg.DATALOADER.RCS.ENABLED = True
     with pytest.raises(ValueError, match="TARGET_LABELED_LIST with DATALOADER.RCS.ENABLED"):
         build_uda_train_loader(cfg, SourceOnly.data_requirements)
+
+
+def test_rounds_inside_a_run_grow_the_pool_and_checkpoint_it(tmp_path, capsys):
+    import sys
+
+    from conftest import REPO, tiny_overrides
+
+    sys.path.insert(0, os.path.join(REPO, "tools"))
+    import train_net
+
+    from uda_plugins.data.build import get_dataset_dicts
+    from uda_plugins.engine.metrics_log import read_metrics_log
+
+    config = os.path.join(REPO, "configs", "synthetic", "stal.yaml")
+    out = str(tmp_path / "run")
+    extra = {
+        "DATASETS.TARGET_LABELED_LIST": "random:3",
+        "UDA.STAL.OHEM_MIN_KEPT": 200,
+        "UDA.ACTIVE.ROUND_ITERS": "(2, 4)",
+        "UDA.ACTIVE.ROUND_IMAGES": "(2, 3)",
+        "SOLVER.MAX_ITER": 5,
+        "TEST.EVAL_PERIOD": 0,
+    }
+    assert train_net.cli(["--config-file", config] + tiny_overrides(out, **extra)) == 0
+    dicts = get_dataset_dicts(["synthetic_tiny_target_train"])
+    folder = os.path.join(out, "active_learning")
+    first, second = (read_image_list(os.path.join(folder, f"round{k}.txt"), dicts) for k in (1, 2))
+    pool = read_image_list(os.path.join(folder, "labelled_after_round2.txt"), dicts)
+    assert len(first) == 2 and len(second) == 3 and len(pool) == 8 and set(first) | set(second) < set(pool)
+    state = torch.load(os.path.join(out, "model_final.pth"), weights_only=True)["trainer"]["hooks"]
+    (rounds,) = [v["labelled_in_round"] for k, v in state.items() if "ActiveLearning" in k]
+    assert torch.bincount(rounds).tolist() == [len(dicts) - 8, 3, 2, 3]  # seed set, round 1, round 2
+    assert sorted(torch.nonzero(rounds == 2).flatten().tolist()) == sorted(first)
+    logged = {
+        r["iteration"]: r["active/labelled_images"]
+        for r in read_metrics_log(os.path.join(out, "metrics.json"))
+        if "active/labelled_images" in r
+    }
+    assert logged == {1: 5, 3: 8}
+    bad = tiny_overrides(str(tmp_path / "bad"), **dict(extra, **{"UDA.ACTIVE.ROUND_IMAGES": "(2,)"}))
+    capsys.readouterr()
+    assert train_net.cli(["--config-file", config] + bad) == 1
+    assert "UDA.ACTIVE.ROUND_ITERS (2, 4) and ROUND_IMAGES (2,) must pair up" in capsys.readouterr().err

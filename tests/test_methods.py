@@ -84,6 +84,18 @@ METHODS = {
     # STAL's learner on the source and 3 labelled target images: its class criterion and CutMix bank are model
     # buffers, so the resumed run must restore them to end bitwise equal.
     "stal": ("stal.yaml", {"DATASETS.TARGET_LABELED_LIST": "random:3", "UDA.STAL.OHEM_MIN_KEPT": 200}),
+    # Active-learning rounds (entropy) after iterations 1 and 3, the loader rebuilt with 2
+    # workers each time: every kill resumes before or after a round, which must be neither repeated nor lost.
+    "stal_rounds": (
+        "stal.yaml",
+        {
+            "DATASETS.TARGET_LABELED_LIST": "random:3",
+            "UDA.STAL.OHEM_MIN_KEPT": 200,
+            "UDA.ACTIVE.ROUND_ITERS": "(2, 4)",
+            "UDA.ACTIVE.ROUND_IMAGES": "(2, 3)",
+            "DATALOADER.NUM_WORKERS": 2,
+        },
+    ),
     # bf16 autocast; the killed and resumed runs read their data through 2 worker processes, the uninterrupted
     # one in-process.
     "mic_bf16_2_workers": (
@@ -99,12 +111,13 @@ def _run(config, out, extra, *flags):
 
 
 def _bank_contents(out):
-    root = os.path.join(out, "pseudo_label_bank")
     contents = {}
-    for folder, _, files in os.walk(root):
-        for name in files:
-            with open(os.path.join(folder, name), "rb") as f:
-                contents[os.path.relpath(os.path.join(folder, name), root)] = f.read()
+    for kept in ("pseudo_label_bank", "active_learning"):
+        root = os.path.join(out, kept)
+        for folder, _, files in os.walk(root):
+            for name in files:
+                with open(os.path.join(folder, name), "rb") as f:
+                    contents[os.path.relpath(os.path.join(folder, name), out)] = f.read()
     return contents
 
 
@@ -141,7 +154,8 @@ def test_method_trains_resumes_exactly_and_evaluates(name, tmp_path):
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k
-    # Files a method keeps beside the checkpoint (pseudo-label banks): the same names and contents.
+    # Files a method keeps beside the checkpoint (pseudo-label banks, active-learning lists): the same names and
+    # contents.
     assert _bank_contents(full) == _bank_contents(resumed)
     if "teacher" in extra.get("TEST.EVAL_MODEL", ""):
         assert int(a["ema_updates"]) == 7 - int(extra.get("UDA.DUDA.SOURCE_WARMUP_ITERS", 0))

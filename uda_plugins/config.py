@@ -330,6 +330,20 @@ def add_uda_config(cfg: CN) -> None:
     _C.UDA.PSEUDO_LABEL_BANK.IAS_MOMENTUM = 0.9
     _C.UDA.PSEUDO_LABEL_BANK.IAS_GAMMA = 8.0
 
+    _C.UDA.ACTIVE = CN()
+    # Active-learning rounds inside one run (uda_plugins/hooks/active_learning.py; any method): after iteration
+    # ROUND_ITERS[k] - 1, ROUND_IMAGES[k] more images of DATASETS.TARGET_TRAIN[0] are picked by STRATEGY ("entropy":
+    # the most uncertain by mean normalised pixel entropy under NETWORK, "teacher" where the method has one, as
+    # ILM-ASSL; "random") with per-city quotas (QUOTA_RULE "largest_remainder", or "reference": ILM-ASSL's rounding),
+    # their ground truth revealed, and the labelled pool (DATASETS.TARGET_LABELED_LIST's seed set + every round) feeds
+    # the source stream from the next iteration. () = no rounds; tools/active_learning_round.py runs a round between
+    # runs instead (the authors' restart-per-round protocol, and labels from people).
+    _C.UDA.ACTIVE.ROUND_ITERS = ()
+    _C.UDA.ACTIVE.ROUND_IMAGES = ()
+    _C.UDA.ACTIVE.STRATEGY = "entropy"
+    _C.UDA.ACTIVE.QUOTA_RULE = "largest_remainder"
+    _C.UDA.ACTIVE.NETWORK = "teacher"
+
     _C.UDA.STAL = CN()
     # STAL / ILM-ASSL's semi-supervised learner (uda_plugins/methods/stal.py, licongguan/ILM-ASSL train.py and
     # experiments/*/config.yaml): mean teacher (UDA.TEACHER.ALPHA 0.99) on the labelled pool (source + labelled

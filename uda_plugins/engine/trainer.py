@@ -149,6 +149,10 @@ class UDATrainer(DefaultTrainer):
         cfg = self.cfg
         ret = [hooks.IterationTimer(), hooks.LRScheduler()]
         ret += list(getattr(unwrap_model(self.model), "training_hooks", lambda c: [])(cfg))
+        if cfg.UDA.ACTIVE.ROUND_ITERS:  # before the checkpointer: a checkpoint holds its iteration's round
+            from uda_plugins.hooks import ActiveLearningHook
+
+            ret.append(ActiveLearningHook(cfg, unwrap_model(self.model)))
         if comm.is_main_process():
             keep = cfg.SOLVER.MAX_CHECKPOINTS_TO_KEEP or None
             ret.append(hooks.PeriodicCheckpointer(self.checkpointer, cfg.SOLVER.CHECKPOINT_PERIOD, max_to_keep=keep))
