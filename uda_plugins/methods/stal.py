@@ -115,27 +115,31 @@ class STAL(SelfTrainingArch):
         mixed logits, the CutMix masks). Updates the bank (gathered over processes)."""
         images = self.student.normalize(stack_images(dicts, self.device))
         self.teacher.eval()
-        logits = self.teacher.predict(images).float()
+        with timed("teacher_forward"):
+            logits = self.teacher.predict(images).float()
         if not self.cutmix:
             return images, logits, torch.zeros_like(images[:, 0])
         partners, classes, indices = [], [], []
-        for _ in dicts:
-            index, c = draw_cutmix_source(self.cutmix_bank, self.class_criterion)
-            partners.append(self._partner(index))
-            classes.append(c)
-            indices.append(index)
-        partner_images = self.student.normalize(torch.stack(partners).to(self.device).float())
-        partner_logits = self.teacher.predict(partner_images).float()
-        masks = torch.zeros_like(images[:, 0])
-        partner_predictions = partner_logits.argmax(1)
-        for k, c in enumerate(classes):
-            y0, x0, y1, x1 = cutmix_box(partner_predictions[k].cpu().numpy(), c, self.cutmix_area)
-            masks[k, y0:y1, x0:x1] = 1
-        own = [d["dataset_index"] for d in dicts]
-        predictions = torch.cat([logits.argmax(1), partner_predictions])
-        self._update_bank(predictions, own + indices)
-        m = masks[:, None]
-        return images * (1 - m) + partner_images * m, logits * (1 - m) + partner_logits * m, masks
+        with timed("partner_loading"):
+            for _ in dicts:
+                index, c = draw_cutmix_source(self.cutmix_bank, self.class_criterion)
+                partners.append(self._partner(index))
+                classes.append(c)
+                indices.append(index)
+            partner_images = self.student.normalize(torch.stack(partners).to(self.device).float())
+        with timed("teacher_forward"):
+            partner_logits = self.teacher.predict(partner_images).float()
+        with timed("mixing"):
+            masks = torch.zeros_like(images[:, 0])
+            partner_predictions = partner_logits.argmax(1)
+            for k, c in enumerate(classes):
+                y0, x0, y1, x1 = cutmix_box(partner_predictions[k].cpu().numpy(), c, self.cutmix_area)
+                masks[k, y0:y1, x0:x1] = 1
+            own = [d["dataset_index"] for d in dicts]
+            predictions = torch.cat([logits.argmax(1), partner_predictions])
+            self._update_bank(predictions, own + indices)
+            m = masks[:, None]
+            return images * (1 - m) + partner_images * m, logits * (1 - m) + partner_logits * m, masks
 
     def _update_bank(self, predictions: torch.Tensor, indices: List[int]) -> None:
         if comm.get_world_size() > 1:  # every process applies every process's updates, in rank order
@@ -162,8 +166,8 @@ class STAL(SelfTrainingArch):
             query = draw_query_classes(self.class_criterion, self.adaptive_classes, self.copy_paste_draws)
             if self.copy_paste_draws > 0 and len(images) > 1:
                 images, labels = copy_paste(images, labels, images.roll(1, 0), labels.roll(1, 0), query)
+        unlabelled, teacher_unlabelled, masks = self._mixed_unlabelled(batch["target"][0])
         with timed("teacher_forward"):
-            unlabelled, teacher_unlabelled, masks = self._mixed_unlabelled(batch["target"][0])
             with torch.no_grad():
                 self.teacher.train()  # as released: the teacher's BatchNorm statistics follow the labelled batch
                 teacher_labelled = self.teacher.predict(images).float()
