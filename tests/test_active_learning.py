@@ -280,3 +280,34 @@ def test_rounds_inside_a_run_grow_the_pool_and_checkpoint_it(tmp_path, capsys):
     capsys.readouterr()
     assert train_net.cli(["--config-file", config] + bad) == 1
     assert "UDA.ACTIVE.ROUND_ITERS (2, 4) and ROUND_IMAGES (2,) must pair up" in capsys.readouterr().err
+
+
+def test_benchmark_pairs_each_evaluation_with_the_labelled_images_it_trained_on(tmp_path, capsys):
+    import sys
+
+    from conftest import REPO, tiny_overrides
+
+    sys.path.insert(0, os.path.join(REPO, "tools"))
+    import active_learning_benchmark
+
+    configs = [os.path.join(REPO, "configs", "synthetic", f"stal_rounds_{s}.yaml") for s in ("entropy", "random")]
+    extra = {
+        "DATASETS.TARGET_LABELED_LIST": "random:3",
+        "UDA.STAL.OHEM_MIN_KEPT": 200,
+        "UDA.ACTIVE.ROUND_ITERS": "(2, 4)",
+        "UDA.ACTIVE.ROUND_IMAGES": "(2, 1)",
+        "SOLVER.MAX_ITER": 6,
+        "TEST.EVAL_PERIOD": 2,
+        "VIS_PERIOD": 0,
+    }
+    opts = tiny_overrides("unused", **extra)
+    at = opts.index("OUTPUT_DIR")
+    opts = opts[:at] + opts[at + 2 :]  # the sweep sets OUTPUT_DIR per run
+    argv = ["--configs", *configs, "--seeds", "0", "--output-dir", str(tmp_path)] + opts
+    assert active_learning_benchmark.main(argv) == 0
+    out = capsys.readouterr().out
+    assert all(f" {n} labelled |" in out for n in (3, 5, 6))  # the seed set, +2, +1
+    assert "stal_rounds_entropy" in out and "stal_rounds_random" in out
+    chart = cv2.imread(str(tmp_path / "active_learning.png"))
+    assert chart is not None and chart.shape[2] == 3 and (chart != 255).any()
+    assert os.path.isfile(tmp_path / "active_learning.md")

@@ -1,13 +1,13 @@
-"""Pictures for TensorBoard: colourised label maps and side-by-side panels."""
+"""Pictures for TensorBoard and reports: colourised label maps, side-by-side panels, bar and line charts."""
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Dict, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 
-__all__ = ["default_palette", "palette_for_dataset", "colorize", "panel", "iou_bar_chart"]
+__all__ = ["default_palette", "palette_for_dataset", "colorize", "panel", "iou_bar_chart", "line_chart"]
 
 
 def default_palette(num_classes: int) -> np.ndarray:
@@ -81,3 +81,55 @@ def iou_bar_chart(class_names: Sequence[str], ious: Sequence[float], palette: np
         cv2.rectangle(image, (name_w, y + 3), (name_w + max(length, 1), y + row - 3), (60, 60, 60), 1)
         cv2.putText(image, f"{iou:.1f}", (name_w + length + 4, y + row - 5), font, scale, (0, 0, 0), 1, cv2.LINE_AA)
     return torch.from_numpy(image).permute(2, 0, 1).contiguous()
+
+
+def line_chart(
+    series: Dict[str, Tuple[Sequence[float], Sequence[float], Sequence[float]]],
+    x_label: str,
+    y_label: str,
+    size: Tuple[int, int] = (360, 560),
+) -> np.ndarray:
+    """A line chart (H, W, 3 uint8, RGB) of ``series``: name -> (x values, means, standard deviations), each point
+    with an error bar, a legend in the corner; axes span the data with a margin."""
+    import cv2
+
+    height, width = size
+    left, right, top, bottom = 56, 16, 16, 44
+    image = np.full((height, width, 3), 255, dtype=np.uint8)
+    font, scale = cv2.FONT_HERSHEY_SIMPLEX, 0.4
+    xs = [x for xv, _, _ in series.values() for x in xv]
+    ys = [m + s for _, mv, sv in series.values() for m, s in zip(mv, sv)]
+    ys += [m - s for _, mv, sv in series.values() for m, s in zip(mv, sv)]
+    x0, x1 = min(xs), max(xs)
+    y0, y1 = np.floor(min(ys) - 1), np.ceil(max(ys) + 1)
+    x1 = x1 if x1 > x0 else x0 + 1
+
+    def px(x: float, y: float) -> Tuple[int, int]:
+        u = left + (x - x0) / (x1 - x0) * (width - left - right)
+        v = top + (y1 - y) / (y1 - y0) * (height - top - bottom)
+        return int(round(u)), int(round(v))
+
+    cv2.rectangle(image, (left, top), (width - right, height - bottom), (120, 120, 120), 1)
+    for y in np.linspace(y0, y1, 5):
+        u, v = px(x0, y)
+        cv2.line(image, (left, v), (width - right, v), (230, 230, 230), 1)
+        cv2.putText(image, f"{y:.1f}", (4, v + 4), font, scale, (60, 60, 60), 1, cv2.LINE_AA)
+    for x in sorted(set(xs)):
+        u, _ = px(x, y0)
+        cv2.putText(image, f"{x:g}", (u - 8, height - bottom + 16), font, scale, (60, 60, 60), 1, cv2.LINE_AA)
+    cv2.putText(image, x_label, (left, height - 8), font, scale, (0, 0, 0), 1, cv2.LINE_AA)
+    cv2.putText(image, y_label, (left + 4, top + 14), font, scale, (0, 0, 0), 1, cv2.LINE_AA)
+    colours = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189), (255, 127, 14)]
+    for k, (name, (xv, mv, sv)) in enumerate(series.items()):
+        colour = colours[k % len(colours)]
+        points = [px(x, m) for x, m in zip(xv, mv)]
+        for a, b in zip(points, points[1:]):
+            cv2.line(image, a, b, colour, 2, cv2.LINE_AA)
+        for x, m, s in zip(xv, mv, sv):
+            (u, v), (_, lo), (_, hi) = px(x, m), px(x, m - s), px(x, m + s)
+            cv2.line(image, (u, lo), (u, hi), colour, 1, cv2.LINE_AA)
+            cv2.circle(image, (u, v), 3, colour, -1, cv2.LINE_AA)
+        legend_y = height - bottom - 12 - 16 * k
+        cv2.line(image, (width - right - 150, legend_y - 4), (width - right - 130, legend_y - 4), colour, 2)
+        cv2.putText(image, name, (width - right - 124, legend_y), font, scale, (0, 0, 0), 1, cv2.LINE_AA)
+    return image
