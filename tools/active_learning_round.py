@@ -37,7 +37,7 @@ from uda_plugins.d2 import setup_logger
 from uda_plugins.data.build import build_full_view_loader, get_dataset_dicts, labelled_target_indices
 from uda_plugins.data.image_lists import image_keys, read_image_list, write_image_list
 from uda_plugins.engine.checkpoint import load_network
-from uda_plugins.engine.setup import load_cfg
+from uda_plugins.engine.setup import load_frozen_cfg
 from uda_plugins.modeling.inference import predict_full_views
 from uda_plugins.utils.cli import print_error
 
@@ -144,11 +144,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     setup_logger(name="uda_plugins")
     try:
-        cfg, warning = load_cfg(args.config_file, args.opts)
-        if warning:
-            logger.warning(warning)
-        cfg.freeze()
-        run_round(args, cfg)
+        run_round(args, load_frozen_cfg(args.config_file, args.opts))
     except AnnotationPending as e:
         print(f"active_learning_round.py: waiting for labels: {e}", file=sys.stderr)
         return PENDING_EXIT_CODE

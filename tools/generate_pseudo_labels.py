@@ -28,7 +28,7 @@ from uda_plugins.d2 import setup_logger
 from uda_plugins.data.build import build_full_view_loader, get_dataset_dicts
 from uda_plugins.data.pseudo_label_bank import bank_keys, write_label_atomic
 from uda_plugins.engine.checkpoint import load_network
-from uda_plugins.engine.setup import load_cfg
+from uda_plugins.engine.setup import load_frozen_cfg
 from uda_plugins.methods.duda import ias_pseudo_labels
 from uda_plugins.methods.offline_pseudo_labels import InstanceAdaptiveSelector
 from uda_plugins.utils.cli import print_error
@@ -82,10 +82,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     setup_logger(name="uda_plugins")
     try:
-        cfg, warning = load_cfg(args.config_file, args.opts)
-        if warning:
-            logger.warning(warning)
-        cfg.freeze()
+        cfg = load_frozen_cfg(args.config_file, args.opts)
         dataset = args.dataset or (cfg.DATASETS.TARGET_TRAIN[0] if cfg.DATASETS.TARGET_TRAIN else "")
         if not dataset:
             raise ValueError("No --dataset and DATASETS.TARGET_TRAIN is empty")

@@ -31,7 +31,7 @@ import uda_plugins  # noqa: F401  (registration)
 from uda_plugins.d2 import MetadataCatalog, setup_logger
 from uda_plugins.data.transforms import fit_scale, resize_image, resized_size
 from uda_plugins.engine import UDACheckpointer, UDATrainer
-from uda_plugins.engine.setup import load_cfg
+from uda_plugins.engine.setup import load_frozen_cfg
 from uda_plugins.utils.cli import print_error
 from uda_plugins.utils.file_io import atomic_write_png
 from uda_plugins.utils.visualization import palette_for_dataset
@@ -170,14 +170,6 @@ def predict_video(predictor: Predictor, path: str, out_dir: str, palette, alpha:
     return target
 
 
-def build_cfg(args):
-    cfg, warning = load_cfg(args.config_file, args.opts)
-    if warning:
-        logger.warning(warning)
-    cfg.freeze()
-    return cfg
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config-file", required=True)
@@ -189,7 +181,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     setup_logger(name="uda_plugins")
     try:
-        cfg = build_cfg(args)
+        cfg = load_frozen_cfg(args.config_file, args.opts)
         images, videos = expand_inputs(args.input)
         os.makedirs(args.output, exist_ok=True)
         num_classes = cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES

@@ -11,7 +11,15 @@ import torch
 from uda_plugins.config import get_uda_cfg
 from uda_plugins.d2 import BACKEND, CfgNode, comm, default_setup, setup_logger
 
-__all__ = ["setup_cfg", "load_cfg", "register_config_datasets", "resolve_device", "merge_overrides", "set_determinism"]
+__all__ = [
+    "setup_cfg",
+    "load_cfg",
+    "load_frozen_cfg",
+    "register_config_datasets",
+    "resolve_device",
+    "merge_overrides",
+    "set_determinism",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -67,6 +75,15 @@ def load_cfg(config_file: str, opts=()) -> Tuple[CfgNode, str]:
     merge_overrides(cfg, list(opts or []))
     register_config_datasets(cfg)
     return cfg, resolve_device(cfg)
+
+
+def load_frozen_cfg(config_file: str, opts=()) -> CfgNode:
+    """:func:`load_cfg`, its device warning logged, frozen: what a tool that only reads the config uses."""
+    cfg, warning = load_cfg(config_file, opts)
+    if warning:
+        logger.warning(warning)
+    cfg.freeze()
+    return cfg
 
 
 def register_config_datasets(cfg: CfgNode) -> None:
