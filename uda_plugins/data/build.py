@@ -394,14 +394,14 @@ def labelled_target_indices(spec: str, dicts: Sequence[dict], seed: int) -> List
     return read_image_list(spec, dicts)
 
 
-def labelled_target_entries(cfg: CfgNode) -> List[dict]:
-    """The labelled target images of ``DATASETS.TARGET_LABELED_LIST``, cycled to ``TARGET_LABELED_ENTRIES``
-    dataset dicts (with their ground truth) for the source stream."""
+def labelled_target_entries(cfg: CfgNode, seed: int) -> List[dict]:
+    """The labelled target images of ``DATASETS.TARGET_LABELED_LIST`` (``random:<n>`` drawn with the data
+    ``seed``), cycled to ``TARGET_LABELED_ENTRIES`` dataset dicts (with their ground truth) for the source stream."""
     if not cfg.DATASETS.TARGET_TRAIN:
         raise ValueError("DATASETS.TARGET_LABELED_LIST names images of DATASETS.TARGET_TRAIN[0], which is empty")
     name = cfg.DATASETS.TARGET_TRAIN[0]
     dicts = get_dataset_dicts([name])
-    chosen = [dicts[i] for i in labelled_target_indices(cfg.DATASETS.TARGET_LABELED_LIST, dicts, _data_seed(cfg))]
+    chosen = [dicts[i] for i in labelled_target_indices(cfg.DATASETS.TARGET_LABELED_LIST, dicts, seed)]
     if not chosen:
         raise ValueError(f"DATASETS.TARGET_LABELED_LIST '{cfg.DATASETS.TARGET_LABELED_LIST}' names no image")
     unlabelled = [d["file_name"] for d in chosen if not d.get("sem_seg_file_name")]
@@ -435,7 +435,7 @@ def build_uda_train_loader(cfg: CfgNode, requirements: DataRequirements, seed: O
         else:
             source_dicts = get_dataset_dicts(cfg.DATASETS.SOURCE_TRAIN)
         if cfg.DATASETS.TARGET_LABELED_LIST:
-            source_dicts = source_dicts + labelled_target_entries(cfg)
+            source_dicts = source_dicts + labelled_target_entries(cfg, seed)
         source = DomainStream(
             "source",
             source_dicts,
