@@ -99,8 +99,6 @@ class ActiveLearningHook(HookBase):
         if upcoming not in self.rounds:
             return
         k = sorted(self.rounds).index(upcoming) + 1
-        if int(self.labelled_in_round.max()) >= k + 1:
-            return  # already done (cannot happen on a clean resume; kept for safety)
         scores = self._scores() if self.strategy != "random" else None
         rng = np.random.default_rng([int(self.trainer.data_loader.seed) & 0xFFFFFFFF, k])
         picked = select_images(
