@@ -45,6 +45,19 @@ def test_dilated_resnet_output_stride_8_and_deep_stem():
     assert os16.output_shape()["res5"].stride == 16
 
 
+def test_multi_grid_dilates_the_last_stage_like_u2pl():
+    cfg = _cfg(
+        **{"MODEL.TIMM.ARCH": "resnet50", "MODEL.TIMM.CHANNELS": (16, 24, 32, 48), "MODEL.TIMM.LAYERS": (1, 1, 1, 3)},
+        **{"MODEL.TIMM.MULTI_GRID": (1, 2, 4)},
+    )
+    bb = _backbone(cfg)
+    assert [b.conv2.dilation for b in bb.model.layer4] == [(4, 4), (8, 8), (16, 16)]  # U2PL's ResNet-101 layer4
+    assert bb(torch.randn(1, 3, 64, 96))["res5"].shape[-2:] == (8, 12)
+    cfg.MODEL.TIMM.MULTI_GRID = (1, 2)
+    with pytest.raises(ValueError, match="one factor per block"):
+        _backbone(cfg)
+
+
 def test_mit_backbone_is_pvt_v2():
     bb = _backbone(_cfg(**{"MODEL.BACKBONE.NAME": "build_mit_backbone", "MODEL.TIMM.ARCH": "pvt_v2_b0"}))
     shapes = bb.output_shape()

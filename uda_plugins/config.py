@@ -115,6 +115,9 @@ def add_uda_config(cfg: CN) -> None:
     # ResNets only: override the per-stage widths / block counts (small CPU models); () = the architecture's.
     _C.MODEL.TIMM.CHANNELS = ()
     _C.MODEL.TIMM.LAYERS = ()
+    # ResNets only: DeepLab-V3's multi-grid, the last stage's block i dilated by its stage dilation x MULTI_GRID[i]
+    # (U2PL / ILM-ASSL's ResNet-101: (1, 2, 4) at output stride 8 = dilations 4, 8, 16); () = timm's.
+    _C.MODEL.TIMM.MULTI_GRID = ()
     # Stochastic depth rate (MiT in DAFormer uses 0.1).
     _C.MODEL.TIMM.DROP_PATH_RATE = 0.0
 

@@ -114,6 +114,18 @@ def load_pretrained(model: nn.Module, path: str) -> None:
     logger.info(f"Loaded ImageNet weights for {len(own)} encoder tensors from '{path}'")
 
 
+def apply_multi_grid(stage: nn.Module, dilation: int, grid) -> None:
+    """Dilate block i's 3x3 conv of ``stage`` by ``dilation * grid[i]`` (DeepLab-V3's multi-grid; padding alike)."""
+    blocks = list(stage.children())
+    if len(grid) != len(blocks):
+        raise ValueError(
+            f"MODEL.TIMM.MULTI_GRID {tuple(grid)} needs one factor per block of the last stage ({len(blocks)})"
+        )
+    for block, factor in zip(blocks, grid):
+        conv = block.conv2
+        conv.dilation = conv.padding = (dilation * int(factor),) * 2
+
+
 @BACKBONE_REGISTRY.register()
 def build_dilated_resnet_backbone(cfg: CfgNode, input_shape: ShapeSpec) -> TimmBackbone:
     """A timm ResNet (``MODEL.TIMM.ARCH``) at ``MODEL.TIMM.OUTPUT_STRIDE`` (dilation instead of stride in the
@@ -133,6 +145,8 @@ def build_dilated_resnet_backbone(cfg: CfgNode, input_shape: ShapeSpec) -> TimmB
         # timm also passes device/dtype, which our norms take from the default (the model is moved later).
         kwargs["norm_layer"] = lambda c, **_: get_norm(norm, c)
     model = timm.create_model(t.ARCH, pretrained=False, **kwargs)
+    if t.MULTI_GRID:
+        apply_multi_grid(model.layer4, 32 // t.OUTPUT_STRIDE, t.MULTI_GRID)
     if cfg.MODEL.BACKBONE.PRETRAINED:
         load_pretrained(model, cfg.MODEL.BACKBONE.PRETRAINED)
     if norm == "FrozenBN":
