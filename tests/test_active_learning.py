@@ -203,13 +203,13 @@ def test_round_tool_grows_nested_lists_and_waits_for_folder_labels(tmp_path, cap
     assert read_image_list(third, dicts) == two + requested
 
     # By default the images labelled so far are the config's (here a random seed set, drawn as training drew it).
-    from uda_plugins.data.build import labelled_target_indices
+    from uda_plugins.data.build import image_subset
 
     seeded = str(tmp_path / "after_seed_set.txt")
     argv = common + ["--num", "2", "--output", seeded] + opts + ["DATASETS.TARGET_LABELED_LIST", "random:4"]
     assert active_learning_round.main(argv) == 0
     after = read_image_list(seeded, dicts)
-    assert after[:4] == labelled_target_indices("random:4", dicts, 0) and len(set(after)) == 6
+    assert after[:4] == image_subset("random:4", dicts, 0) and len(set(after)) == 6
 
 
 def test_labelled_target_images_join_the_source_stream_oversampled_as_released(tmp_path):
@@ -234,8 +234,17 @@ def test_labelled_target_images_join_the_source_stream_oversampled_as_released(t
     assert added[:6] == [targets[i]["file_name"] for i in (1, 5, 9, 1, 5, 9)]
     cfg.DATASETS.TARGET_LABELED_ENTRIES = 5
     assert len(build_uda_train_loader(cfg, SourceOnly.data_requirements).dataset.source.dataset) == len(sources) + 5
+    # A subset of the source (ILM-ASSL trains on 2000 GTA5 images): a list or random:<n>.
+    write_image_list(str(tmp_path / "source.txt"), sources, [0, 2, 4])
+    cfg.DATASETS.SOURCE_LIST = str(tmp_path / "source.txt")
+    stream = build_uda_train_loader(cfg, SourceOnly.data_requirements).dataset.source
+    assert [stream.dataset[i]["file_name"] for i in range(4)] == [sources[i]["file_name"] for i in (0, 2, 4)] + [
+        targets[1]["file_name"]
+    ]
+    cfg.DATASETS.SOURCE_LIST = "random:7"
+    assert len(build_uda_train_loader(cfg, SourceOnly.data_requirements).dataset.source.dataset) == 7 + 5
     cfg.DATALOADER.RCS.ENABLED = True
-    with pytest.raises(ValueError, match="TARGET_LABELED_LIST with DATALOADER.RCS.ENABLED"):
+    with pytest.raises(ValueError, match="DATASETS.TARGET_LABELED_LIST with DATALOADER.RCS.ENABLED"):
         build_uda_train_loader(cfg, SourceOnly.data_requirements)
 
 

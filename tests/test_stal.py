@@ -45,11 +45,11 @@ def test_one_step_trains_every_head_and_updates_the_adaptive_state(tmp_path):
 
 def test_random_seed_set_is_seeded_and_spread_over_cities(tmp_path):
     from uda_plugins.active_learning.selection import group_of
-    from uda_plugins.data.build import labelled_target_indices
+    from uda_plugins.data.build import image_subset
 
     dicts = get_dataset_dicts(["synthetic_tiny_target_train"])
-    first = labelled_target_indices("random:8", dicts, seed=3)
-    assert first == labelled_target_indices("random:8", dicts, seed=3) != labelled_target_indices("random:8", dicts, 4)
+    first = image_subset("random:8", dicts, seed=3)
+    assert first == image_subset("random:8", dicts, seed=3) != image_subset("random:8", dicts, 4)
     groups = [group_of(d["file_name"]) for d in dicts]
     per_city = {g: sum(groups[i] == g for i in first) for g in set(groups)}
     expected = {g: 8 * groups.count(g) / len(groups) for g in set(groups)}

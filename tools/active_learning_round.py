@@ -34,7 +34,7 @@ import uda_plugins  # noqa: F401  (registration)
 from uda_plugins.active_learning.annotation import AnnotationPending, FolderAnnotator, GroundTruthAnnotator
 from uda_plugins.active_learning.selection import group_of, image_entropy, select_images
 from uda_plugins.d2 import setup_logger
-from uda_plugins.data.build import build_full_view_loader, get_dataset_dicts, labelled_target_indices
+from uda_plugins.data.build import build_full_view_loader, get_dataset_dicts, image_subset
 from uda_plugins.data.image_lists import image_keys, read_image_list, write_image_list
 from uda_plugins.engine.checkpoint import load_network
 from uda_plugins.engine.setup import load_frozen_cfg
@@ -66,7 +66,7 @@ def run_round(args, cfg) -> dict:
     spec = args.labelled if args.labelled is not None else cfg.DATASETS.TARGET_LABELED_LIST
     if spec.startswith("random:") and cfg.SEED < 0:
         raise ValueError(f"'{spec}' with SEED < 0 cannot be reproduced: pass the labelled images as a list file")
-    labelled_indices = labelled_target_indices(spec, dicts, cfg.SEED) if spec else []
+    labelled_indices = image_subset(spec, dicts, cfg.SEED) if spec else []
     labelled = np.zeros(len(dicts), dtype=bool)
     labelled[labelled_indices] = True
     round_index = 1 + int(bool(spec))

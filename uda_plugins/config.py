@@ -52,6 +52,9 @@ def add_uda_config(cfg: CN) -> None:
     # join the source stream with their ground truth, cycled through TARGET_LABELED_ENTRIES entries of it:
     # -1 = as many as the target images not in the list (ILM-ASSL's oversampling: 2975 - n for Cityscapes).
     _C.DATASETS.TARGET_LABELED_LIST = ""
+    # Train on a subset of the source images only: a list file naming images of DATASETS.SOURCE_TRAIN (e.g.
+    # ILM-ASSL's labeled_gtav2000.txt) or "random:<n>" (n at random, seeded by SEED); "" = all of them.
+    _C.DATASETS.SOURCE_LIST = ""
     _C.DATASETS.TARGET_LABELED_ENTRIES = -1
 
     # ------------------------------------------------------------------ rare-class sampling (DAFormer)

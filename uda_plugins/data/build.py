@@ -384,9 +384,9 @@ def build_source_paste_stream(cfg: CfgNode, seed: int) -> Optional[DomainStream]
     )
 
 
-def labelled_target_indices(spec: str, dicts: Sequence[dict], seed: int) -> List[int]:
-    """The images ``DATASETS.TARGET_LABELED_LIST`` names: a list file, or ``random:<n>`` (n images at random with
-    per-folder quotas, as an active-learning seed set)."""
+def image_subset(spec: str, dicts: Sequence[dict], seed: int) -> List[int]:
+    """The images of ``dicts`` a list spec names (``DATASETS.TARGET_LABELED_LIST``, ``DATASETS.SOURCE_LIST``): a list
+    file, or ``random:<n>`` (n images at random with per-folder quotas, as an active-learning seed set)."""
     if spec.startswith("random:"):
         groups = [group_of(d["file_name"]) for d in dicts]
         n = int(spec.split(":", 1)[1])
@@ -401,7 +401,7 @@ def labelled_target_entries(cfg: CfgNode, seed: int) -> List[dict]:
         raise ValueError("DATASETS.TARGET_LABELED_LIST names images of DATASETS.TARGET_TRAIN[0], which is empty")
     name = cfg.DATASETS.TARGET_TRAIN[0]
     dicts = get_dataset_dicts([name])
-    chosen = [dicts[i] for i in labelled_target_indices(cfg.DATASETS.TARGET_LABELED_LIST, dicts, seed)]
+    chosen = [dicts[i] for i in image_subset(cfg.DATASETS.TARGET_LABELED_LIST, dicts, seed)]
     if not chosen:
         raise ValueError(f"DATASETS.TARGET_LABELED_LIST '{cfg.DATASETS.TARGET_LABELED_LIST}' names no image")
     unlabelled = [d["file_name"] for d in chosen if not d.get("sem_seg_file_name")]
@@ -421,11 +421,12 @@ def build_uda_train_loader(cfg: CfgNode, requirements: DataRequirements, seed: O
     rank, world_size = comm.get_rank(), comm.get_world_size()
     source = None
     if requirements.source:
-        if cfg.DATASETS.TARGET_LABELED_LIST and cfg.DATALOADER.RCS.ENABLED:
-            raise ValueError(
-                "DATASETS.TARGET_LABELED_LIST with DATALOADER.RCS.ENABLED: rare-class sampling draws from the "
-                "source's class statistics, which do not cover the labelled target images"
-            )
+        for key in ("TARGET_LABELED_LIST", "SOURCE_LIST"):
+            if cfg.DATASETS[key] and cfg.DATALOADER.RCS.ENABLED:
+                raise ValueError(
+                    f"DATASETS.{key} with DATALOADER.RCS.ENABLED: rare-class sampling draws from the statistics of "
+                    "every source image, not from a changed set of images"
+                )
         rare_class_sampler = None
         if cfg.DATALOADER.RCS.ENABLED:
             names = _source_names(cfg)
@@ -434,6 +435,8 @@ def build_uda_train_loader(cfg: CfgNode, requirements: DataRequirements, seed: O
             rare_class_sampler = build_rare_class_sampler(cfg, names, dicts_per_name)
         else:
             source_dicts = get_dataset_dicts(cfg.DATASETS.SOURCE_TRAIN)
+        if cfg.DATASETS.SOURCE_LIST:
+            source_dicts = [source_dicts[i] for i in image_subset(cfg.DATASETS.SOURCE_LIST, source_dicts, seed)]
         if cfg.DATASETS.TARGET_LABELED_LIST:
             source_dicts = source_dicts + labelled_target_entries(cfg, seed)
         source = DomainStream(

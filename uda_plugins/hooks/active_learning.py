@@ -33,7 +33,7 @@ from uda_plugins.data.build import (
     build_full_view_loader,
     build_uda_train_loader,
     get_dataset_dicts,
-    labelled_target_indices,
+    image_subset,
 )
 from uda_plugins.data.image_lists import write_image_list
 from uda_plugins.modeling.inference import predict_full_views
@@ -82,7 +82,7 @@ class ActiveLearningHook(HookBase):
         if not self._restored:
             seed_set = self._cfg.DATASETS.TARGET_LABELED_LIST
             if seed_set:
-                indices = labelled_target_indices(seed_set, self.dicts, self.trainer.data_loader.seed)
+                indices = image_subset(seed_set, self.dicts, self.trainer.data_loader.seed)
                 self.labelled_in_round[indices] = 1
             return
         done = int(self.labelled_in_round.max()) - 1
