@@ -320,3 +320,27 @@ def test_benchmark_pairs_each_evaluation_with_the_labelled_images_it_trained_on(
     chart = cv2.imread(str(tmp_path / "active_learning.png"))
     assert chart is not None and chart.shape[2] == 3 and (chart != 255).any()
     assert os.path.isfile(tmp_path / "active_learning.md")
+
+
+def test_ilm_assl_lists_split_into_source_and_target_lists(tmp_path):
+    import sys
+
+    from conftest import REPO
+
+    sys.path.insert(0, os.path.join(REPO, "tools"))
+    import convert_ilm_assl_list
+
+    source, target = convert_ilm_assl_list.split_list(
+        [
+            "leftImg8bit/train/hamburg/hamburg_000000_080169_leftImg8bit.png\n",
+            "leftImg8bit/train/gta5/gta5_00838_000019_leftImg8bit.png\n",
+            "leftImg8bit/train/synthia/synthia_0000041_000019_leftImg8bit.png\n",
+            "\n",
+        ]
+    )
+    assert source == ["images/00838.png", "RGB/0000041.png"]
+    assert target == ["leftImg8bit/train/hamburg/hamburg_000000_080169_leftImg8bit.png"]
+    # The GTA5 line names the GTA5 image under this project's layout.
+    dicts = [{"file_name": str(tmp_path / "gta5" / "images" / f"{k:05d}.png")} for k in (838, 839)]
+    (tmp_path / "src.txt").write_text(source[0] + "\n")
+    assert read_image_list(str(tmp_path / "src.txt"), dicts) == [0]
