@@ -224,6 +224,33 @@ def test_synthia_reads_the_class_channel_of_16_bit_labels(tmp_path):
     }
 
 
+def test_synthia_with_ilm_assl_ids_reproduces_the_released_mapping(tmp_path):
+    from uda_plugins.config import get_uda_cfg
+    from uda_plugins.data.mapper import UDADatasetMapper
+
+    root = str(tmp_path / "synthia")
+    _synthia_tree(root, n=1)
+    synthia.prepare_synthia(root)
+    prefix = f"test_synthia_{uuid.uuid4().hex[:8]}"
+    synthia.register_synthia(root, name_prefix=prefix)
+    try:
+        (plain,) = DatasetCatalog.get(f"{prefix}_train")
+        (variant,) = DatasetCatalog.get(f"{prefix}_ilm_assl_ids_train")
+    finally:
+        for name in (f"{prefix}_train", f"{prefix}_ilm_assl_ids_train"):
+            DatasetCatalog.remove(name)
+            MetadataCatalog.remove(name)
+    mapper = UDADatasetMapper(is_train=False, input_cfg=get_uda_cfg().INPUT.TEST, num_classes=19, load_label=True)
+    a, b = mapper(plain)["sem_seg"].numpy(), mapper(variant)["sem_seg"].numpy()
+    names = CITYSCAPES_19.classes
+    # ILM-ASSL's id_to_trainid_synthia: road..vegetation keep their ids; sky 10 -> 9, person 11 -> 10, ...,
+    # bicycle 18 -> 15; ignored pixels stay ignored.
+    expected = {0: 0, 8: 8, names.index("sky"): 9, names.index("person"): 10, names.index("bicycle"): 15, 255: 255}
+    for old, new in expected.items():
+        assert (b[a == old] == new).all(), old
+    assert (a == names.index("sky")).any() and (b[a == names.index("sky")] == 9).all()
+
+
 @pytest.mark.parametrize("value, message", [(23, r"not in the class table"), (300, r"outside the class table")])
 def test_synthia_unknown_label_value_names_the_file(tmp_path, value, message):
     root = str(tmp_path / "synthia")
@@ -467,7 +494,7 @@ def test_register_under_own_names_and_load_through_the_catalog(tmp_path):
     mapillary.register_mapillary(roots["mapillary"], name_prefix=prefix + "_mapillary")
     names = [n for n in DatasetCatalog.list() if n.startswith(prefix)]
     try:
-        assert len(names) == 2 + 1 + 4 + 4
+        assert len(names) == 2 + 2 + 4 + 4  # GTA5 (19, 7 classes), SYNTHIA (19, ILM-ASSL ids), IDD, Mapillary
         for name in names:
             dicts = DatasetCatalog.get(name)
             meta = MetadataCatalog.get(name)

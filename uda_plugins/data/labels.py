@@ -112,6 +112,34 @@ def apply_lut(label: np.ndarray, lut: np.ndarray, source: str) -> np.ndarray:
     return out.astype(np.uint8)
 
 
+# ILM-ASSL's SYNTHIA labels (licongguan/ILM-ASSL core/dataset/cityscapes_semi_cp.py, ``id_to_trainid_synthia``):
+# the 16 SYNTHIA classes on contiguous ids 0..15, while its model and its Cityscapes labels use the 19 trainIds, so
+# sky, person, rider, car, bus, motorcycle and bicycle land on other classes' ids (docs/methods.md §6.9.3). As a
+# map of this project's 19-class SYNTHIA labels, for ``synthia_ilm_assl_ids_train`` (reproduction only).
+_ILM_ASSL_SYNTHIA = {
+    0: 0,
+    1: 1,
+    2: 2,
+    3: 3,
+    4: 4,
+    5: 5,
+    6: 6,
+    7: 7,
+    8: 8,
+    10: 9,
+    11: 10,
+    12: 11,
+    13: 12,
+    15: 13,
+    17: 14,
+    18: 15,
+}
+
+# Label maps a dataset dict may name (``"label_map"``): applied to its prepared labels when they are read.
+# (terrain, truck, train: absent from SYNTHIA, not in the release's table, ignored.)
+LABEL_MAPS = {"ilm_assl_synthia": build_lut(_ILM_ASSL_SYNTHIA, known_ignored=(9, 14, 16, IGNORE_LABEL))}
+
+
 def check_label_values(label: np.ndarray, num_classes: int, source: str, ignore_label: int = IGNORE_LABEL) -> None:
     """Raise if a prepared (class-index) label map holds a value that is neither a class nor the ignore label."""
     valid = np.zeros(256, dtype=bool)

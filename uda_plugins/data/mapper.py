@@ -18,7 +18,7 @@ import torch
 from uda_plugins.d2 import CfgNode
 
 from .datasets.common import read_image, read_label
-from .labels import IGNORE_LABEL, check_label_values
+from .labels import IGNORE_LABEL, LABEL_MAPS, apply_lut, check_label_values
 from .transforms import Geometry, apply_geometry, fit_scale, resize_image, resized_size, sample_geometry
 
 __all__ = ["UDADatasetMapper"]
@@ -95,6 +95,8 @@ class UDADatasetMapper:
             if label_file is None:
                 raise KeyError(f"Image '{file_name}' has no label ('sem_seg_file_name') but labels were requested")
             label = read_label(label_file)
+            if dataset_dict.get("label_map"):  # a dataset variant that re-maps the prepared labels
+                label = apply_lut(label, LABEL_MAPS[dataset_dict["label_map"]], label_file)
             if label.shape != image.shape[:2]:
                 raise ValueError(
                     f"Label '{label_file}' is {label.shape[0]}x{label.shape[1]} but its image '{file_name}' is "

@@ -3,7 +3,7 @@
 * ``synthetic_{source,target}_{train,val}`` — the embedded synthetic pair (generated on first use), and
   ``synthetic_tiny_*``, a small variant for smoke runs and tests;
 * ``cityscapes_{train,val}``, ``cityscapes_7cls_{train,val}``;
-* ``gta5_train``, ``gta5_7cls_train``, ``synthia_train``;
+* ``gta5_train``, ``gta5_7cls_train``, ``synthia_train`` (and ``synthia_ilm_assl_ids_train``: ILM-ASSL's label ids);
 * ``idd_{train,val}``, ``idd_7cls_{train,val}``, ``mapillary_{train,val}``, ``mapillary_7cls_{train,val}``.
 """
 

@@ -137,8 +137,15 @@ def prepare_synthia(root: str, skip_existing: bool = True) -> int:
 
 
 def register_synthia(root: str, name_prefix: str = "synthia") -> None:
-    """``<prefix>_train`` (19 Cityscapes classes); nothing is read until used."""
+    """``<prefix>_train`` (19 Cityscapes classes), and ``<prefix>_ilm_assl_ids_train``, the same frames with
+    ILM-ASSL's label ids (16 contiguous ids against a 19-class model: its released bug, to reproduce its SYNTHIA
+    runs); nothing is read until used."""
     register_sem_seg(f"{name_prefix}_train", lambda: load_synthia_semseg(root), CITYSCAPES_19, dataset_root=root)
+
+    def ilm_assl_ids() -> List[dict]:
+        return [dict(d, label_map="ilm_assl_synthia") for d in load_synthia_semseg(root)]
+
+    register_sem_seg(f"{name_prefix}_ilm_assl_ids_train", ilm_assl_ids, CITYSCAPES_19, dataset_root=root)
 
 
 def default_root() -> str:
