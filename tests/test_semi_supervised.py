@@ -164,3 +164,151 @@ def test_unlabelled_filter_drops_the_uncertain_tail_or_as_released_the_confident
     assert (u2pl == 255).sum() == 20 and (u2pl.flatten()[80:] == 255).all()
     released = filter_unlabelled_pseudo_labels(labels, entropy, 20, as_released=True)
     assert (released == 255).sum() == 20 and (released.flatten()[:20] == 255).all()
+
+
+def _reference_contrastive(
+    rep,
+    label_l,
+    label_u,
+    prob_l,
+    prob_u,
+    low_mask,
+    high_mask,
+    memobank,
+    queue_size,
+    rep_teacher,
+    negatives_of_other_classes,
+):
+    # compute_contra_memobank_loss (no momentum prototype, conf_weight False) with dequeue_and_enqueue, transcribed for
+    # one process. negatives_of_other_classes=True is U2PL's paper (and this project); False is the released line.
+    cfg = dict(
+        current_class_threshold=0.3,
+        current_class_negative_threshold=1.0,
+        low_rank=3,
+        high_rank=20,
+        temperature=0.5,
+        num_queries=16,
+        num_negatives=5,
+    )
+    num_feat, num_segments = rep.shape[1], label_l.shape[1]
+    onehot = torch.cat((label_l, label_u), dim=0)
+    low_valid_pixel = onehot * low_mask
+    high_valid_pixel = (1 - onehot if negatives_of_other_classes else onehot) * high_mask
+    rep = rep.permute(0, 2, 3, 1)
+    rep_teacher = rep_teacher.permute(0, 2, 3, 1)
+    seg_feat_low_entropy_list, seg_num_list, seg_proto_list, valid_classes = [], [], [], []
+    _, prob_indices_l = torch.sort(prob_l, 1, True)
+    prob_indices_l = prob_indices_l.permute(0, 2, 3, 1)
+    _, prob_indices_u = torch.sort(prob_u, 1, True)
+    prob_indices_u = prob_indices_u.permute(0, 2, 3, 1)
+    prob = torch.cat((prob_l, prob_u), dim=0)
+    for i in range(num_segments):
+        low_valid_pixel_seg = low_valid_pixel[:, i]
+        high_valid_pixel_seg = high_valid_pixel[:, i]
+        prob_seg = prob[:, i, :, :]
+        rep_mask_low_entropy = (prob_seg > cfg["current_class_threshold"]) * low_valid_pixel_seg.bool()
+        rep_mask_high_entropy = (prob_seg < cfg["current_class_negative_threshold"]) * high_valid_pixel_seg.bool()
+        seg_feat_low_entropy_list.append(rep[rep_mask_low_entropy])
+        seg_proto_list.append(torch.mean(rep_teacher[low_valid_pixel_seg.bool()].detach(), dim=0, keepdim=True))
+        class_mask_u = torch.sum(prob_indices_u[:, :, :, cfg["low_rank"] : cfg["high_rank"]].eq(i), dim=3).bool()
+        class_mask_l = torch.sum(prob_indices_l[:, :, :, : cfg["low_rank"]].eq(i), dim=3).bool()
+        class_mask = torch.cat((class_mask_l * (label_l[:, i] == 0), class_mask_u), dim=0)
+        keys = rep_teacher[rep_mask_high_entropy * class_mask].detach()
+        memobank[i][0] = torch.cat((memobank[i][0], keys), dim=0)[-queue_size:]
+        if low_valid_pixel_seg.sum() > 0:
+            seg_num_list.append(int(low_valid_pixel_seg.sum().item()))
+            valid_classes.append(i)
+    if len(seg_num_list) <= 1:
+        return torch.tensor(0.0) * rep.sum()
+    reco_loss = torch.tensor(0.0)
+    seg_proto = torch.cat(seg_proto_list)
+    for i in range(len(seg_num_list)):
+        c = valid_classes[i]
+        if len(seg_feat_low_entropy_list[c]) > 0 and memobank[c][0].shape[0] > 0:
+            anchor_feat = seg_feat_low_entropy_list[c][
+                torch.randint(len(seg_feat_low_entropy_list[c]), size=(cfg["num_queries"],))
+            ]
+        else:
+            continue
+        negative_feat = memobank[c][0]
+        negative_feat = negative_feat[
+            torch.randint(len(negative_feat), size=(cfg["num_queries"] * cfg["num_negatives"],))
+        ]
+        negative_feat = negative_feat.reshape(cfg["num_queries"], cfg["num_negatives"], num_feat)
+        positive_feat = seg_proto[c].unsqueeze(0).unsqueeze(0).repeat(cfg["num_queries"], 1, 1)
+        all_feat = torch.cat((positive_feat, negative_feat), dim=1)
+        seg_logits = torch.cosine_similarity(anchor_feat.unsqueeze(1), all_feat, dim=2)
+        reco_loss = reco_loss + F.cross_entropy(seg_logits / cfg["temperature"], torch.zeros(cfg["num_queries"]).long())
+    return reco_loss / len(seg_num_list)
+
+
+def _contrastive_inputs(num_unlabelled, seed=0):
+    torch.manual_seed(seed)
+    B, C, D, h, w = 2 + num_unlabelled, 5, 8, 6, 7
+    probs = torch.softmax(torch.randn(B, C, h, w) * 2, 1)
+    labels = probs.argmax(1)
+    labels[:2] = torch.randint(0, C, (2, h, w))  # ground truth of the labelled images
+    labels[0, 0, :3] = 255
+    entropy = -(probs * probs.log()).sum(1)
+    low = (entropy <= entropy.flatten().quantile(0.5)) & (labels != 255)
+    high = (entropy >= entropy.flatten().quantile(0.3)) & (labels != 255)
+    low[:2] = labels[:2] != 255  # labelled pixels are anchors and negatives candidates, as train.py does
+    high[:2] = labels[:2] != 255
+    rep, rep_teacher = torch.randn(B, D, h, w), torch.randn(B, D, h, w)
+    onehot = F.one_hot(torch.where(labels == 255, 0, labels), C).permute(0, 3, 1, 2).float()
+    onehot = onehot * (labels != 255)[:, None]
+    return rep, rep_teacher, labels, probs, low, high, onehot
+
+
+def test_pixel_contrastive_loss_is_u2pls_paper_and_the_release_is_zero_with_one_unlabelled_image():
+    from uda_plugins.methods.semi_supervised import ContrastQueues, pixel_contrastive_loss
+
+    rep, rep_teacher, labels, probs, low, high, onehot = _contrastive_inputs(num_unlabelled=1)
+    queues = ContrastQueues([40] * 5, dim=8, dtype=torch.float32)
+    torch.manual_seed(7)
+    ours = pixel_contrastive_loss(
+        rep, rep_teacher, labels, probs, low, high, 2, queues, num_queries=16, num_negatives=5
+    )
+    memobank = [[torch.zeros(0, 8)] for _ in range(5)]
+    torch.manual_seed(7)
+    reference = _reference_contrastive(
+        rep,
+        onehot[:2],
+        onehot[2:],
+        probs[:2],
+        probs[2:],
+        low[:, None].float(),
+        high[:, None].float(),
+        memobank,
+        40,
+        rep_teacher,
+        negatives_of_other_classes=True,
+    )
+    assert ours > 0 and torch.allclose(ours, reference)
+    for c in range(5):
+        assert torch.equal(queues.get(c), memobank[c][0])
+    # The released mask (negatives must be of the class) leaves every queue empty with one unlabelled image.
+    released = [[torch.zeros(0, 8)] for _ in range(5)]
+    loss = _reference_contrastive(
+        rep,
+        onehot[:2],
+        onehot[2:],
+        probs[:2],
+        probs[2:],
+        low[:, None].float(),
+        high[:, None].float(),
+        released,
+        40,
+        rep_teacher,
+        negatives_of_other_classes=False,
+    )
+    assert loss == 0 and all(len(q[0]) == 0 for q in released)
+
+
+def test_contrast_queues_keep_the_newest_keys_and_are_checkpointed():
+    from uda_plugins.methods.semi_supervised import ContrastQueues
+
+    queues = ContrastQueues([3, 5], dim=2)
+    queues.push(0, torch.arange(8.0).view(4, 2))
+    assert queues.get(0).tolist() == [[2, 3], [4, 5], [6, 7]] and len(queues.get(1)) == 0
+    assert set(queues.state_dict()) == {"capacity", "length", "keys"} and queues.keys.dtype == torch.float16
