@@ -81,9 +81,17 @@ METHODS = {
             "DATALOADER.NUM_WORKERS": 2,
         },
     ),
-    # STAL's learner on the source and 3 labelled target images: its class criterion and CutMix bank are model
-    # buffers, so the resumed run must restore them to end bitwise equal.
-    "stal": ("stal.yaml", {"DATASETS.TARGET_LABELED_LIST": "random:3", "UDA.STAL.OHEM_MIN_KEPT": 200}),
+    # STAL's learner on the source and 3 labelled target images: its class criterion, CutMix bank and contrastive
+    # queues are model buffers, so the resumed run must restore them to end bitwise equal.
+    "stal": (
+        "stal.yaml",
+        {
+            "DATASETS.TARGET_LABELED_LIST": "random:3",
+            "UDA.STAL.OHEM_MIN_KEPT": 200,
+            "UDA.STAL.CONTRASTIVE_START_ITER": 2,  # its queues (buffers) fill from iteration 2 and must be restored
+            "UDA.STAL.NUM_QUERIES": 16,
+        },
+    ),
     # Active-learning rounds (entropy) after iterations 1 and 3, the loader rebuilt with 2
     # workers each time: every kill resumes before or after a round, which must be neither repeated nor lost.
     "stal_rounds": (

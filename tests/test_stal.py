@@ -18,6 +18,8 @@ def _cfg(tmp_path, **extra):
     cfg = get_uda_cfg()
     cfg.merge_from_file(CONFIG)
     values = {"DATASETS.TARGET_LABELED_LIST": "random:4", "UDA.STAL.OHEM_MIN_KEPT": 200}
+    # Contrast from the first step; an untrained teacher gives no class a probability above 0.3: no anchor threshold.
+    values.update({"UDA.STAL.CONTRASTIVE_START_ITER": 0, "UDA.STAL.NUM_QUERIES": 16, "UDA.STAL.ANCHOR_THRESHOLD": 0.0})
     cfg.merge_from_list(tiny_overrides(str(tmp_path / "out"), **dict(values, **extra)))
     return cfg
 
@@ -30,7 +32,13 @@ def test_one_step_trains_every_head_and_updates_the_adaptive_state(tmp_path):
     assert int(model.cutmix_bank.sum()) == 0  # the release starts with an empty bank
     with EventStorage(0):
         losses = model(batch)
-    assert set(losses) == {"loss_supervised", "loss_consistency"}
+    assert set(losses) == {"loss_supervised", "loss_consistency", "loss_contrastive"}
+    assert sum(len(model.queues.get(c)) for c in range(19)) > 0  # negatives queued (the paper's rule)
+    losses["loss_contrastive"].backward(retain_graph=True)
+    representation = model.student.head.representation
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in representation.parameters())
+    assert all(p.grad is None for p in model.student.head.classifier.parameters())  # only the representation
+    model.zero_grad(set_to_none=True)
     sum(losses.values()).backward()
     for name, module in (("head", model.student.head), ("aux", model.aux_head), ("backbone", model.student.backbone)):
         assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in module.parameters()), name
@@ -40,7 +48,7 @@ def test_one_step_trains_every_head_and_updates_the_adaptive_state(tmp_path):
     own = [d["dataset_index"] for d in batch["target"][0]]
     assert all(model.cutmix_bank[:, i].any() for i in own)  # every predicted image shows some class
     state = model.state_dict()
-    assert "class_criterion" in state and "cutmix_bank" in state  # checkpointed with the model
+    assert {"class_criterion", "cutmix_bank", "queues.keys", "queues.length"} <= set(state)  # checkpointed
 
 
 def test_random_seed_set_is_seeded_and_spread_over_cities(tmp_path):

@@ -381,6 +381,26 @@ def add_uda_config(cfg: CN) -> None:
     # most uncertain (U2PL's rule), or the most confident as ILM-ASSL's code does (ENTROPY_FILTER_AS_RELEASED).
     _C.UDA.STAL.UNLABELED_DROP_PERCENT = 20.0
     _C.UDA.STAL.ENTROPY_FILTER_AS_RELEASED = False
+    # U2PL's pixel contrastive loss (needs the DeepLabV3PlusHead's representation), weight CONTRASTIVE_WEIGHT (the
+    # release: 0.1) from iteration CONTRASTIVE_START_ITER (its epoch 20 of 200): anchors are labelled pixels and the
+    # unlabelled pixels below the LOW_ENTROPY_PERCENT-th entropy percentile with their class's probability above
+    # ANCHOR_THRESHOLD; negatives, kept in per-class queues of QUEUE_SIZE teacher features (class 0:
+    # FIRST_CLASS_QUEUE_SIZE), are pixels above the HIGH_ENTROPY_PERCENT-th percentile not of the class whose
+    # teacher ranks it in the top LOW_RANK (labelled) or at LOW_RANK..HIGH_RANK (unlabelled); NUM_QUERIES anchors
+    # and NUM_NEGATIVES negatives each, temperature TEMPERATURE. As released the negatives are empty with one
+    # unlabelled image per GPU and the term is zero (uda_plugins/methods/semi_supervised.py): weight 0 reproduces it.
+    _C.UDA.STAL.CONTRASTIVE_WEIGHT = 0.1
+    _C.UDA.STAL.CONTRASTIVE_START_ITER = 0
+    _C.UDA.STAL.LOW_ENTROPY_PERCENT = 20.0
+    _C.UDA.STAL.HIGH_ENTROPY_PERCENT = 80.0
+    _C.UDA.STAL.ANCHOR_THRESHOLD = 0.3
+    _C.UDA.STAL.LOW_RANK = 3
+    _C.UDA.STAL.HIGH_RANK = 20
+    _C.UDA.STAL.NUM_QUERIES = 256
+    _C.UDA.STAL.NUM_NEGATIVES = 50
+    _C.UDA.STAL.TEMPERATURE = 0.5
+    _C.UDA.STAL.QUEUE_SIZE = 30000
+    _C.UDA.STAL.FIRST_CLASS_QUEUE_SIZE = 50000
 
     _C.UDA.DUDA = CN()
     # DUDA (uda_plugins/methods/duda.py, parquets/DUDA trainers/uda_trainer.py). Iterations are counted from the

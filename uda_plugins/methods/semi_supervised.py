@@ -21,6 +21,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from uda_plugins.d2 import comm
+
 __all__ = [
     "ohem_cross_entropy",
     "confidence_weighted_consistency",
@@ -203,7 +205,10 @@ class ContrastQueues(torch.nn.Module):
     @torch.no_grad()
     def push(self, c: int, new: torch.Tensor) -> None:
         """Append ``new`` (n, dim) to class ``c``'s queue, keeping its newest ``capacity[c]`` keys
-        (``dequeue_and_enqueue``)."""
+        (``dequeue_and_enqueue``). Collective: every process pushes the keys of all, in rank order, so the queues
+        stay identical."""
+        if comm.get_world_size() > 1:
+            new = torch.cat([k.to(self.keys.device) for k in comm.all_gather(new.detach().cpu())])
         if not len(new):
             return
         kept = torch.cat([self.get(c), new.to(self.keys.dtype)])[-int(self.capacity[c]) :]

@@ -34,6 +34,7 @@ from typing import Dict, List, Tuple
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from uda_plugins.d2 import META_ARCH_REGISTRY, CfgNode, comm, get_event_storage
 from uda_plugins.data.build import DataRequirements, get_dataset_dicts
@@ -45,6 +46,7 @@ from uda_plugins.utils.profiling import timed
 
 from .self_training import SelfTrainingArch
 from .semi_supervised import (
+    ContrastQueues,
     class_confidence,
     confidence_weighted_consistency,
     copy_paste,
@@ -53,6 +55,7 @@ from .semi_supervised import (
     draw_query_classes,
     filter_unlabelled_pseudo_labels,
     ohem_cross_entropy,
+    pixel_contrastive_loss,
     update_cutmix_bank,
 )
 
@@ -90,6 +93,24 @@ class STAL(SelfTrainingArch):
         generator = torch.Generator().manual_seed(int(cfg.SEED) if cfg.SEED >= 0 else 0)
         self.register_buffer("class_criterion", torch.rand(C, generator=generator))
         self.register_buffer("cutmix_bank", torch.zeros(C, len(self.target_dicts()), dtype=torch.uint8))
+        self.contrastive_weight, self.contrastive_start = s.CONTRASTIVE_WEIGHT, s.CONTRASTIVE_START_ITER
+        self.contrastive = None
+        if self.contrastive_weight > 0:
+            if not hasattr(self.student.head, "forward_with_representation"):
+                raise ValueError(
+                    "UDA.STAL.CONTRASTIVE_WEIGHT > 0 needs a head with a representation branch "
+                    "(MODEL.SEM_SEG_HEAD.NAME DeepLabV3PlusHead), or set it to 0"
+                )
+            self.contrastive = dict(
+                class_threshold=s.ANCHOR_THRESHOLD,
+                low_rank=s.LOW_RANK,
+                high_rank=s.HIGH_RANK,
+                num_queries=s.NUM_QUERIES,
+                num_negatives=s.NUM_NEGATIVES,
+                temperature=s.TEMPERATURE,
+            )
+            self.entropy_percents = (s.LOW_ENTROPY_PERCENT, s.HIGH_ENTROPY_PERCENT)
+            self.queues = ContrastQueues([s.FIRST_CLASS_QUEUE_SIZE] + [s.QUEUE_SIZE] * (C - 1), dim=256)
 
     def target_dicts(self) -> List[dict]:
         if self._target_dicts is None:
@@ -97,12 +118,51 @@ class STAL(SelfTrainingArch):
         return self._target_dicts
 
     # ------------------------------------------------------------------------------------------ pieces
-    def _student(self, images: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        """(main, auxiliary) logits of the student at the input size."""
+    def _student(self, images: torch.Tensor, representation: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(main, auxiliary) logits of the student at the input size, and its representation (or None)."""
         features = self.student.extract_features(images)
-        main = upsample_like(self.student.decode(features), images.shape[-2:])
+        rep = None
+        if representation:
+            logits, rep = self.student.head.forward_with_representation(features)
+        else:
+            logits = self.student.decode(features)
+        main = upsample_like(logits, images.shape[-2:])
         aux = upsample_like(self.aux_head(features[self.aux_feature]), images.shape[-2:])
-        return main.float(), aux.float()
+        return main.float(), aux.float(), rep
+
+    @torch.no_grad()
+    def _teacher_train_mode(self, images: torch.Tensor, representation: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+        """The teacher's logits at the input size and representation (or None), in training mode as released."""
+        self.teacher.train()
+        features = self.teacher.extract_features(images)
+        rep = None
+        if representation:
+            logits, rep = self.teacher.head.forward_with_representation(features)
+        else:
+            logits = self.teacher.decode(features)
+        self.teacher.eval()
+        return upsample_like(logits, images.shape[-2:]).float(), rep
+
+    def _contrastive_loss(self, reps, teacher_reps, labels, pseudo_u, teacher_logits, entropy_u) -> torch.Tensor:
+        """U2PL's contrastive term on the labelled then the mixed unlabelled images, at the representation size."""
+        with torch.no_grad():
+            low_p, high_p = self.entropy_percents
+            flat = entropy_u.flatten().double().cpu().numpy()
+            kept_u = pseudo_u != self.ignore_value
+            low_u = (entropy_u <= float(np.percentile(flat, low_p))) & kept_u
+            high_u = (entropy_u >= float(np.percentile(flat, high_p))) & kept_u
+            kept_l = labels != self.ignore_value
+            size = reps.shape[-2:]
+
+            def small(x: torch.Tensor) -> torch.Tensor:
+                return F.interpolate(x[:, None].float(), size=size, mode="nearest")[:, 0]
+
+            all_labels = small(torch.cat([labels, pseudo_u])).long()
+            low, high = small(torch.cat([kept_l, low_u])).bool(), small(torch.cat([kept_l, high_u])).bool()
+            probs = torch.softmax(F.interpolate(teacher_logits, size=size, mode="bilinear", align_corners=False), 1)
+        return pixel_contrastive_loss(
+            reps, teacher_reps, all_labels, probs, low, high, len(labels), self.queues, **self.contrastive
+        )
 
     def _partner(self, index: int) -> torch.Tensor:
         """A training crop (RGB 0..255) of target image ``index``, drawn with the step's seeded RNG."""
@@ -167,11 +227,11 @@ class STAL(SelfTrainingArch):
             if self.copy_paste_draws > 0 and len(images) > 1:
                 images, labels = copy_paste(images, labels, images.roll(1, 0), labels.roll(1, 0), query)
         unlabelled, teacher_unlabelled, masks = self._mixed_unlabelled(batch["target"][0])
+        contrast = self.contrastive is not None and iteration >= self.contrastive_start
         with timed("teacher_forward"):
-            with torch.no_grad():
-                self.teacher.train()  # as released: the teacher's BatchNorm statistics follow the labelled batch
-                teacher_labelled = self.teacher.predict(images).float()
-                self.teacher.eval()
+            # As released: the teacher's BatchNorm statistics follow the labelled batch (training mode).
+            teacher_labelled, teacher_rep_l = self._teacher_train_mode(images, contrast)
+            teacher_rep_u = self._teacher_train_mode(unlabelled, True)[1] if contrast else None
         with timed("pseudo_labels"):
             confidence_l, pseudo_l = torch.softmax(teacher_labelled, 1).max(1)
             probs_u = torch.softmax(teacher_unlabelled, 1)
@@ -180,8 +240,8 @@ class STAL(SelfTrainingArch):
             percent = self.drop_percent * (1 - iteration / self.max_iter)
             pseudo_u = filter_unlabelled_pseudo_labels(pseudo_u, entropy, percent, self.as_released, self.ignore_value)
         with timed("student_forward"):
-            main_l, aux_l = self._student(images)
-            main_u, _ = self._student(unlabelled)
+            main_l, aux_l, rep_l = self._student(images, contrast)
+            main_u, _, rep_u = self._student(unlabelled, contrast)
         thresh, min_kept = self.ohem
         losses = {
             "loss_supervised": ohem_cross_entropy(main_l, labels, thresh, min_kept, self.ignore_value)
@@ -196,6 +256,17 @@ class STAL(SelfTrainingArch):
             main_u, confidence_u, pseudo_u, criterion, gamma, gamma2, self.ignore_value
         )
         losses["loss_consistency"] = self.consistency_weight * consistency
+        if contrast:
+            with timed("contrastive"):
+                loss = self._contrastive_loss(
+                    torch.cat([rep_l, rep_u]),
+                    torch.cat([teacher_rep_l, teacher_rep_u]),
+                    labels,
+                    pseudo_u,
+                    torch.cat([teacher_labelled, teacher_unlabelled]),
+                    entropy,
+                )
+            losses["loss_contrastive"] = self.contrastive_weight * loss
         if self.first_micro_batch:
             storage = get_event_storage()
             storage.put_scalar("stal/unlabelled_kept", float((pseudo_u != self.ignore_value).float().mean()))
