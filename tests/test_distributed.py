@@ -188,3 +188,52 @@ def test_mcl_self_training_on_two_processes_equals_one_with_accumulation(tmp_pat
         assert np.abs(a[f] - b[f]).max() < 2e-3, f
     tracked = [v for k, v in torch.load(os.path.join(ddp, "model_final.pth"))["model"].items() if "num_batches" in k]
     assert tracked and all(int(v) == 0 for v in tracked)  # BatchNorm never left eval mode
+
+
+class _BufferAgreement(HookBase):
+    """After every step: gather the named buffers of the meta-architecture from every rank and compare them."""
+
+    def __init__(self, path, names):
+        self.path, self.names, self.equal = path, names, []
+
+    def after_step(self):
+        buffers = dict(self.trainer.model.module.named_buffers())
+        flat = torch.cat([buffers[n].detach().double().flatten() for n in self.names])
+        gathered = comm.all_gather(flat)
+        self.equal.append(all(torch.equal(gathered[0], g) for g in gathered[1:]))
+
+    def after_train(self):
+        with open(f"{self.path}.rank{comm.get_rank()}.json", "w") as f:
+            json.dump(self.equal, f)
+
+
+def _train_checking_buffers(args, report, names):
+    from uda_plugins.engine import UDATrainer, setup_cfg
+
+    cfg = setup_cfg(args)
+    trainer = UDATrainer(cfg)
+    trainer.register_hooks([_BufferAgreement(report, names)])
+    trainer.resume_or_load(resume=False)
+    trainer.train()
+
+
+def test_stal_state_is_shared_by_every_process(tmp_path):
+    # The class criterion is all-reduced, the CutMix bank and the contrastive queues take every process's updates:
+    # each process holds (and would checkpoint) the same state after every step.
+    config = os.path.join(CONFIGS, "stal.yaml")
+    extra = {
+        "DATASETS.TARGET_LABELED_LIST": "random:3",
+        "UDA.STAL.OHEM_MIN_KEPT": 200,
+        "UDA.STAL.CONTRASTIVE_START_ITER": 0,
+        "UDA.STAL.ANCHOR_THRESHOLD": 0.0,
+        "UDA.STAL.NUM_QUERIES": 16,
+    }
+    out, report = str(tmp_path / "ddp"), str(tmp_path / "buffers")
+    args = default_argument_parser().parse_args(["--config-file", config] + _overrides(out, **extra))
+    names = ["class_criterion", "cutmix_bank", "queues.keys", "queues.length"]
+    launch(_train_checking_buffers, 2, dist_url="auto", args=(args, report, names))
+    for rank in range(2):
+        with open(f"{report}.rank{rank}.json") as f:
+            assert json.load(f) == [True] * ITERS
+    state = torch.load(os.path.join(out, "model_final.pth"), weights_only=True)["model"]
+    assert int(state["queues.length"].sum()) > 0 and int(state["cutmix_bank"].sum()) > 0
