@@ -224,7 +224,7 @@ def test_stal_state_is_shared_by_every_process(tmp_path):
     extra = {
         "DATASETS.TARGET_LABELED_LIST": "random:3",
         "UDA.STAL.OHEM_MIN_KEPT": 200,
-        "UDA.STAL.CONTRASTIVE_START_ITER": 0,
+        "UDA.STAL.CONTRASTIVE_START_ITER": 1,  # iteration 0 leaves the representation branch without gradients
         "UDA.STAL.ANCHOR_THRESHOLD": 0.0,
         "UDA.STAL.NUM_QUERIES": 16,
     }

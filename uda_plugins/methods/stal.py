@@ -95,6 +95,11 @@ class STAL(SelfTrainingArch):
         self.register_buffer("cutmix_bank", torch.zeros(C, len(self.target_dicts()), dtype=torch.uint8))
         self.contrastive_weight, self.contrastive_start = s.CONTRASTIVE_WEIGHT, s.CONTRASTIVE_START_ITER
         self.contrastive = None
+        # The head's representation branch has no gradient while the contrastive term is off (before its start, or
+        # always with weight 0): DDP must not wait for it.
+        self.ddp_find_unused_parameters = hasattr(self.student.head, "representation") and (
+            self.contrastive_weight <= 0 or self.contrastive_start > 0
+        )
         if self.contrastive_weight > 0:
             if not hasattr(self.student.head, "forward_with_representation"):
                 raise ValueError(
