@@ -1,7 +1,9 @@
-"""The semi-supervised learner of STAL / ILM-ASSL, piece by piece: U2PL's OHEM cross-entropy and AEL's adaptive
-parts (class difficulty, adaptive equalisation sampling, adaptive copy-paste, adaptive CutMix).
+"""The semi-supervised learner of STAL / ILM-ASSL, piece by piece: U2PL's OHEM cross-entropy and pixel contrastive
+loss with its memory queues, and AEL's adaptive parts (class difficulty, adaptive equalisation sampling, adaptive
+copy-paste, adaptive CutMix).
 
-Follows licongguan/ILM-ASSL ``core/utils/loss_helper.py`` (``OhemCrossEntropy2dTensor``, ``Criterion_cons``),
+Follows licongguan/ILM-ASSL ``core/utils/loss_helper.py`` (``OhemCrossEntropy2dTensor``, ``Criterion_cons``,
+``compute_contra_memobank_loss``),
 ``core/utils/utils.py`` (``cal_category_confidence``, ``dynamic_copy_paste``, ``sample_from_bank``,
 ``generate_cutmix``, ``init_cutmix``, ``update_cutmix_bank``) and ``train.py`` (the class draws, the unlabelled
 pseudo-label filter). Random draws use torch's global generator (seeded per iteration by the trainer).
