@@ -269,39 +269,20 @@ def test_pixel_contrastive_loss_is_u2pls_paper_and_the_release_is_zero_with_one_
     ours = pixel_contrastive_loss(
         rep, rep_teacher, labels, probs, low, high, 2, queues, num_queries=16, num_negatives=5
     )
-    memobank = [[torch.zeros(0, 8)] for _ in range(5)]
-    torch.manual_seed(7)
-    reference = _reference_contrastive(
-        rep,
-        onehot[:2],
-        onehot[2:],
-        probs[:2],
-        probs[2:],
-        low[:, None].float(),
-        high[:, None].float(),
-        memobank,
-        40,
-        rep_teacher,
-        negatives_of_other_classes=True,
-    )
-    assert ours > 0 and torch.allclose(ours, reference)
+
+    def reference(negatives_of_other_classes):
+        memobank = [[torch.zeros(0, 8)] for _ in range(5)]
+        torch.manual_seed(7)
+        inputs = (rep, onehot[:2], onehot[2:], probs[:2], probs[2:], low[:, None].float(), high[:, None].float())
+        loss = _reference_contrastive(*inputs, memobank, 40, rep_teacher, negatives_of_other_classes)
+        return loss, memobank
+
+    expected, memobank = reference(negatives_of_other_classes=True)
+    assert ours > 0 and torch.allclose(ours, expected)
     for c in range(5):
         assert torch.equal(queues.get(c), memobank[c][0])
     # The released mask (negatives must be of the class) leaves every queue empty with one unlabelled image.
-    released = [[torch.zeros(0, 8)] for _ in range(5)]
-    loss = _reference_contrastive(
-        rep,
-        onehot[:2],
-        onehot[2:],
-        probs[:2],
-        probs[2:],
-        low[:, None].float(),
-        high[:, None].float(),
-        released,
-        40,
-        rep_teacher,
-        negatives_of_other_classes=False,
-    )
+    loss, released = reference(negatives_of_other_classes=False)
     assert loss == 0 and all(len(q[0]) == 0 for q in released)
 
 
