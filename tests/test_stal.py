@@ -4,6 +4,7 @@ CutMix bank from the teacher's predictions; the labelled seed set drawn with "ra
 import os
 
 import numpy as np
+import pytest
 import torch
 from conftest import REPO, tiny_overrides
 
@@ -63,3 +64,22 @@ def test_random_seed_set_is_seeded_and_spread_over_cities(tmp_path):
     expected = {g: 8 * groups.count(g) / len(groups) for g in set(groups)}
     assert all(abs(per_city[g] - expected[g]) < 1 for g in per_city)
     assert len(set(first)) == 8 and np.all(np.diff(first) > 0)
+
+
+def test_loss_divisor_reproduces_the_releases_division_by_its_gpus(tmp_path):
+    import copy
+
+    cfg = _cfg(tmp_path)
+    model = build_model(cfg).train()
+    batch = next(iter(build_uda_train_loader(cfg, model.data_requirements)))
+    divided = copy.deepcopy(model)
+    divided.loss_divisor = 4.0
+    results = []
+    for m in (model, divided):
+        torch.manual_seed(3)
+        with EventStorage(0):
+            results.append({k: float(v.detach()) for k, v in m(batch).items()})
+    plain, quarter = results
+    for k in ("loss_supervised", "loss_consistency"):
+        assert quarter[k] == pytest.approx(plain[k] / 4, rel=1e-5), k
+    assert quarter["loss_contrastive"] == pytest.approx(plain["loss_contrastive"], rel=1e-5)

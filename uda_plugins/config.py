@@ -389,6 +389,10 @@ def add_uda_config(cfg: CN) -> None:
     # teacher ranks it in the top LOW_RANK (labelled) or at LOW_RANK..HIGH_RANK (unlabelled); NUM_QUERIES anchors
     # and NUM_NEGATIVES negatives each, temperature TEMPERATURE. As released the negatives are empty with one
     # unlabelled image per GPU and the term is zero (uda_plugins/methods/semi_supervised.py): weight 0 reproduces it.
+    # ILM-ASSL divides its supervised and consistency losses by its number of GPUs before the backward, on top of
+    # DDP's gradient averaging (U2PL does not): an effective learning rate / GPUs with weight decay unscaled.
+    # LOSS_DIVISOR reproduces that (the release's configs with 4 GPUs: 4.0); 1.0 = U2PL's losses.
+    _C.UDA.STAL.LOSS_DIVISOR = 1.0
     _C.UDA.STAL.CONTRASTIVE_WEIGHT = 0.1
     _C.UDA.STAL.CONTRASTIVE_START_ITER = 0
     _C.UDA.STAL.LOW_ENTROPY_PERCENT = 20.0

@@ -85,6 +85,7 @@ class STAL(SelfTrainingArch):
         self.cutmix, self.cutmix_area, self.bank_area = s.CUTMIX, s.CUTMIX_AREA_THRESH, s.CUTMIX_BANK_AREA_THRESH
         self.drop_percent, self.as_released = s.UNLABELED_DROP_PERCENT, s.ENTROPY_FILTER_AS_RELEASED
         self.max_iter = cfg.SOLVER.MAX_ITER
+        self.loss_divisor = float(s.LOSS_DIVISOR)
         self.target_name = cfg.DATASETS.TARGET_TRAIN[0]
         self._target_mapper = UDADatasetMapper.from_config(cfg, "target", load_label=False)
         self._target_dicts = None
@@ -248,10 +249,11 @@ class STAL(SelfTrainingArch):
             main_l, aux_l, rep_l = self._student(images, contrast)
             main_u, _, rep_u = self._student(unlabelled, contrast)
         thresh, min_kept = self.ohem
-        losses = {
-            "loss_supervised": ohem_cross_entropy(main_l, labels, thresh, min_kept, self.ignore_value)
-            + self.aux_weight * ohem_cross_entropy(aux_l, labels, thresh, min_kept, self.ignore_value)
-        }
+        supervised = ohem_cross_entropy(main_l, labels, thresh, min_kept, self.ignore_value)
+        supervised = supervised + self.aux_weight * ohem_cross_entropy(
+            aux_l, labels, thresh, min_kept, self.ignore_value
+        )
+        losses = {"loss_supervised": supervised / self.loss_divisor}
         with torch.no_grad():
             self._update_class_criterion(main_l, labels)
         criterion = self.class_criterion if self.equalisation_sampling else None
@@ -260,7 +262,7 @@ class STAL(SelfTrainingArch):
         consistency = consistency + confidence_weighted_consistency(
             main_u, confidence_u, pseudo_u, criterion, gamma, gamma2, self.ignore_value
         )
-        losses["loss_consistency"] = self.consistency_weight * consistency
+        losses["loss_consistency"] = self.consistency_weight * consistency / self.loss_divisor
         if contrast:
             with timed("contrastive"):
                 loss = self._contrastive_loss(
