@@ -124,14 +124,19 @@ class STAL(SelfTrainingArch):
         return self._target_dicts
 
     # ------------------------------------------------------------------------------------------ pieces
+    @staticmethod
+    def _logits_and_representation(network, images: torch.Tensor, representation: bool):
+        """``network``'s head logits and, when asked, its representation (else None) on normalised ``images``,
+        with the backbone features."""
+        features = network.extract_features(images)
+        if representation:
+            logits, rep = network.head.forward_with_representation(features)
+            return logits, rep, features
+        return network.decode(features), None, features
+
     def _student(self, images: torch.Tensor, representation: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(main, auxiliary) logits of the student at the input size, and its representation (or None)."""
-        features = self.student.extract_features(images)
-        rep = None
-        if representation:
-            logits, rep = self.student.head.forward_with_representation(features)
-        else:
-            logits = self.student.decode(features)
+        logits, rep, features = self._logits_and_representation(self.student, images, representation)
         main = upsample_like(logits, images.shape[-2:])
         aux = upsample_like(self.aux_head(features[self.aux_feature]), images.shape[-2:])
         return main.float(), aux.float(), rep
@@ -140,12 +145,7 @@ class STAL(SelfTrainingArch):
     def _teacher_train_mode(self, images: torch.Tensor, representation: bool) -> Tuple[torch.Tensor, torch.Tensor]:
         """The teacher's logits at the input size and representation (or None), in training mode as released."""
         self.teacher.train()
-        features = self.teacher.extract_features(images)
-        rep = None
-        if representation:
-            logits, rep = self.teacher.head.forward_with_representation(features)
-        else:
-            logits = self.teacher.decode(features)
+        logits, rep, _ = self._logits_and_representation(self.teacher, images, representation)
         self.teacher.eval()
         return upsample_like(logits, images.shape[-2:]).float(), rep
 
