@@ -19,6 +19,7 @@ from uda_plugins.methods.offline_pseudo_labels import (  # noqa: E402
     InstanceAdaptiveSelector,
     class_percentile_thresholds,
     keep_top_fraction,
+    percentile,
     ramp,
     temporal_consistency_update,
 )
@@ -53,6 +54,17 @@ def test_class_thresholds_equal_numpy_percentiles():
             x = confidence[labels == c].numpy()
             expected = np.percentile(x, (1 - fraction) * 100) if x.size else 0.0
             assert float(ours[c]) == pytest.approx(expected, abs=1e-6), (fraction, c)
+
+
+def test_device_percentile_is_bitwise_numpy_percentile():
+    g = torch.Generator().manual_seed(0)
+    for values in (torch.rand(3, 37, 41, generator=g), torch.randint(0, 5, (1, 9, 11), generator=g).float()):
+        for q in (0, 0.5, 20, 33.3, 50, 80, 99.9, 100):
+            expected = np.percentile(values.double().numpy(), q)
+            assert float(percentile(values, q)) == expected, q  # exact, ties included
+    assert float(percentile(torch.tensor([7.0]), 30)) == 7.0
+    with pytest.raises(ValueError):
+        percentile(torch.zeros(0), 50)
 
 
 def test_keep_top_fraction_keeps_about_that_fraction_of_each_class():

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 __all__ = [
+    "percentile",
     "class_percentile_thresholds",
     "median_entropy_pseudo_labels",
     "keep_top_fraction",
@@ -38,6 +39,20 @@ def _sorted_per_class(
     v, lab = v[order], lab[order]
     counts = torch.bincount(lab, minlength=num_classes)[:num_classes]
     return v, counts, torch.cumsum(counts, 0) - counts
+
+
+def percentile(values: torch.Tensor, q: float) -> torch.Tensor:
+    """The ``q``-th percentile of all ``values`` as a 0-d float64 tensor on their device, bitwise ``np.percentile``
+    (linear interpolation, numpy's two-sided lerp) without a host sync: the ranks depend only on the element count."""
+    flat = values.detach().reshape(-1).double()
+    if flat.numel() == 0:
+        raise ValueError("percentile of an empty tensor")
+    position = (flat.numel() - 1) * (float(q) / 100.0)
+    low = math.floor(position)
+    t = position - low
+    ordered = torch.sort(flat).values
+    a, b = ordered[low], ordered[min(low + 1, flat.numel() - 1)]
+    return b - (b - a) * (1.0 - t) if t >= 0.5 else a + (b - a) * t
 
 
 def class_percentile_thresholds(

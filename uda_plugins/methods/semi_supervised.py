@@ -25,6 +25,8 @@ import torch.nn.functional as F
 
 from uda_plugins.d2 import comm
 
+from .offline_pseudo_labels import percentile
+
 __all__ = [
     "ohem_cross_entropy",
     "confidence_weighted_consistency",
@@ -181,13 +183,10 @@ def filter_unlabelled_pseudo_labels(
     epoch / epochs) in ``train.py``). By default the **most uncertain** pixels go (U2PL's rule); ``as_released``
     reproduces ILM-ASSL's code, which ignores the *most confident* ones (entropy below the percentile,
     docs/methods.md §6.9.2)."""
-    flat = entropy.detach().flatten().double().cpu().numpy()
     if as_released:
-        threshold = float(np.percentile(flat, percent))
-        drop = entropy < threshold
+        drop = entropy < percentile(entropy, percent)
     else:
-        threshold = float(np.percentile(flat, 100 - percent))
-        drop = entropy > threshold
+        drop = entropy > percentile(entropy, 100 - percent)
     return torch.where(drop, torch.full_like(labels, ignore), labels)
 
 

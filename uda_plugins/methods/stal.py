@@ -44,6 +44,7 @@ from uda_plugins.modeling.heads.deeplabv3plus import AuxiliaryHead
 from uda_plugins.modeling.losses import upsample_like
 from uda_plugins.utils.profiling import timed
 
+from .offline_pseudo_labels import percentile
 from .self_training import SelfTrainingArch
 from .semi_supervised import (
     ContrastQueues,
@@ -153,10 +154,9 @@ class STAL(SelfTrainingArch):
         """U2PL's contrastive term on the labelled then the mixed unlabelled images, at the representation size."""
         with torch.no_grad():
             low_p, high_p = self.entropy_percents
-            flat = entropy_u.flatten().double().cpu().numpy()
             kept_u = pseudo_u != self.ignore_value
-            low_u = (entropy_u <= float(np.percentile(flat, low_p))) & kept_u
-            high_u = (entropy_u >= float(np.percentile(flat, high_p))) & kept_u
+            low_u = (entropy_u <= percentile(entropy_u, low_p)) & kept_u
+            high_u = (entropy_u >= percentile(entropy_u, high_p)) & kept_u
             kept_l = labels != self.ignore_value
             size = reps.shape[-2:]
 
