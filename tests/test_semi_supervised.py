@@ -292,4 +292,10 @@ def test_contrast_queues_keep_the_newest_keys_and_are_checkpointed():
     queues = ContrastQueues([3, 5], dim=2)
     queues.push(0, torch.arange(8.0).view(4, 2))
     assert queues.get(0).tolist() == [[2, 3], [4, 5], [6, 7]] and len(queues.get(1)) == 0
-    assert set(queues.state_dict()) == {"capacity", "length", "keys"} and queues.keys.dtype == torch.float16
+    assert set(queues.state_dict()) == {"length", "keys_0", "keys_1"}
+    assert [tuple(queues.state_dict()[f"keys_{c}"].shape) for c in (0, 1)] == [(3, 2), (5, 2)]
+    assert queues.keys_1.dtype == torch.float16
+    queues.push(1, torch.ones(2, 2))
+    restored = ContrastQueues([3, 5], dim=2)
+    restored.load_state_dict(queues.state_dict())
+    assert restored.get(0).tolist() == queues.get(0).tolist() and restored.get(1).tolist() == [[1, 1], [1, 1]]

@@ -49,7 +49,7 @@ def test_one_step_trains_every_head_and_updates_the_adaptive_state(tmp_path):
     own = [d["dataset_index"] for d in batch["target"][0]]
     assert all(model.cutmix_bank[:, i].any() for i in own)  # every predicted image shows some class
     state = model.state_dict()
-    assert {"class_criterion", "cutmix_bank", "queues.keys", "queues.length"} <= set(state)  # checkpointed
+    assert {"class_criterion", "cutmix_bank", "queues.keys_0", "queues.length"} <= set(state)  # checkpointed
 
 
 def test_random_seed_set_is_seeded_and_spread_over_cities(tmp_path):

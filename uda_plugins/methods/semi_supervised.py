@@ -191,29 +191,34 @@ def filter_unlabelled_pseudo_labels(
 
 
 class ContrastQueues(torch.nn.Module):
-    """U2PL's memory bank of negative keys: one FIFO queue of teacher features per class, as buffers (so they are
-    checkpointed with the model), stored in ``dtype`` (float16 halves the release's ~0.5 GB at 19 x 30000 x 256)."""
+    """U2PL's memory bank of negative keys: one FIFO queue of teacher features per class, each a buffer of its own
+    capacity (so they are checkpointed with the model), stored in ``dtype``: the release's 50000 + 18 x 30000 keys of
+    256 channels are 0.3 GB in float16 (one padded (19, 50000, 256) float32 tensor would be 1 GB)."""
 
     def __init__(self, capacities: Sequence[int], dim: int, dtype: torch.dtype = torch.float16) -> None:
         super().__init__()
-        self.register_buffer("capacity", torch.tensor(list(capacities), dtype=torch.long))
         self.register_buffer("length", torch.zeros(len(capacities), dtype=torch.long))
-        self.register_buffer("keys", torch.zeros(len(capacities), max(capacities), dim, dtype=dtype))
+        for c, capacity in enumerate(capacities):
+            self.register_buffer(f"keys_{c}", torch.zeros(capacity, dim, dtype=dtype))
+
+    def _keys(self, c: int) -> torch.Tensor:
+        return getattr(self, f"keys_{c}")
 
     def get(self, c: int) -> torch.Tensor:
-        return self.keys[c, : int(self.length[c])]
+        return self._keys(c)[: int(self.length[c])]
 
     @torch.no_grad()
     def push(self, c: int, new: torch.Tensor) -> None:
-        """Append ``new`` (n, dim) to class ``c``'s queue, keeping its newest ``capacity[c]`` keys
+        """Append ``new`` (n, dim) to class ``c``'s queue, keeping its newest keys up to its capacity
         (``dequeue_and_enqueue``). Collective: every process pushes the keys of all, in rank order, so the queues
         stay identical."""
+        keys = self._keys(c)
         if comm.get_world_size() > 1:
-            new = torch.cat([k.to(self.keys.device) for k in comm.all_gather(new.detach().cpu())])
+            new = torch.cat([k.to(keys.device) for k in comm.all_gather(new.detach().cpu())])
         if not len(new):
             return
-        kept = torch.cat([self.get(c), new.to(self.keys.dtype)])[-int(self.capacity[c]) :]
-        self.keys[c, : len(kept)] = kept
+        kept = torch.cat([self.get(c), new.to(keys.dtype)])[-len(keys) :]
+        keys[: len(kept)] = kept
         self.length[c] = len(kept)
 
 
