@@ -144,6 +144,7 @@ def test_deeplabv3plus_head_is_u2pl_decoder():
             "MODEL.SEM_SEG_HEAD.NAME": "DeepLabV3PlusHead",
             "MODEL.SEM_SEG_HEAD.IN_FEATURES": ["res2", "res5"],
             "MODEL.SEM_SEG_HEAD.ASPP_DILATIONS": (12, 24, 36),
+            "MODEL.SEM_SEG_HEAD.CONVS_DIM": 256,  # U2PL's hard-coded decoder width
             "MODEL.SEM_SEG_HEAD.NUM_CLASSES": 19,
         },
     )
@@ -152,6 +153,10 @@ def test_deeplabv3plus_head_is_u2pl_decoder():
     features = net.extract_features(net.normalize(torch.randint(0, 255, (2, 3, 64, 96))))
     logits, representation = net.head.forward_with_representation(features)
     assert logits.shape == (2, 19, 16, 24) and representation.shape == (2, 256, 16, 24)
+    cfg.MODEL.SEM_SEG_HEAD.CONVS_DIM = 64  # a small decoder: every width, the representation's included
+    head = Segmentor(cfg).head
+    assert head.low_level[0].out_channels == 64 and head.classifier[0][0].in_channels == 128
+    assert head.representation_dim == 64 and head.forward_with_representation(features)[1].shape[1] == 64
     with pytest.raises(ValueError, match="IN_FEATURES must name two"):
         cfg.MODEL.SEM_SEG_HEAD.IN_FEATURES = ["res5"]
         Segmentor(cfg)

@@ -117,7 +117,8 @@ class STAL(SelfTrainingArch):
                 temperature=s.TEMPERATURE,
             )
             self.entropy_percents = (s.LOW_ENTROPY_PERCENT, s.HIGH_ENTROPY_PERCENT)
-            self.queues = ContrastQueues([s.FIRST_CLASS_QUEUE_SIZE] + [s.QUEUE_SIZE] * (C - 1), dim=256)
+            capacities = [s.FIRST_CLASS_QUEUE_SIZE] + [s.QUEUE_SIZE] * (C - 1)
+            self.queues = ContrastQueues(capacities, dim=self.student.head.representation_dim)
 
     def target_dicts(self) -> List[dict]:
         if self._target_dicts is None:

@@ -4,12 +4,16 @@ Follows licongguan/ILM-ASSL ``core/models/decoder.py`` (``dec_deeplabv3_plus``, 
 ``core/models/base.py`` (``ASPP``), U2PL's code:
 
 * ASPP on the deepest feature: image pooling, a 1x1 and three 3x3 dilated (12, 24, 36) branches of EMBED_DIM (256)
-  channels with norm + ReLU, concatenated; a 3x3 conv to 256 + norm + ReLU + dropout;
+  channels with norm + ReLU, concatenated; a 3x3 conv to CONVS_DIM (256) + norm + ReLU + dropout;
 * upsampled to the low-level feature (``IN_FEATURES[0]``, ResNet's layer1) and concatenated with its 1x1 conv to
-  256 channels;
-* the classifier (two 3x3 convs of 256 with norm, ReLU, dropout; a 1x1 to the classes) and, beside it, the
-  *representation* (the same, ending in a 1x1 to 256 channels) that U2PL's contrastive loss reads
+  CONVS_DIM channels;
+* the classifier (two 3x3 convs of CONVS_DIM with norm, ReLU, dropout; a 1x1 to the classes) and, beside it, the
+  *representation* (the same, ending in a 1x1 to CONVS_DIM channels) that U2PL's contrastive loss reads
   (:meth:`DeepLabV3PlusHead.forward_with_representation`).
+
+The reference hard-codes the decoder's width, 256; here it is ``MODEL.SEM_SEG_HEAD.CONVS_DIM``, Detectron2's key for
+a decoder's conv width (its default is 128, so the U2PL configs set 256), so a small model can have a small decoder:
+at stride 4 the decoder's 3x3 convs cost more than a small encoder.
 
 :class:`AuxiliaryHead` is U2PL's ``Aux_Module`` (a 3x3 conv to 256, norm, ReLU, dropout 0.1, a 1x1 to the classes),
 on ResNet's layer3 (1024 channels for ResNet-101), trained with weight 0.4.
@@ -66,15 +70,16 @@ class DeepLabV3PlusHead(nn.Module):
         self.in_features = list(h.IN_FEATURES)
         low, deep = (input_shape[name] for name in self.in_features)
         self.common_stride = low.stride
-        width, norm = h.EMBED_DIM, h.NORM
+        width, dim, norm = h.EMBED_DIM, h.CONVS_DIM, h.NORM
         self.aspp = nn.ModuleList(
             [_ImagePooling(deep.channels, width, norm), ConvNormAct(deep.channels, width, 1, norm=norm)]
             + [ConvNormAct(deep.channels, width, 3, dilation=d, norm=norm) for d in h.ASPP_DILATIONS]
         )
-        self.bottleneck = nn.Sequential(ConvNormAct(width * len(self.aspp), 256, 3, norm=norm), nn.Dropout2d(h.DROPOUT))
-        self.low_level = ConvNormAct(low.channels, 256, 1, norm=norm)
-        self.classifier = _branch(512, 256, h.NUM_CLASSES, norm, h.DROPOUT)
-        self.representation = _branch(512, 256, 256, norm, h.DROPOUT)
+        self.bottleneck = nn.Sequential(ConvNormAct(width * len(self.aspp), dim, 3, norm=norm), nn.Dropout2d(h.DROPOUT))
+        self.low_level = ConvNormAct(low.channels, dim, 1, norm=norm)
+        self.classifier = _branch(2 * dim, dim, h.NUM_CLASSES, norm, h.DROPOUT)
+        self.representation = _branch(2 * dim, dim, dim, norm, h.DROPOUT)
+        self.representation_dim = dim
 
     def _fused(self, features: Dict[str, torch.Tensor]) -> torch.Tensor:
         low, deep = (features[name] for name in self.in_features)
@@ -86,7 +91,7 @@ class DeepLabV3PlusHead(nn.Module):
         return self.classifier(self._fused(features))
 
     def forward_with_representation(self, features: Dict[str, torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
-        """(logits, 256-channel representation) at the low-level feature's stride."""
+        """(logits, ``representation_dim``-channel representation) at the low-level feature's stride."""
         fused = self._fused(features)
         return self.classifier(fused), self.representation(fused)
 
