@@ -262,3 +262,11 @@ def test_slide_inference_equals_whole_for_a_pointwise_net():
     slide = slide_inference(net, x, crop=(16, 20), stride=(10, 13), windows_per_batch=3)
     assert torch.allclose(whole, slide, atol=1e-6)
     assert torch.allclose(slide_inference(net, x, crop=(64, 64), stride=(32, 32), windows_per_batch=2), whole)
+
+
+def test_predicted_classes_equal_argmax_ties_included():
+    from uda_plugins.modeling import predicted_classes
+
+    scores = torch.randint(0, 3, (2, 5, 7, 9)).float()  # many ties: the first maximum wins, as argmax
+    assert torch.equal(predicted_classes(scores), scores.argmax(1))
+    assert torch.equal(predicted_classes(scores[0], dim=0), scores[0].argmax(0))

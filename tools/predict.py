@@ -32,6 +32,7 @@ from uda_plugins.d2 import MetadataCatalog, setup_logger
 from uda_plugins.data.transforms import fit_scale, resize_image, resized_size
 from uda_plugins.engine import UDACheckpointer, UDATrainer
 from uda_plugins.engine.setup import load_frozen_cfg
+from uda_plugins.modeling import predicted_classes
 from uda_plugins.utils.cli import print_error
 from uda_plugins.utils.file_io import atomic_write_png
 from uda_plugins.utils.visualization import palette_for_dataset
@@ -100,7 +101,7 @@ class Predictor:
             tensor = torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))
             inputs.append({"image": tensor, "height": height, "width": width})
         outputs = self.model(inputs)
-        return [o["sem_seg"].argmax(0).to(torch.uint8).cpu().numpy() for o in outputs]
+        return [predicted_classes(o["sem_seg"], dim=0).to(torch.uint8).cpu().numpy() for o in outputs]
 
 
 def overlay(frame_rgb: np.ndarray, labels: np.ndarray, palette: np.ndarray, alpha: float) -> np.ndarray:

@@ -24,6 +24,7 @@ import torch
 from tabulate import tabulate
 
 from uda_plugins.d2 import DatasetEvaluator, MetadataCatalog, comm
+from uda_plugins.modeling import predicted_classes
 from uda_plugins.utils.file_io import atomic_write_text
 
 __all__ = ["SemSegEvaluator", "metrics_from_confusion"]
@@ -89,7 +90,7 @@ class SemSegEvaluator(DatasetEvaluator):
             if "sem_seg" not in inp:
                 raise KeyError(f"'{inp.get('file_name')}' has no label; cannot evaluate an unlabelled split")
             logits = out["sem_seg"]
-            pred = logits.argmax(dim=0)
+            pred = predicted_classes(logits, dim=0)
             gt = inp["sem_seg"].to(pred.device)
             if gt.shape != pred.shape:
                 raise ValueError(

@@ -22,7 +22,7 @@ from torch import nn
 
 from uda_plugins.d2 import CfgNode, comm, get_event_storage, has_event_storage
 from uda_plugins.data.build import DataRequirements
-from uda_plugins.modeling import SegmentorOutput, build_segmentor, segment, stack_images
+from uda_plugins.modeling import SegmentorOutput, build_segmentor, predicted_classes, segment, stack_images
 from uda_plugins.utils.profiling import timed
 from uda_plugins.utils.visualization import colorize, palette_for_dataset, panel
 
@@ -151,7 +151,7 @@ class UDAMetaArch(nn.Module):
             if x.dim() == 3 and x.shape[0] == 3:
                 picture = self.student.denormalize(x[None].float())[0].clamp(0, 255).to(torch.uint8)
             elif x.dim() == 3:
-                picture = colorize(x.argmax(0), self._palette)
+                picture = colorize(predicted_classes(x, dim=0), self._palette)
             elif torch.is_floating_point(x):
                 picture = (x.clamp(0, 1) * 255).to(torch.uint8)[None].expand(3, -1, -1)
             else:

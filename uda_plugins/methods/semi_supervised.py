@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from uda_plugins.d2 import comm
+from uda_plugins.modeling import predicted_classes
 
 from .offline_pseudo_labels import percentile
 
@@ -50,15 +51,13 @@ def ohem_cross_entropy(
     pixels whose probability of their label is at most ``thresh`` — or at most the ``min_kept``-th smallest such
     probability when that is higher, so at least ``min_kept`` pixels count. With fewer than ``min_kept`` labelled
     pixels (or ``min_kept`` 0) every labelled pixel counts."""
-    C = logits.shape[1]
     flat = target.reshape(-1)
     valid = flat != ignore
     safe = torch.where(valid, flat, 0)
     if 0 < min_kept <= valid.sum():  # (min_kept 0 mines nothing, as released)
-        prob = torch.softmax(logits.detach().float(), 1).transpose(0, 1).reshape(C, -1)
-        prob = prob.masked_fill(~valid, 1.0)
-        label_prob = prob[safe, torch.arange(flat.numel(), device=flat.device)]
-        kth = label_prob.sort().values[min(flat.numel(), min_kept) - 1]
+        prob = torch.softmax(logits.detach().float(), 1)
+        label_prob = prob.gather(1, safe.view_as(target).unsqueeze(1)).reshape(-1).masked_fill(~valid, 1.0)
+        kth = label_prob.kthvalue(min(flat.numel(), min_kept)).values
         threshold = torch.maximum(torch.tensor(thresh, device=logits.device), kth)
         valid = valid & (label_prob <= threshold)
     kept = torch.where(valid, flat, ignore).view_as(target)
@@ -85,7 +84,7 @@ def confidence_weighted_consistency(
     if class_criterion is not None:
         difficulty = 1 - class_criterion.float()
         keep_probability = (difficulty / (difficulty.max() + 1e-12)) ** gamma2
-        predicted = logits.detach().argmax(1)
+        predicted = predicted_classes(logits.detach())
         draw = torch.rand(predicted.shape, device=logits.device)
         weight = weight * (draw > 1 - keep_probability[predicted]).float()  # the reference's form of P = keep
     weight = weight / (weight.sum() + 1e-12)
@@ -222,6 +221,14 @@ class ContrastQueues(torch.nn.Module):
         self.length[c] = len(kept)
 
 
+def _cosine_similarities(anchors: torch.Tensor, candidates: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """(Q, K) cosine similarities of ``anchors`` (Q, D) with their ``candidates`` (Q, K, D): U2PL's
+    ``torch.cosine_similarity(anchor.unsqueeze(1), candidates, dim=2)`` as one batched matrix product of unit vectors
+    (the broadcast form is 6x slower on the CPU)."""
+    a, k = F.normalize(anchors, dim=-1, eps=eps), F.normalize(candidates, dim=-1, eps=eps)
+    return torch.bmm(k, a.unsqueeze(2)).squeeze(2)
+
+
 def pixel_contrastive_loss(
     rep: torch.Tensor,
     rep_teacher: torch.Tensor,
@@ -260,19 +267,17 @@ def pixel_contrastive_loss(
     C = probs.shape[1]
     rep_p, rep_t = rep.permute(0, 2, 3, 1), rep_teacher.detach().permute(0, 2, 3, 1)
     ranks = probs.argsort(1, descending=True).permute(0, 2, 3, 1)  # (B, h, w, C): classes by probability
+    # likely[..., c]: the teacher ranks c in the top low_rank (labelled) or at low_rank..high_rank (unlabelled)
+    likely = torch.zeros(ranks.shape, dtype=torch.bool, device=ranks.device)
+    likely[:num_labelled].scatter_(-1, ranks[:num_labelled, :, :, :low_rank], True)
+    likely[num_labelled:].scatter_(-1, ranks[num_labelled:, :, :, low_rank:high_rank], True)
     anchors, prototypes, present = [], [], []
     for c in range(C):
         is_c = labels == c
         low = is_c & low_mask.bool()
         anchors.append(rep_p[(probs[:, c] > class_threshold) & low])
         prototypes.append(rep_t[low].mean(0, keepdim=True) if low.any() else None)
-        likely = torch.cat(
-            [
-                (ranks[:num_labelled, :, :, :low_rank] == c).any(-1),
-                (ranks[num_labelled:, :, :, low_rank:high_rank] == c).any(-1),
-            ]
-        )
-        negatives = ~is_c & (labels < C) & high_mask.bool() & (probs[:, c] < negative_threshold) & likely
+        negatives = ~is_c & (labels < C) & high_mask.bool() & (probs[:, c] < negative_threshold) & likely[..., c]
         queues.push(c, rep_t[negatives])
         if low.any():
             present.append(c)
@@ -287,7 +292,7 @@ def pixel_contrastive_loss(
         negative = queue[torch.randint(len(queue), (num_queries * num_negatives,))].to(rep.dtype)
         negative = negative.reshape(num_queries, num_negatives, -1)
         positive = prototypes[c].unsqueeze(0).expand(num_queries, 1, -1)
-        logits = torch.cosine_similarity(anchor.unsqueeze(1), torch.cat([positive, negative], 1), dim=2)
+        logits = _cosine_similarities(anchor, torch.cat([positive, negative], 1))
         target = torch.zeros(num_queries, dtype=torch.long, device=rep.device)
         loss = loss + F.cross_entropy(logits / temperature, target)
     return loss / len(present)

@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from uda_plugins.d2 import META_ARCH_REGISTRY, CfgNode, comm, get_event_storage
 from uda_plugins.data.build import DataRequirements, get_dataset_dicts
 from uda_plugins.data.mapper import UDADatasetMapper
-from uda_plugins.modeling import stack_images
+from uda_plugins.modeling import predicted_classes, stack_images
 from uda_plugins.modeling.heads.deeplabv3plus import AuxiliaryHead
 from uda_plugins.modeling.losses import upsample_like
 from uda_plugins.utils.profiling import timed
@@ -198,12 +198,12 @@ class STAL(SelfTrainingArch):
             partner_logits = self.teacher.predict(partner_images).float()
         with timed("mixing"):
             masks = torch.zeros_like(images[:, 0])
-            partner_predictions = partner_logits.argmax(1)
+            partner_predictions = predicted_classes(partner_logits)
             for k, c in enumerate(classes):
                 y0, x0, y1, x1 = cutmix_box(partner_predictions[k].cpu().numpy(), c, self.cutmix_area)
                 masks[k, y0:y1, x0:x1] = 1
             own = [d["dataset_index"] for d in dicts]
-            predictions = torch.cat([logits.argmax(1), partner_predictions])
+            predictions = torch.cat([predicted_classes(logits), partner_predictions])
             self._update_bank(predictions, own + indices)
             m = masks[:, None]
             return images * (1 - m) + partner_images * m, logits * (1 - m) + partner_logits * m, masks

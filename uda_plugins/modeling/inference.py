@@ -13,7 +13,23 @@ from torch import nn
 from .losses import upsample_like
 from .segmentor import Segmentor, stack_images
 
-__all__ = ["whole_inference", "slide_inference", "slide_windows", "clamp_crop_size", "segment", "predict_full_views"]
+__all__ = [
+    "predicted_classes",
+    "whole_inference",
+    "slide_inference",
+    "slide_windows",
+    "clamp_crop_size",
+    "segment",
+    "predict_full_views",
+]
+
+
+def predicted_classes(scores: torch.Tensor, dim: int = 1) -> torch.Tensor:
+    """The class of each pixel: the index of the maximum of ``scores`` along the class dimension ``dim`` (the first
+    on ties), as ``argmax(dim)``. On the CPU, ``argmax`` over the channels of an (N, C, H, W) or (C, H, W) tensor
+    takes 2-3x as long as ``max``, which returns the same indices."""
+    return scores.max(dim=dim).indices
+
 
 # A box (y1, y2, x1, x2) in pixels, end-exclusive (the order of HRDA's reference code).
 Box = Tuple[int, int, int, int]
