@@ -246,24 +246,25 @@ class STAL(SelfTrainingArch):
             entropy = -(probs_u * torch.log(probs_u + 1e-10)).sum(1)
             percent = self.drop_percent * (1 - iteration / self.max_iter)
             pseudo_u = filter_unlabelled_pseudo_labels(pseudo_u, entropy, percent, self.as_released, self.ignore_value)
-        with timed("student_forward"):
+        with timed("student_forward"):  # the forwards with their losses (OHEM is U2PL's loss function)
             main_l, aux_l, rep_l = self._student(images, contrast)
             main_u, _, rep_u = self._student(unlabelled, contrast)
-        thresh, min_kept = self.ohem
-        supervised = ohem_cross_entropy(main_l, labels, thresh, min_kept, self.ignore_value)
-        supervised = supervised + self.aux_weight * ohem_cross_entropy(
-            aux_l, labels, thresh, min_kept, self.ignore_value
-        )
-        losses = {"loss_supervised": supervised / self.loss_divisor}
+            thresh, min_kept = self.ohem
+            supervised = ohem_cross_entropy(main_l, labels, thresh, min_kept, self.ignore_value)
+            supervised = supervised + self.aux_weight * ohem_cross_entropy(
+                aux_l, labels, thresh, min_kept, self.ignore_value
+            )
+            losses = {"loss_supervised": supervised / self.loss_divisor}
         with torch.no_grad():
             self._update_class_criterion(main_l, labels)
         criterion = self.class_criterion if self.equalisation_sampling else None
         gamma, gamma2 = self.confidence_gamma, self.sampling_gamma
-        consistency = confidence_weighted_consistency(main_l, confidence_l, pseudo_l, criterion, gamma, gamma2)
-        consistency = consistency + confidence_weighted_consistency(
-            main_u, confidence_u, pseudo_u, criterion, gamma, gamma2, self.ignore_value
-        )
-        losses["loss_consistency"] = self.consistency_weight * consistency / self.loss_divisor
+        with timed("student_forward"):
+            consistency = confidence_weighted_consistency(main_l, confidence_l, pseudo_l, criterion, gamma, gamma2)
+            consistency = consistency + confidence_weighted_consistency(
+                main_u, confidence_u, pseudo_u, criterion, gamma, gamma2, self.ignore_value
+            )
+            losses["loss_consistency"] = self.consistency_weight * consistency / self.loss_divisor
         if contrast:
             with timed("contrastive"):
                 loss = self._contrastive_loss(
