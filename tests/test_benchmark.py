@@ -1,0 +1,100 @@
+"""tools/benchmark.py: a training measurement with its FLOPs, a reference config fed the synthetic pair at its own
+input sizes, and the inference measurement."""
+
+import os
+import re
+import sys
+
+import pytest
+import torch
+from conftest import REPO, tiny_overrides
+from torch.utils.flop_counter import FlopCounterMode
+
+sys.path.insert(0, os.path.join(REPO, "tools"))
+import benchmark  # noqa: E402
+
+from uda_plugins.config import get_uda_cfg  # noqa: E402
+from uda_plugins.engine import UDATrainer  # noqa: E402
+
+SYNTHETIC = os.path.join(REPO, "configs", "synthetic")
+GTA5_CS = os.path.join(REPO, "configs", "gta5_cityscapes")
+# A reference config small enough for a test: MiT-B0 instead of B5, small crops.
+SMALL_MIT = ["MODEL.DEVICE", "cpu", "MODEL.TIMM.ARCH", "pvt_v2_b0", "SOLVER.AMP.ENABLED", "False"]
+
+
+def _row(out: str, first_cell: str) -> dict:
+    """The table row starting with ``first_cell`` as {header: cell}."""
+    lines = [line for line in out.splitlines() if line.startswith("|")]
+    headers = [h.strip() for h in lines[0].strip("|").split("|")]
+    for line in lines[2:]:
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        if cells[0] == first_cell:
+            return dict(zip(headers, cells))
+    raise AssertionError(f"no row '{first_cell}' in\n{out}")
+
+
+def test_depthwise_convolution_backward_costs_two_forwards():
+    conv = torch.nn.Conv2d(64, 64, 3, padding=1, groups=64)
+    x = torch.randn(2, 64, 16, 16, requires_grad=True)
+    with FlopCounterMode(display=False) as forward:
+        y = conv(x)
+    with benchmark.flop_counter() as both:
+        conv(x).sum().backward()
+    assert forward.get_total_flops() == 2 * 2 * 64 * 9 * 16 * 16
+    assert both.get_total_flops() == 3 * forward.get_total_flops()
+    del y
+
+
+def test_training_step_flops_are_forward_plus_backward(tmp_path, capsys):
+    opts = tiny_overrides(str(tmp_path / "unused"))
+    argv = ["--config-file", os.path.join(SYNTHETIC, "source_only.yaml"), "--iters", "2", "--warmup", "1"] + opts
+    assert benchmark.main(argv) == 0
+    row = _row(capsys.readouterr().out, "source_only.yaml")
+    step_gflops = float(row["GFLOP/it"])
+    # One forward of the student on the same batch shape: a step is it plus a backward of about twice its cost
+    # (less than twice: the first layer needs no gradient of its input).
+    cfg = get_uda_cfg()
+    cfg.merge_from_file(os.path.join(SYNTHETIC, "source_only.yaml"))
+    cfg.merge_from_list(opts)
+    model = UDATrainer.build_model(cfg)
+    student = model.student
+    batch = torch.zeros(cfg.SOLVER.IMS_PER_BATCH_SOURCE, 3, 48, 96)
+    counter = FlopCounterMode(display=False)  # torch's forward formulas are right
+    with counter:
+        student.predict(student.normalize(batch))
+    forward_gflops = counter.get_total_flops() / 1e9
+    assert 2.0 * forward_gflops < step_gflops <= 3.0 * forward_gflops + 0.001  # (printed to 4 digits)
+    assert float(row["TFLOP/s"]) > 0 and row["of peak"] == "-"  # no known peak on the CPU
+
+
+def test_reference_config_runs_on_the_synthetic_pair_at_its_own_sizes(tmp_path, capsys):
+    config = os.path.join(GTA5_CS, "daformer_mitb5.yaml")
+    crops = ["INPUT.SOURCE.CROP_SIZE", "[64, 64]", "INPUT.TARGET.CROP_SIZE", "[64, 64]"]
+    argv = ["--config-file", config, "--synthetic-data", "synthetic_tiny", "--iters", "1", "--warmup", "1"]
+    assert (
+        benchmark.main(argv + SMALL_MIT + crops + ["SOLVER.IMS_PER_BATCH_SOURCE", "1", "DATALOADER.NUM_WORKERS", "0"])
+        == 0
+    )
+    out = capsys.readouterr().out
+    row = _row(out, "daformer_mitb5.yaml")
+    assert float(row["GFLOP/it"]) > 0
+    assert "mix_mask_augment" in out  # DACS ran, with its teacher
+    cfg = get_uda_cfg()
+    cfg.merge_from_file(config)
+    overrides = dict(zip(*[iter(benchmark.synthetic_data_overrides(cfg))] * 2))
+    assert overrides["DATASETS.SOURCE_TRAIN"] == "('synthetic_source_train',)"
+    assert overrides["MODEL.BACKBONE.PRETRAINED"] == "" and overrides["MODEL.WEIGHTS"] == ""
+    cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES = 7
+    with pytest.raises(ValueError, match="19-class"):
+        benchmark.synthetic_data_overrides(cfg)
+
+
+def test_inference_speed_of_sliding_windows(tmp_path, capsys):
+    config = os.path.join(GTA5_CS, "mic_hrda_mitb5.yaml")
+    windows = ["TEST.SLIDE_CROP_SIZE", "[64, 64]", "TEST.SLIDE_STRIDE", "[32, 32]"]
+    argv = ["--config-file", config, "--synthetic-data", "synthetic_tiny", "--inference", "1", "--size", "64", "128"]
+    assert benchmark.main(argv + SMALL_MIT + windows) == 0
+    out = capsys.readouterr().out
+    row = _row(out, "cpu")
+    assert row["image"] == "64x128" and re.fullmatch(r"slide \(64, 64\) x3", row["TEST.MODE"])
+    assert float(row["images/s"]) > 0 and float(row["GFLOP/image"]) > 0
