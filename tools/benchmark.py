@@ -15,7 +15,9 @@ Prints two tables. The first: seconds per iteration (median and mean over the ti
 waiting for data, images per second (all domains), peak host memory (RSS) and peak device memory, and the model
 FLOPs of one step (forward and backward of every network, counted by ``torch.utils.flop_counter`` over one extra
 step; fvcore's counter traces a single forward and cannot follow a training step) with the achieved TFLOP/s and,
-on a device whose peak is known (or ``--peak-tflops``), the fraction of its peak. The second: the
+on a device whose peak is known (or ``--peak-tflops``), the fraction of its peak, and the loader's headroom: the
+step time over the time the train loader alone takes per batch (its workers must keep ahead: at least 2x). The
+second: the
 mean time per iteration of each named section of the step (``uda_plugins.utils.profiling.timed``: data wait,
 teacher forward, student forwards with their losses, backward, optimizer, mixing/masking/augmentation, EMA) and
 the "adaptation machinery" share = everything that is not a network forward/backward or the optimizer. The third:
@@ -165,6 +167,20 @@ def flop_counter() -> FlopCounterMode:
     return FlopCounterMode(display=False, custom_mapping={torch.ops.aten.convolution_backward: _conv_backward_flops})
 
 
+def loader_seconds_per_batch(trainer, cfg, batches: int) -> float:
+    """The train loader alone: median seconds per batch over ``batches`` batches, after the batches its workers had
+    prefetched during training are taken (they would come for free)."""
+    loader = trainer._trainer._data_loader_iter
+    for _ in range(cfg.DATALOADER.NUM_WORKERS * 2):  # prefetch_factor 2 per worker (uda_plugins/data/build.py)
+        next(loader)
+    times = []
+    for _ in range(batches):
+        start = time.perf_counter()
+        next(loader)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
 def step_flops(trainer) -> int:
     """FLOPs of one training step (every network's forward and backward), counted on one extra step."""
     counter = flop_counter()
@@ -280,6 +296,7 @@ def main(argv=None) -> int:
                     rss_samples.append((it, current_rss_mib()))
             trainer.iter = storage.iter = total
             flops = step_flops(trainer)
+            loader_sec = loader_seconds_per_batch(trainer, cfg, args.iters)
         sec = statistics.median(step_times)
         rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         rows = [
@@ -294,6 +311,7 @@ def main(argv=None) -> int:
                 f"{torch.cuda.max_memory_allocated() / 2**20:.0f}" if cuda else "-",
             ]
             + flops_columns(flops, sec, peak)
+            + [f"{sec / loader_sec:.1f}x"]
         ]
         print(
             tabulate(
@@ -310,6 +328,7 @@ def main(argv=None) -> int:
                     "GFLOP/it",
                     "TFLOP/s",
                     "of peak",
+                    "loader headroom",
                 ],
                 tablefmt="github",
             )
