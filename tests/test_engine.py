@@ -283,3 +283,56 @@ def test_determinism_switch(tiny_cfg):
     finally:
         torch.use_deterministic_algorithms(False)
         torch.backends.cudnn.deterministic = False
+
+
+def _train_steps(cfg, steps: int = 3):
+    """The model after ``steps`` optimizer steps on fixed inputs, the losses and the first step's gradients."""
+    from uda_plugins.engine import UDATrainer
+
+    torch.manual_seed(0)
+    model = UDATrainer.build_model(cfg)
+    opt = build_optimizer(cfg, model)
+    g = torch.Generator().manual_seed(1)
+    images = torch.randint(0, 256, (2, 3, 48, 96), generator=g).float()
+    labels = torch.randint(0, 19, (2, 48, 96), generator=g)
+    losses, gradients = [], None
+    for _ in range(steps):
+        opt.zero_grad()
+        out = model.student.forward_train(model.student.normalize(images))
+        loss = model.student.loss(out, labels)
+        loss.backward()
+        gradients = gradients or {n: p.grad.clone() for n, p in model.student.named_parameters()}
+        opt.step()
+        losses.append(float(loss.detach()))
+    return model, losses, gradients
+
+
+@pytest.mark.parametrize("optimizer", ["ADAMW", "SGD"])
+def test_foreach_and_fused_optimizers_take_the_same_steps(tiny_cfg, optimizer):
+    tiny_cfg.SOLVER.OPTIMIZER = optimizer
+    reference, _, _ = _train_steps(tiny_cfg)
+    for implementation in ("foreach", "fused"):
+        tiny_cfg.SOLVER.OPTIMIZER_IMPLEMENTATION = implementation
+        model, _, _ = _train_steps(tiny_cfg)
+        for (name, p), q in zip(model.named_parameters(), reference.parameters()):
+            assert torch.allclose(p, q, atol=2e-5), (implementation, name)  # Adam scales rounding up where v is tiny
+    tiny_cfg.SOLVER.OPTIMIZER_IMPLEMENTATION = "fast"
+    with pytest.raises(ValueError, match="OPTIMIZER_IMPLEMENTATION 'fast'"):
+        _train_steps(tiny_cfg)
+
+
+def test_channels_last_model_computes_the_same_in_nhwc(tiny_cfg):
+    _, reference_losses, reference_gradients = _train_steps(tiny_cfg)
+    tiny_cfg.MODEL.CHANNELS_LAST = True
+    model, losses, gradients = _train_steps(tiny_cfg)
+    convs = [m.weight for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert convs and all(w.is_contiguous(memory_format=torch.channels_last) for w in convs)
+    x = model.student.normalize(torch.zeros(1, 3, 8, 8))
+    assert x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+    # Adam's first steps move every weight by about the learning rate whatever the sign rounding gives a gradient
+    # near zero, so the weights are compared through the losses and the first gradients. Those of the stem are
+    # left out: its max-pool sends the gradient of tied zeros (after the ReLU) to another of them in NHWC.
+    assert losses == pytest.approx(reference_losses, rel=1e-4)
+    for name, g in gradients.items():
+        if not name.startswith("backbone.model.conv1."):
+            assert torch.allclose(g, reference_gradients[name], rtol=1e-3, atol=1e-6), name

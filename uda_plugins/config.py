@@ -98,6 +98,9 @@ def add_uda_config(cfg: CN) -> None:
     _C.MODEL.PIXEL_MEAN = [123.675, 116.28, 103.53]
     _C.MODEL.PIXEL_STD = [58.395, 57.12, 57.375]
     _C.MODEL.META_ARCHITECTURE = "SourceOnly"  # project default
+    # Keep every network's weights and the segmentors' inputs in channels-last memory (NHWC): faster convolutions
+    # with tensor cores under AMP on a GPU; the same numbers up to floating-point rounding.
+    _C.MODEL.CHANNELS_LAST = False
     _C.MODEL.BACKBONE.NAME = "build_dilated_resnet_backbone"
     # Names of the backbone outputs, shallow to deep (res2..res5 for both ResNets and MiT).
     _C.MODEL.BACKBONE.OUT_FEATURES = ["res2", "res3", "res4", "res5"]
@@ -457,6 +460,9 @@ def add_uda_config(cfg: CN) -> None:
     # "ADAMW" (DAFormer family) or "SGD" (DeepLab family).
     _C.SOLVER.OPTIMIZER = "ADAMW"
     _C.SOLVER.BETAS = (0.9, 0.999)
+    # The optimizer's kernels: "auto" (torch's choice: one multi-tensor "foreach" update per step on a GPU, a loop
+    # over the parameters on the CPU), "foreach", or "fused" (one kernel for the whole update; CPU and GPU).
+    _C.SOLVER.OPTIMIZER_IMPLEMENTATION = "auto"
     # Learning-rate multiplier for parameters whose name contains "head" (mmcv's paramwise rule).
     _C.SOLVER.HEAD_LR_MULTIPLIER = 10.0
     # Parameters whose name contains any of these get no weight decay (normalisation layers are handled by

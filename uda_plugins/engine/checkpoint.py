@@ -16,7 +16,8 @@ from typing import Any, Dict, List
 
 import torch
 
-from uda_plugins.d2 import CfgNode, DetectionCheckpointer, build_model
+from uda_plugins.d2 import CfgNode, DetectionCheckpointer
+from uda_plugins.methods import build_meta_arch
 from uda_plugins.utils.file_io import atomic_open, atomic_write_text
 
 __all__ = ["UDACheckpointer", "UnreadableCheckpointError", "load_network"]
@@ -95,7 +96,7 @@ class UDACheckpointer(DetectionCheckpointer):
 def load_network(cfg: CfgNode, network: str = "student") -> torch.nn.Module:
     """The network ``network`` (``student``, ``teacher``, ... as ``TEST.EVAL_MODEL`` names them) of the model
     ``cfg`` describes, with the weights of ``MODEL.WEIGHTS``, in eval mode: what a tool predicts with."""
-    model = build_model(cfg)
+    model = build_meta_arch(cfg)
     if cfg.MODEL.WEIGHTS:
         if not os.path.isfile(cfg.MODEL.WEIGHTS):
             raise FileNotFoundError(f"MODEL.WEIGHTS file '{cfg.MODEL.WEIGHTS}' does not exist")

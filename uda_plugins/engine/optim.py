@@ -111,13 +111,22 @@ def _build_main_optimizer(cfg: CfgNode, model: nn.Module, excluded=frozenset()) 
     if not groups:
         raise ValueError("The model has no trainable parameters")
     name = s.OPTIMIZER.upper()
+    kernels = _IMPLEMENTATIONS.get(s.OPTIMIZER_IMPLEMENTATION)
+    if kernels is None:
+        raise ValueError(
+            f"Unknown SOLVER.OPTIMIZER_IMPLEMENTATION '{s.OPTIMIZER_IMPLEMENTATION}' ({', '.join(_IMPLEMENTATIONS)})"
+        )
     if name == "SGD":
         return torch.optim.SGD(
-            groups, lr=s.BASE_LR, momentum=s.MOMENTUM, nesterov=s.NESTEROV, weight_decay=s.WEIGHT_DECAY
+            groups, lr=s.BASE_LR, momentum=s.MOMENTUM, nesterov=s.NESTEROV, weight_decay=s.WEIGHT_DECAY, **kernels
         )
     if name == "ADAMW":
-        return torch.optim.AdamW(groups, lr=s.BASE_LR, betas=tuple(s.BETAS), weight_decay=s.WEIGHT_DECAY)
+        return torch.optim.AdamW(groups, lr=s.BASE_LR, betas=tuple(s.BETAS), weight_decay=s.WEIGHT_DECAY, **kernels)
     raise ValueError(f"Unknown SOLVER.OPTIMIZER '{s.OPTIMIZER}' (SGD or ADAMW)")
+
+
+# SOLVER.OPTIMIZER_IMPLEMENTATION -> the keyword arguments of torch's SGD / AdamW.
+_IMPLEMENTATIONS = {"auto": {}, "foreach": {"foreach": True}, "fused": {"fused": True}}
 
 
 class PolyWithWarmup(ParamScheduler):

@@ -32,7 +32,6 @@ from uda_plugins.d2 import (
     CfgNode,
     DefaultTrainer,
     TrainerBase,
-    build_model,
     comm,
     create_ddp_model,
     get_event_storage,
@@ -42,6 +41,7 @@ from uda_plugins.d2 import (
 )
 from uda_plugins.data.build import build_test_loader, build_uda_train_loader
 from uda_plugins.evaluation import SemSegEvaluator
+from uda_plugins.methods import build_meta_arch
 from uda_plugins.utils.visualization import iou_bar_chart, palette_for_dataset
 
 from .checkpoint import UDACheckpointer
@@ -114,7 +114,7 @@ class UDATrainer(DefaultTrainer):
     # ------------------------------------------------------------------------------------------ building
     @classmethod
     def build_model(cls, cfg: CfgNode) -> torch.nn.Module:
-        model = build_model(cfg)
+        model = build_meta_arch(cfg)
         n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
         n_all = sum(p.numel() for p in model.parameters())
         logger.info(

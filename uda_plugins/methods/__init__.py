@@ -1,5 +1,9 @@
 """One module per UDA method, each registering its meta-architecture."""
 
+import torch
+
+from uda_plugins.d2 import CfgNode, build_model
+
 from .base import UDAMetaArch
 from .dacs import DACS
 from .duda import DUDA
@@ -10,4 +14,24 @@ from .source_only import SourceOnly
 from .stal import STAL
 from .target_only import TargetOnly
 
-__all__ = ["UDAMetaArch", "SelfTrainingArch", "SourceOnly", "TargetOnly", "DACS", "QuadMix", "DUDA", "MCL", "STAL"]
+__all__ = [
+    "build_meta_arch",
+    "UDAMetaArch",
+    "SelfTrainingArch",
+    "SourceOnly",
+    "TargetOnly",
+    "DACS",
+    "QuadMix",
+    "DUDA",
+    "MCL",
+    "STAL",
+]
+
+
+def build_meta_arch(cfg: CfgNode) -> torch.nn.Module:
+    """Detectron2's ``build_model`` (the registered ``MODEL.META_ARCHITECTURE`` on ``MODEL.DEVICE``), every network
+    of it in channels-last memory when ``MODEL.CHANNELS_LAST`` (the segmentors then hand their inputs over in it)."""
+    model = build_model(cfg)
+    if cfg.MODEL.CHANNELS_LAST:
+        model.to(memory_format=torch.channels_last)
+    return model

@@ -73,6 +73,7 @@ class Segmentor(nn.Module):
         self.head = SEM_SEG_HEADS_REGISTRY.get(cfg.MODEL.SEM_SEG_HEAD.NAME)(cfg, self.backbone.output_shape())
         self.num_classes: int = cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES
         self.ignore_value: int = cfg.MODEL.SEM_SEG_HEAD.IGNORE_VALUE
+        self.channels_last: bool = cfg.MODEL.CHANNELS_LAST
         self.register_buffer("pixel_mean", torch.tensor(cfg.MODEL.PIXEL_MEAN).view(-1, 1, 1), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(cfg.MODEL.PIXEL_STD).view(-1, 1, 1), persistent=False)
 
@@ -81,8 +82,9 @@ class Segmentor(nn.Module):
         return self.pixel_mean.device
 
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
-        """(N, 3, H, W) images in 0..255 -> zero-mean unit-variance inputs."""
-        return (images.to(self.pixel_mean.device).float() - self.pixel_mean) / self.pixel_std
+        """(N, 3, H, W) images in 0..255 -> zero-mean unit-variance inputs (channels-last with MODEL.CHANNELS_LAST)."""
+        x = (images.to(self.pixel_mean.device).float() - self.pixel_mean) / self.pixel_std
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 
     def denormalize(self, x: torch.Tensor) -> torch.Tensor:
         return x * self.pixel_std + self.pixel_mean
