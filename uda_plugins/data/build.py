@@ -255,6 +255,11 @@ class UDATrainLoader:
             if bank is not None:
                 stream.attach_label_bank(bank)
 
+    def serve_banks_of(self, model) -> None:
+        """Serve the pseudo-label banks of ``model`` (a meta-architecture), when it keeps any."""
+        if hasattr(model, "pseudo_label_banks"):
+            self.attach_target_label_banks(model.pseudo_label_banks())
+
     def set_start_iter(self, start_iter: int) -> None:
         self.dataset.start_iter = int(start_iter)
 

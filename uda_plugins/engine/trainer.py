@@ -91,8 +91,7 @@ class UDATrainer(DefaultTrainer):
         model = self.build_model(cfg)
         optimizer = self.build_optimizer(cfg, model)
         data_loader = self.build_train_loader(cfg)
-        if hasattr(model, "pseudo_label_banks"):
-            data_loader.attach_target_label_banks(model.pseudo_label_banks())
+        data_loader.serve_banks_of(model)
         model = create_ddp_model(
             model, broadcast_buffers=False, find_unused_parameters=getattr(model, "ddp_find_unused_parameters", False)
         )

@@ -151,7 +151,6 @@ class ActiveLearningHook(HookBase):
         cfg.DATASETS.TARGET_LABELED_LIST = path
         old = self.trainer.data_loader
         loader = build_uda_train_loader(cfg, self._model.data_requirements, seed=old.seed)
-        if hasattr(self._model, "pseudo_label_banks"):
-            loader.attach_target_label_banks(self._model.pseudo_label_banks())
+        loader.serve_banks_of(self._model)
         loader.set_start_iter(start_iter)
         self.trainer._trainer.reset_data_loader(lambda: loader)
