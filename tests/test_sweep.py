@@ -5,7 +5,7 @@ import sys
 
 from conftest import REPO, tiny_overrides
 
-from uda_plugins.engine.sweep import collapsed_classes, per_class_range_table
+from uda_plugins.engine.sweep import collapsed_classes, parse_sweep_args, per_class_range_table
 
 sys.path.insert(0, os.path.join(REPO, "tools"))
 import seed_sweep  # noqa: E402
@@ -61,3 +61,15 @@ def test_final_metrics_read_the_first_configured_test_set(tmp_path):
     for name, miou in (("b_first", 1.0), ("a_second", 2.0)):
         (run / "inference" / name / "sem_seg_evaluation.json").write_text(json.dumps({"metrics": {"mIoU": miou}}))
     assert final_metrics(str(run)) == {"mIoU": 1.0}  # the configured order, not the alphabetical one
+
+
+def test_sweep_command_line_lists_the_configs_and_rejects_a_missing_one(tmp_path, capsys):
+    import pytest
+
+    config = os.path.join(REPO, "configs", "synthetic", "dacs.yaml")
+    args = parse_sweep_args(["--config-file", config, "--seeds", "3", "SOLVER.MAX_ITER", "4"], "", "out", True)
+    assert args.configs == [config] and args.seeds == [3] and args.opts == ["SOLVER.MAX_ITER", "4"]
+    assert args.output_dir == "out" and args.jobs == 1
+    with pytest.raises(SystemExit):
+        parse_sweep_args(["--configs", config, str(tmp_path / "missing.yaml")], "", "out")
+    assert "missing.yaml' does not exist" in capsys.readouterr().err

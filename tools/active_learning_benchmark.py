@@ -12,7 +12,6 @@ a round comes before the round's images are used). Prints the table (mean ± std
 writes it with a PNG chart to ``<output-dir>/active_learning.{md,png}``.
 """
 
-import argparse
 import json
 import os
 import sys
@@ -22,7 +21,7 @@ import numpy as np
 import yaml
 from tabulate import tabulate
 
-from uda_plugins.engine.sweep import mean_std, plan_runs, run_all
+from uda_plugins.engine.sweep import mean_std, parse_sweep_args, plan_runs, run_all
 from uda_plugins.utils.file_io import atomic_write_text
 from uda_plugins.utils.visualization import line_chart
 
@@ -58,16 +57,7 @@ def labelled_curve(run_dir: str) -> dict:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--configs", nargs="+", required=True)
-    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    parser.add_argument("--output-dir", default="output/active_learning_benchmark")
-    parser.add_argument("--jobs", type=int, default=1, help="runs in parallel (threads per run = cores / jobs)")
-    parser.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE overrides for every run ({seed} = its seed)")
-    args = parser.parse_args(argv)
-    for c in args.configs:
-        if not os.path.isfile(c):
-            parser.error(f"Config file '{c}' does not exist")
+    args = parse_sweep_args(argv, __doc__, "output/active_learning_benchmark")
     runs = plan_runs(args.configs, args.seeds, args.output_dir)
     run_all(runs, args.opts, args.jobs)
     curves = {}

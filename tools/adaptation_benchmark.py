@@ -11,30 +11,26 @@ from the means; it needs one SourceOnly and one TargetOnly config among ``--conf
 seed are listed. A markdown copy of the tables is written to ``<output-dir>/results.md``.
 """
 
-import argparse
 import os
 import sys
 
 import numpy as np
 from tabulate import tabulate
 
-from uda_plugins.engine.sweep import class_names, collapsed_classes, mean_std, meta_architecture, plan_runs, run_all
+from uda_plugins.engine.sweep import (
+    class_names,
+    collapsed_classes,
+    mean_std,
+    meta_architecture,
+    parse_sweep_args,
+    plan_runs,
+    run_all,
+)
 from uda_plugins.utils.file_io import atomic_write_text
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--configs", nargs="+", required=True)
-    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    parser.add_argument("--output-dir", default="output/adaptation_benchmark")
-    parser.add_argument("--jobs", type=int, default=1, help="runs in parallel (threads per run = cores / jobs)")
-    parser.add_argument(
-        "opts", nargs=argparse.REMAINDER, help="KEY VALUE overrides for every run ({seed} = the run's seed)"
-    )
-    args = parser.parse_args(argv)
-    for c in args.configs:
-        if not os.path.isfile(c):
-            parser.error(f"Config file '{c}' does not exist")
+    args = parse_sweep_args(argv, __doc__, "output/adaptation_benchmark")
 
     runs = plan_runs(args.configs, args.seeds, args.output_dir)
     finished = run_all(runs, args.opts, args.jobs)

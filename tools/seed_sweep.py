@@ -10,30 +10,26 @@ the mean over seeds is > 20, the silent failure of self-training that a mean hid
 to ``<output-dir>/<config name>/sweep.md``.
 """
 
-import argparse
 import os
 import sys
 
 from tabulate import tabulate
 
-from uda_plugins.engine.sweep import collapsed_classes, mean_std, per_class_range_table, plan_runs, run_all
+from uda_plugins.engine.sweep import (
+    collapsed_classes,
+    mean_std,
+    parse_sweep_args,
+    per_class_range_table,
+    plan_runs,
+    run_all,
+)
 from uda_plugins.utils.file_io import atomic_write_text
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config-file", required=True)
-    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    parser.add_argument("--output-dir", default="output/seed_sweep")
-    parser.add_argument("--jobs", type=int, default=1, help="runs in parallel (threads per run = cores / jobs)")
-    parser.add_argument(
-        "opts", nargs=argparse.REMAINDER, help="KEY VALUE overrides for every run ({seed} = the run's seed)"
-    )
-    args = parser.parse_args(argv)
-    if not os.path.isfile(args.config_file):
-        parser.error(f"Config file '{args.config_file}' does not exist")
+    args = parse_sweep_args(argv, __doc__, "output/seed_sweep", single_config=True)
 
-    runs = plan_runs([args.config_file], args.seeds, args.output_dir)
+    runs = plan_runs(args.configs, args.seeds, args.output_dir)
     metrics = {r.seed: m for r, m in run_all(runs, args.opts, args.jobs).items()}
     miou = [m["mIoU"] for m in metrics.values()]
     summary = tabulate(

@@ -1,5 +1,5 @@
-"""Running a config over seeds and summarising the runs: what ``tools/seed_sweep.py`` and
-``tools/adaptation_benchmark.py`` share.
+"""Running configs over seeds and summarising the runs: what ``tools/seed_sweep.py``,
+``tools/adaptation_benchmark.py`` and ``tools/active_learning_benchmark.py`` share, their command line included.
 
 Every (config, seed) run is ``tools/train_net.py --config-file <config> SEED <seed> OUTPUT_DIR <root>/<config
 name>/seed<seed>`` in its own process; a run whose final evaluation already exists is not repeated, so a sweep can
@@ -10,6 +10,7 @@ A run's result is its **last** evaluation on its first test set (no checkpoint s
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import os
@@ -25,6 +26,7 @@ import yaml
 from tabulate import tabulate
 
 __all__ = [
+    "parse_sweep_args",
     "Run",
     "plan_runs",
     "final_metrics",
@@ -42,6 +44,32 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 # COLLAPSE_MEAN: the failure mode of self-training that a mean hides (anchors.md §5).
 COLLAPSE_IOU = 1.0
 COLLAPSE_MEAN = 20.0
+
+
+def parse_sweep_args(
+    argv: Optional[Sequence[str]], description: str, default_output_dir: str, single_config: bool = False
+) -> argparse.Namespace:
+    """The command line every sweep tool shares: ``--configs`` (or one ``--config-file``), ``--seeds``,
+    ``--output-dir``, ``--jobs`` and ``KEY VALUE`` overrides. ``args.configs`` is the list of config files, each
+    checked to exist."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    if single_config:
+        parser.add_argument("--config-file", required=True)
+    else:
+        parser.add_argument("--configs", nargs="+", required=True)
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--output-dir", default=default_output_dir)
+    parser.add_argument("--jobs", type=int, default=1, help="runs in parallel (threads per run = cores / jobs)")
+    parser.add_argument(
+        "opts", nargs=argparse.REMAINDER, help="KEY VALUE overrides for every run ({seed} = the run's seed)"
+    )
+    args = parser.parse_args(argv)
+    if single_config:
+        args.configs = [args.config_file]
+    for c in args.configs:
+        if not os.path.isfile(c):
+            parser.error(f"Config file '{c}' does not exist")
+    return args
 
 
 @dataclass(frozen=True)
