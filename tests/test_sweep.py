@@ -67,9 +67,10 @@ def test_sweep_command_line_lists_the_configs_and_rejects_a_missing_one(tmp_path
     import pytest
 
     config = os.path.join(REPO, "configs", "synthetic", "dacs.yaml")
-    args = parse_sweep_args(["--config-file", config, "--seeds", "3", "SOLVER.MAX_ITER", "4"], "", "out", True)
+    argv = ["--config-file", config, "--seeds", "3", "--jobs", "2", "SOLVER.MAX_ITER", "4"]
+    args = parse_sweep_args(argv, "", "out", single_config=True)
     assert args.configs == [config] and args.seeds == [3] and args.opts == ["SOLVER.MAX_ITER", "4"]
-    assert args.output_dir == "out" and args.jobs == 1
+    assert args.output_dir == "out" and args.jobs == 2
     with pytest.raises(SystemExit):
         parse_sweep_args(["--configs", config, str(tmp_path / "missing.yaml")], "", "out")
     assert "missing.yaml' does not exist" in capsys.readouterr().err
