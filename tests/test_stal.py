@@ -83,3 +83,19 @@ def test_loss_divisor_reproduces_the_releases_division_by_its_gpus(tmp_path):
     for k in ("loss_supervised", "loss_consistency"):
         assert quarter[k] == pytest.approx(plain[k] / 4, rel=1e-5), k
     assert quarter["loss_contrastive"] == pytest.approx(plain["loss_contrastive"], rel=1e-5)
+
+
+@pytest.mark.parametrize("contrast_start", [0, 100])
+def test_teacher_forwards_follow_the_release_order_and_modes(tmp_path, contrast_start):
+    # ILM-ASSL's train.py: teacher (train mode) on the labelled batch, teacher (eval) on the unlabelled images and
+    # their CutMix partners, teacher (train mode) on the mixed unlabelled batch — on every iteration, so its BatchNorm
+    # running statistics see the target images before the contrastive term starts too.
+    cfg = _cfg(tmp_path, **{"UDA.STAL.CONTRASTIVE_START_ITER": contrast_start})
+    model = build_model(cfg).train()
+    batch = next(iter(build_uda_train_loader(cfg, model.data_requirements)))
+    calls = []
+    model.teacher.backbone.register_forward_hook(lambda m, i, o: calls.append((m.training, len(i[0]))))
+    with EventStorage(0):
+        model(batch)
+    n_source, n_target = len(batch["source"]), len(batch["target"][0])
+    assert calls == [(True, n_source), (False, n_target), (False, n_target), (True, n_target)]

@@ -13,19 +13,24 @@ unlabelled target images. One iteration (``UDA.STAL``, pieces in :mod:`uda_plugi
    of that class in the partner's prediction (or a random half-area box) is pasted, and the teacher's
    predictions are mixed alike; the bank records the classes each image shows;
 4. the teacher (train mode, as released: its BatchNorm statistics come from these forwards) labels the labelled
-   batch; the mixed unlabelled labels lose a shrinking share of their pixels by entropy (20% -> 0% over training);
+   batch (before step 3, as released) and sees the mixed unlabelled batch (after it; its representation feeds the
+   contrastive term); the mixed unlabelled labels lose a shrinking share of their pixels by entropy (20% -> 0% over
+   training);
 5. the student: ``L_sup`` = OHEM cross-entropy of the main head + 0.4 x that of the auxiliary head on layer3;
    the class criterion moves towards the student's class confidence on the labelled pixels (momentum 0.999);
    ``L_cons`` = the teacher's labels weighted by its confidence squared with adaptive equalisation sampling, on the
-   labelled and the mixed unlabelled images; ``L = L_sup + L_cons``.
+   labelled and the mixed unlabelled images;
+6. from ``CONTRASTIVE_START_ITER``, U2PL's pixel contrastive loss on the head's representation (weight 0.1, per-class
+   queues of teacher features; :func:`~uda_plugins.methods.semi_supervised.pixel_contrastive_loss`);
+   ``L = (L_sup + L_cons) / LOSS_DIVISOR + 0.1 L_contra``.
 
 Decisions (docs/methods.md §6.9): the unlabelled filter drops the *uncertain* tail (U2PL's rule) unless
 ``ENTROPY_FILTER_AS_RELEASED``; the class criterion and the CutMix bank are averaged / gathered over processes, so
 every process holds the checkpointed state (the reference keeps one per GPU). Deviations: the copy-paste partner is
 the next sample of the labelled batch (the reference loads a second sample), every target image of the batch is
 mixed (the reference: one per GPU; ``IMS_PER_BATCH_TARGET`` = number of GPUs reproduces it), resizing uses
-align_corners=False. U2PL's pixel contrastive loss (weight 0.1 from epoch 20 in the release) is not implemented
-yet (issue 8).
+align_corners=False; the contrastive negatives are pixels *not* of the class (U2PL's paper; as released the queues
+stay empty, ``CONTRASTIVE_WEIGHT 0`` reproduces that).
 """
 
 from __future__ import annotations
@@ -233,12 +238,16 @@ class STAL(SelfTrainingArch):
             query = draw_query_classes(self.class_criterion, self.adaptive_classes, self.copy_paste_draws)
             if self.copy_paste_draws > 0 and len(images) > 1:
                 images, labels = copy_paste(images, labels, images.roll(1, 0), labels.roll(1, 0), query)
-        unlabelled, teacher_unlabelled, masks = self._mixed_unlabelled(batch["target"][0])
         contrast = self.contrastive is not None and iteration >= self.contrastive_start
+        # The teacher's forwards in the release's order and modes. Its BatchNorm running statistics (the EMA copies
+        # parameters only) come from its training-mode forwards: the labelled batch, then the mixed unlabelled one
+        # on every iteration (its representation is used only by the contrastive term); the pseudo-labels of the
+        # unlabelled images come from an eval-mode forward in between.
         with timed("teacher_forward"):
-            # As released: the teacher's BatchNorm statistics follow the labelled batch (training mode).
             teacher_labelled, teacher_rep_l = self._teacher_train_mode(images, contrast)
-            teacher_rep_u = self._teacher_train_mode(unlabelled, True)[1] if contrast else None
+        unlabelled, teacher_unlabelled, masks = self._mixed_unlabelled(batch["target"][0])
+        with timed("teacher_forward"):
+            teacher_rep_u = self._teacher_train_mode(unlabelled, contrast)[1]
         with timed("pseudo_labels"):
             confidence_l, pseudo_l = torch.softmax(teacher_labelled, 1).max(1)
             probs_u = torch.softmax(teacher_unlabelled, 1)
