@@ -336,3 +336,41 @@ def test_channels_last_model_computes_the_same_in_nhwc(tiny_cfg):
     for name, g in gradients.items():
         if not name.startswith("backbone.model.conv1."):
             assert torch.allclose(g, reference_gradients[name], rtol=1e-3, atol=1e-6), name
+
+
+def test_compiled_segmentors_keep_their_keys_and_compute_the_same(tiny_cfg, tmp_path):
+    """MODEL.COMPILE compiles the networks of every segmentor in place (the student's and the teacher's here):
+    the same state-dict keys, so checkpoints load either way, and the same losses and gradients. aot_eager traces
+    and runs the graphs without generating kernels, which keeps the test fast; inductor is the default."""
+    tiny_cfg.MODEL.META_ARCHITECTURE = "DACS"
+    reference, reference_losses, reference_gradients = _train_steps(tiny_cfg, steps=2)
+    tiny_cfg.MODEL.COMPILE.ENABLED = True
+    tiny_cfg.MODEL.COMPILE.BACKEND = "aot_eager"
+    model, losses, gradients = _train_steps(tiny_cfg, steps=2)
+    compiled = [m for m in model.modules() if getattr(m, "_compiled_call_impl", None) is not None]
+    networks = [n for s in (model.student, model.teacher) for n in s.networks()]
+    assert {id(m) for m in compiled} == {id(n) for n in networks} and len(networks) == 4
+    assert model.state_dict().keys() == reference.state_dict().keys()
+    model.load_state_dict(reference.state_dict())  # an eager checkpoint loads into the compiled model
+    assert losses == pytest.approx(reference_losses, rel=1e-5)
+    for name, g in gradients.items():
+        assert torch.allclose(g, reference_gradients[name], rtol=1e-4, atol=1e-6), name
+    with torch.no_grad():  # the teacher's graph in no-grad eval mode
+        model.teacher.eval()
+        x = model.student.normalize(torch.zeros(1, 3, 48, 96))
+        assert torch.allclose(model.teacher.predict(x), reference.teacher.eval().predict(x), atol=1e-5)
+
+
+def test_segmentor_networks_hold_every_parameter(tiny_cfg):
+    """What MODEL.COMPILE compiles covers the whole network of every segmentor kind: plain, HRDA (its scale
+    attention too) and MCL's multi-head one (every head, not only the active one)."""
+    from uda_plugins.modeling import build_segmentor
+    from uda_plugins.modeling.multi_head import MultiHeadSegmentor
+
+    hrda = tiny_cfg.clone()
+    hrda.MODEL.HRDA.ENABLED = True
+    hrda.MODEL.HRDA.HR_CROP_SIZE = (32, 64)
+    segmentors = [build_segmentor(tiny_cfg), build_segmentor(hrda), MultiHeadSegmentor(tiny_cfg, ["a", "b", "c"])]
+    for segmentor in segmentors:
+        covered = {id(p) for n in segmentor.networks() for p in n.parameters()}
+        assert covered == {id(p) for p in segmentor.parameters()}, type(segmentor).__name__

@@ -190,6 +190,10 @@ class HRDASegmentor(Segmentor):
                     f"inference) must be multiples of the decode head's output stride ({os})"
                 )
 
+    def networks(self) -> List[nn.Module]:
+        attention = [self.scale_attention_head] if self.scale_attention_head is not None else []
+        return super().networks() + attention
+
     def _check_input(self, x: torch.Tensor) -> None:
         height, width = x.shape[-2:]
         if height % self.output_stride or width % self.output_stride:

@@ -3,7 +3,7 @@ domain-agnostic and an ensemble head)."""
 
 from __future__ import annotations
 
-from typing import Dict, Optional, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import torch
 from torch import nn
@@ -50,6 +50,9 @@ class MultiHeadSegmentor(Segmentor):
 
     def decode(self, features: Dict[str, torch.Tensor]) -> torch.Tensor:
         return self.heads[self.active_head](features)
+
+    def networks(self) -> List[nn.Module]:
+        return [self.backbone, *self.heads.values()]
 
     def decode_with(self, name: str, features: Dict[str, torch.Tensor]) -> torch.Tensor:
         return self.heads[name](features)

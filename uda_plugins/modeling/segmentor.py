@@ -26,7 +26,15 @@ from uda_plugins.d2 import BACKBONE_REGISTRY, SEM_SEG_HEADS_REGISTRY, CfgNode, S
 
 from .losses import seg_cross_entropy, upsample_like
 
-__all__ = ["Segmentor", "SegmentorOutput", "View", "build_segmentor", "levels_read_by", "stack_images"]
+__all__ = [
+    "Segmentor",
+    "SegmentorOutput",
+    "View",
+    "build_segmentor",
+    "compile_segmentors",
+    "levels_read_by",
+    "stack_images",
+]
 
 
 @dataclass
@@ -117,6 +125,10 @@ class Segmentor(nn.Module):
     def decoder_levels(self) -> List[str]:
         return levels_read_by(self.head)
 
+    def networks(self) -> List[nn.Module]:
+        """The modules that do the compute (what ``MODEL.COMPILE`` compiles): the backbone and the decode head."""
+        return [self.backbone, self.head]
+
     def loss(
         self, output: SegmentorOutput, labels: torch.Tensor, pixel_weight: Optional[torch.Tensor] = None
     ) -> torch.Tensor:
@@ -134,6 +146,17 @@ def levels_read_by(head: nn.Module) -> List[str]:
     if hasattr(head, "in_feature"):
         return [head.in_feature]
     raise AttributeError(f"{type(head).__name__} names no in_features / in_feature")
+
+
+def compile_segmentors(model: nn.Module, backend: str = "inductor", mode: str = "default") -> int:
+    """``torch.compile`` the networks of every :class:`Segmentor` in ``model`` in place (``nn.Module.compile``: the
+    parameters and the state-dict keys stay as they are, so the EMA, checkpoints and DDP see the same model). The
+    segmentors' glue — normalisation, HRDA's crops and slides, the losses — stays eager: its shapes and branches
+    change with the method and the step. Returns the number of modules compiled."""
+    networks = [n for m in model.modules() if isinstance(m, Segmentor) for n in m.networks()]
+    for network in networks:
+        network.compile(backend=backend, mode=mode)
+    return len(networks)
 
 
 def build_segmentor(cfg: CfgNode) -> Segmentor:
