@@ -114,6 +114,14 @@ def test_class_confidence_and_query_classes():
     labels = torch.tensor([[[1, 1], [0, 255]]])
     p = torch.softmax(logits, 1)
     assert torch.allclose(class_confidence(logits, labels, 3), torch.tensor([p[0, 0, 1, 0], p[0, 1, 0, 0], 0.0]))
+    # A real batch against the released per-class loop (cal_category_confidence).
+    g = torch.Generator().manual_seed(0)
+    logits, labels = torch.randn(3, 19, 12, 20, generator=g), torch.randint(0, 21, (3, 12, 20), generator=g)
+    labels[labels > 18] = 255
+    labels[labels == 4] = 5  # an absent class
+    p = torch.softmax(logits, 1)
+    loop = torch.stack([(p[:, c] * (labels == c)).sum() / (labels == c).sum().clamp(min=1) for c in range(19)])
+    assert torch.allclose(class_confidence(logits, labels, 19), loop) and loop[4] == 0
     torch.manual_seed(0)
     criterion = torch.tensor([0.99, 0.99, 0.0, 0.99])
     draws = [c for _ in range(2000) for c in draw_query_classes(criterion, [1, 2, 3], draws=1)]

@@ -94,13 +94,15 @@ def confidence_weighted_consistency(
 def class_confidence(logits: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
     """(C,) each class's mean softmax probability over its labelled pixels, 0 for a class absent from ``labels``
     (``cal_category_confidence``: the running class criterion moves towards 0 for absent classes too, as released)."""
-    probs = torch.softmax(logits.detach().float(), 1)
-    out = torch.zeros(num_classes, device=logits.device)
-    for c in range(num_classes):
-        mask = labels == c
-        if mask.any():
-            out[c] = (probs[:, c] * mask).sum() / mask.sum()
-    return out
+    logits = logits.detach().float()
+    labelled = labels < num_classes
+    classes = labels.where(labelled, 0).long()
+    # each labelled pixel's softmax probability of its class, without the whole softmax
+    own = (logits.gather(1, classes[:, None]) - logits.logsumexp(1, keepdim=True))[:, 0][labelled].exp()
+    classes = classes[labelled]
+    sums = torch.zeros(num_classes, device=logits.device).index_add_(0, classes, own)
+    counts = torch.bincount(classes, minlength=num_classes)
+    return torch.where(counts > 0, sums / counts.clamp(min=1), torch.zeros_like(sums))
 
 
 def draw_query_classes(class_criterion: torch.Tensor, candidates: Sequence[int], draws: int = 3) -> List[int]:
