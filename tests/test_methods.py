@@ -36,7 +36,7 @@ METHODS = {
     ),
     "mic_hrda_rcs": (
         "mic_hrda.yaml",
-        {"MODEL.HRDA.HR_CROP_SIZE": "(24, 48)", "DATALOADER.RCS.ENABLED": True, "DATALOADER.RCS.MIN_PIXELS": 40},
+        {"MODEL.HRDA.HR_CROP_SIZE": "(24, 48)", "DATALOADER.RCS.MIN_PIXELS": 40},  # RCS on, as in HRDA
     ),
     "mic_hrda_gt": (
         "mic_gt.yaml",
