@@ -101,10 +101,10 @@ def add_uda_config(cfg: CN) -> None:
     # Keep every network's weights and the segmentors' inputs in channels-last memory (NHWC): faster convolutions
     # with tensor cores under AMP on a GPU; the same numbers up to floating-point rounding.
     _C.MODEL.CHANNELS_LAST = False
+    _C.MODEL.COMPILE = CN()
     # torch.compile every segmentor's networks (backbone, decode heads, HRDA's scale attention) in place, in the
     # student, the teacher and every other copy: checkpoints keep their keys and load either way. The first
     # iterations (and the first evaluation) include the compilation; a new input size compiles again.
-    _C.MODEL.COMPILE = CN()
     _C.MODEL.COMPILE.ENABLED = False
     # torch.compile's backend ("inductor" generates kernels; "aot_eager" only traces, for checking a model
     # compiles) and mode ("default", "reduce-overhead" for CUDA graphs, "max-autotune").
