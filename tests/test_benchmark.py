@@ -65,6 +65,7 @@ def test_training_step_flops_are_forward_plus_backward(tmp_path, capsys):
     forward_gflops = counter.get_total_flops() / 1e9
     assert 2.0 * forward_gflops < step_gflops <= 3.0 * forward_gflops + 0.001  # (printed to 4 digits)
     assert float(row["TFLOP/s"]) > 0 and row["of peak"] == "-"  # no known peak on the CPU
+    assert float(row["first it s"]) > 0
     assert float(row["loader headroom"].rstrip("x")) > 1  # reading 2 tiny images is faster than a training step
 
 

@@ -11,19 +11,20 @@
 dataset) through the config's own input pipeline — its resize, crops and batch sizes — and starts from random
 weights (no ImageNet file, no ``MODEL.WEIGHTS``), so a machine without the datasets measures the real shapes.
 
-Prints three tables. The first: seconds per iteration (median and mean over the timed iterations), the part spent
-waiting for data, images per second (all domains), peak host memory (RSS) and peak device memory, and the model FLOPs
-of one step (forward and backward of every network, counted by ``torch.utils.flop_counter`` over one extra step;
-fvcore's counter traces a single forward and cannot follow a training step) with the achieved TFLOP/s and, on a device
-whose peak is known (or ``--peak-tflops``), the fraction of its peak, and the loader's headroom: the step time over
-the time the train loader alone takes per batch (its workers must keep ahead: at least 2x). The second: the mean time
-per iteration of each named section of the step (``uda_plugins.utils.profiling.timed``: data wait, teacher forward,
-student forwards with their losses, backward, optimizer, mixing/masking/augmentation, EMA) and the "adaptation
-machinery" share = everything that is not a network forward/backward or the optimizer. The third: host memory (RSS) at
-evenly spaced timed iterations and its change — it must stay flat (dataset dicts are serialised once; nothing may
-accumulate per iteration). Sections synchronise the device, which slows a GPU run slightly. The training hooks run as
-in training (EMA updates included); nothing is written except a throw-away OUTPUT_DIR in a temporary folder; no
-evaluation runs.
+Prints three tables. The first: seconds per iteration (median and mean over the timed iterations), the first
+iteration's seconds (it pays for ``MODEL.COMPILE``'s compilation, cuDNN's autotuning, the allocator's growth), the
+part spent waiting for data, images per second (all domains), peak host memory (RSS) and peak device memory, and the
+model FLOPs of one step (forward and backward of every network, counted by ``torch.utils.flop_counter`` over one
+extra step; fvcore's counter traces a single forward and cannot follow a training step) with the achieved TFLOP/s
+and, on a device whose peak is known (or ``--peak-tflops``), the fraction of its peak, and the loader's headroom:
+the step time over the time the train loader alone takes per batch (its workers must keep ahead: at least 2x). The
+second: the mean time per iteration of each named section of the step (``uda_plugins.utils.profiling.timed``: data
+wait, teacher forward, student forwards with their losses, backward, optimizer, mixing/masking/augmentation, EMA)
+and the "adaptation machinery" share = everything that is not a network forward/backward or the optimizer. The
+third: host memory (RSS) at evenly spaced timed iterations and its change — it must stay flat (dataset dicts are
+serialised once; nothing may accumulate per iteration). Sections synchronise the device, which slows a GPU run
+slightly. The training hooks run as in training (EMA updates included); nothing is written except a throw-away
+OUTPUT_DIR in a temporary folder; no evaluation runs.
 """
 
 import argparse
@@ -267,7 +268,7 @@ def main(argv=None) -> int:
         cuda = cfg.MODEL.DEVICE.startswith("cuda")
         if cuda:
             torch.cuda.reset_peak_memory_stats()
-        step_times, data_times = [], []
+        step_times, data_times, first_step = [], [], 0.0
         sections = {}
         total = args.warmup + args.iters
         rss_at = {args.warmup + round(k * (args.iters - 1) / 4) for k in range(5)}
@@ -285,6 +286,8 @@ def main(argv=None) -> int:
                     if cuda:
                         torch.cuda.synchronize()
                     elapsed = time.perf_counter() - start
+                if it == 0:
+                    first_step = elapsed
                 if it >= args.warmup:
                     step_times.append(elapsed)
                     data_times.append(storage.history("data_time").latest())
@@ -304,6 +307,7 @@ def main(argv=None) -> int:
                 cfg.MODEL.DEVICE,
                 f"{sec:.4f}",
                 f"{statistics.mean(step_times):.4f}",
+                f"{first_step:.2f}",
                 f"{statistics.median(data_times):.4f}",
                 f"{images_per_iteration(cfg, trainer) / sec:.1f}",
                 f"{rss_mb:.0f}",
@@ -320,6 +324,7 @@ def main(argv=None) -> int:
                     "device",
                     "s/it (median)",
                     "s/it (mean)",
+                    "first it s",
                     "data s/it",
                     "img/s",
                     "peak RSS MiB",
