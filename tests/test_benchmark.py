@@ -23,12 +23,14 @@ SMALL_MIT = ["MODEL.DEVICE", "cpu", "MODEL.TIMM.ARCH", "pvt_v2_b0", "SOLVER.AMP.
 
 
 def _row(out: str, first_cell: str) -> dict:
-    """The table row starting with ``first_cell`` as {header: cell}."""
+    """The table row starting with ``first_cell`` as {header of its table: cell}."""
     lines = [line for line in out.splitlines() if line.startswith("|")]
-    headers = [h.strip() for h in lines[0].strip("|").split("|")]
-    for line in lines[2:]:
+    headers = []
+    for line, below in zip(lines, lines[1:] + [""]):
         cells = [c.strip() for c in line.strip("|").split("|")]
-        if cells[0] == first_cell:
+        if below.startswith("|-"):  # a table's header line
+            headers = cells
+        elif cells[0] == first_cell:
             return dict(zip(headers, cells))
     raise AssertionError(f"no row '{first_cell}' in\n{out}")
 
@@ -100,3 +102,10 @@ def test_inference_speed_of_sliding_windows(tmp_path, capsys):
     row = _row(out, "cpu")
     assert row["image"] == "64x128" and re.fullmatch(r"slide \(64, 64\) x3", row["TEST.MODE"])
     assert float(row["images/s"]) > 0 and float(row["GFLOP/image"]) > 0
+
+
+def test_oracle_forward_counts_as_network_compute(tmp_path, capsys):
+    """TargetOnly's forward is timed as the student's, not left in "other" (where it read as 27% machinery)."""
+    argv = ["--config-file", os.path.join(SYNTHETIC, "target_only.yaml"), "--iters", "1", "--warmup", "1"]
+    assert benchmark.main(argv + tiny_overrides(str(tmp_path / "unused"))) == 0
+    assert float(_row(capsys.readouterr().out, "student_forward")["share of step"].rstrip("%")) > 10

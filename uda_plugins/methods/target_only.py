@@ -9,6 +9,7 @@ import torch
 
 from uda_plugins.d2 import META_ARCH_REGISTRY
 from uda_plugins.data.build import DataRequirements
+from uda_plugins.utils.profiling import timed
 
 from .base import UDAMetaArch
 
@@ -23,9 +24,10 @@ class TargetOnly(UDAMetaArch):
         losses = {}
         for k, target_batch in enumerate(batch["target"]):
             images, labels = self.images_and_labels(target_batch)
-            out = self.student.forward_train(images)
+            key = "loss_target" if len(batch["target"]) == 1 else f"loss_target{k}"
+            with timed("student_forward"):
+                out = self.student.forward_train(images)
+                losses[key] = self.student.loss(out, labels)
             if k == 0 and self.should_visualize():
                 self.visualize("target/input_gt_pred", images, labels, out.logits)
-            key = "loss_target" if len(batch["target"]) == 1 else f"loss_target{k}"
-            losses[key] = self.student.loss(out, labels)
         return losses
