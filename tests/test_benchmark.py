@@ -109,3 +109,10 @@ def test_oracle_forward_counts_as_network_compute(tmp_path, capsys):
     argv = ["--config-file", os.path.join(SYNTHETIC, "target_only.yaml"), "--iters", "1", "--warmup", "1"]
     assert benchmark.main(argv + tiny_overrides(str(tmp_path / "unused"))) == 0
     assert float(_row(capsys.readouterr().out, "student_forward")["share of step"].rstrip("%")) > 10
+
+
+def test_machinery_share_leaves_out_every_network():
+    sections = {"student_forward": 0.3, "discriminators": 0.2, "backward": 0.3, "mixing": 0.1, "data_wait": 0.05}
+    table = benchmark.breakdown_table(sections, [1.0])  # section totals over one 1-second iteration
+    row = _row(table, "adaptation machinery (not network, not data)")
+    assert float(row["s/it"]) == pytest.approx(0.15)  # mixing 0.1 + the 0.05 of the step no section covers ("other")

@@ -48,8 +48,9 @@ from uda_plugins.engine.setup import load_cfg, set_determinism
 from uda_plugins.modeling import predicted_classes
 from uda_plugins.utils.profiling import collect_timings
 
-# Sections that are network compute; the rest of the step is adaptation machinery or bookkeeping.
-NETWORK_SECTIONS = ("student_forward", "teacher_forward", "backward", "optimizer")
+# Sections that are network compute (MCL's discriminators are networks too: their forwards and losses); the rest of
+# the step is adaptation machinery or bookkeeping.
+NETWORK_SECTIONS = ("student_forward", "teacher_forward", "discriminators", "backward", "optimizer")
 
 # Dense tensor-core peaks in TFLOP/s (NVIDIA data sheets, SXM parts): (bf16/fp16, tf32). fp32 runs count against
 # tf32: cuDNN convolutions use TF32 by default.
