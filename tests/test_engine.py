@@ -338,7 +338,7 @@ def test_channels_last_model_computes_the_same_in_nhwc(tiny_cfg):
             assert torch.allclose(g, reference_gradients[name], rtol=1e-3, atol=1e-6), name
 
 
-def test_compiled_segmentors_keep_their_keys_and_compute_the_same(tiny_cfg, tmp_path):
+def test_compiled_segmentors_keep_their_keys_and_compute_the_same(tiny_cfg):
     """MODEL.COMPILE compiles the networks of every segmentor in place (the student's and the teacher's here):
     the same state-dict keys, so checkpoints load either way, and the same losses and gradients. aot_eager traces
     and runs the graphs without generating kernels, which keeps the test fast; inductor is the default."""

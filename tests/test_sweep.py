@@ -3,6 +3,7 @@
 import os
 import sys
 
+import pytest
 from conftest import REPO, tiny_overrides
 
 from uda_plugins.engine.sweep import collapsed_classes, parse_sweep_args, per_class_range_table
@@ -64,8 +65,6 @@ def test_final_metrics_read_the_first_configured_test_set(tmp_path):
 
 
 def test_sweep_command_line_lists_the_configs_and_rejects_a_missing_one(tmp_path, capsys):
-    import pytest
-
     config = os.path.join(REPO, "configs", "synthetic", "dacs.yaml")
     argv = ["--config-file", config, "--seeds", "3", "--jobs", "2", "SOLVER.MAX_ITER", "4"]
     args = parse_sweep_args(argv, "", "out", single_config=True)

@@ -103,6 +103,10 @@ def build_optimizer(cfg: CfgNode, model: nn.Module) -> torch.optim.Optimizer:
     return CompositeOptimizer([main] + extras) if extras else main
 
 
+# SOLVER.OPTIMIZER_IMPLEMENTATION -> the keyword arguments of torch's SGD / AdamW.
+_IMPLEMENTATIONS = {"auto": {}, "foreach": {"foreach": True}, "fused": {"fused": True}}
+
+
 def _build_main_optimizer(cfg: CfgNode, model: nn.Module, excluded=frozenset()) -> torch.optim.Optimizer:
     s = cfg.SOLVER
     if s.CLIP_GRADIENTS.ENABLED:
@@ -123,10 +127,6 @@ def _build_main_optimizer(cfg: CfgNode, model: nn.Module, excluded=frozenset()) 
     if name == "ADAMW":
         return torch.optim.AdamW(groups, lr=s.BASE_LR, betas=tuple(s.BETAS), weight_decay=s.WEIGHT_DECAY, **kernels)
     raise ValueError(f"Unknown SOLVER.OPTIMIZER '{s.OPTIMIZER}' (SGD or ADAMW)")
-
-
-# SOLVER.OPTIMIZER_IMPLEMENTATION -> the keyword arguments of torch's SGD / AdamW.
-_IMPLEMENTATIONS = {"auto": {}, "foreach": {"foreach": True}, "fused": {"fused": True}}
 
 
 class PolyWithWarmup(ParamScheduler):
