@@ -270,3 +270,19 @@ def test_predicted_classes_equal_argmax_ties_included():
     scores = torch.randint(0, 3, (2, 5, 7, 9)).float()  # many ties: the first maximum wins, as argmax
     assert torch.equal(predicted_classes(scores), scores.argmax(1))
     assert torch.equal(predicted_classes(scores[0], dim=0), scores[0].argmax(0))
+
+
+@pytest.mark.parametrize("num_classes", [1, 2, 19, 300])
+def test_class_maximum_equals_max_with_its_indices(num_classes):
+    from uda_plugins.modeling import class_maximum
+
+    g = torch.Generator().manual_seed(num_classes)
+    scores = torch.randint(0, 4, (3, num_classes, 6, 10), generator=g).float()  # ties everywhere
+    for x, dim in [(scores, 1), (scores[0], 0), (torch.softmax(scores * 0.7, 1), 1), (scores.bfloat16(), 1)]:
+        values, indices = class_maximum(x, dim)
+        expected = x.max(dim=dim)
+        assert torch.equal(values, expected.values) and torch.equal(indices, expected.indices)
+        assert torch.equal(indices, x.float().argmax(dim))
+    nan = scores.clone()
+    nan[0, 0, 0, 0] = float("nan")
+    assert 0 <= int(class_maximum(nan)[1].max()) < num_classes  # a NaN maximum still names a class

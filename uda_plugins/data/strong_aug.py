@@ -121,7 +121,7 @@ def _rgb_to_hsv(rgb: torch.Tensor, eps: float = 1e-8):
     """kornia's rgb_to_hsv: hue in radians [0, 2pi), saturation and value in [0, 1]."""
     r, g, b = rgb.unbind(1)
     maxc, argmax = rgb.max(1)
-    minc = rgb.min(1).values
+    minc = rgb.amin(1)
     delta = maxc - minc
     s = delta / (maxc + eps)
     safe = torch.where(delta == 0, torch.ones_like(delta), delta)

@@ -56,7 +56,7 @@ from uda_plugins.d2 import META_ARCH_REGISTRY, CfgNode, comm, get_event_storage
 from uda_plugins.data.build import DataRequirements, build_full_view_loader, get_dataset_dicts
 from uda_plugins.data.pseudo_label_bank import PseudoLabelBank, commit_in_batches, read_initial_label
 from uda_plugins.data.transforms import Geometry, apply_geometry_tensor
-from uda_plugins.modeling import stack_images
+from uda_plugins.modeling import class_maximum, stack_images
 from uda_plugins.modeling.inference import predict_full_views
 from uda_plugins.modeling.losses import (
     entropy_regularizer,
@@ -226,7 +226,7 @@ class DUDA(SelfTrainingArch):
 
         def rewrites():
             for indices, probs in predict_full_views(self.teacher, loader, self.student.normalize):
-                confidence, labels = probs.max(dim=1)
+                confidence, labels = class_maximum(probs)
                 yield self._rewrite(list(zip(indices, labels, confidence)), beta)
 
         commit_in_batches(bank, rewrites(), loader.batch_size, iteration)
@@ -313,7 +313,7 @@ class DUDA(SelfTrainingArch):
         with timed("pseudo_labels"):
             online, _, _ = keep_top_fraction(probs, self.alpha(it), self.ignore_value)
             if self.update_mode == "batch" and it >= self.update_start:
-                confidence, labels = full_probs.max(dim=1)
+                confidence, labels = class_maximum(full_probs)
                 self._pending.append([(d["dataset_index"], labels[i], confidence[i]) for i, d in enumerate(dicts)])
         with timed("student_forward"):
             logits = upsample_like(self.student.forward_train(crops).logits, crops.shape[-2:]).float()
@@ -347,7 +347,7 @@ def ias_pseudo_labels(
     """(dataset index, uint8 pseudo-label) of every image of a full-view loader, in order, selected by IAST's
     instance-adaptive thresholds from ``network``'s predictions."""
     for indices, probs in predict_full_views(network, loader, network.normalize):
-        confidence, labels = probs.max(dim=1)
+        confidence, labels = class_maximum(probs)
         confidence, labels = confidence.cpu().numpy(), labels.cpu().numpy()
         for k, index in enumerate(indices):
             yield index, selector(confidence[k], labels[k])

@@ -16,7 +16,7 @@ from typing import Tuple
 import numpy as np
 import torch
 
-from uda_plugins.modeling import predicted_classes
+from uda_plugins.modeling import class_maximum, predicted_classes
 
 __all__ = [
     "percentile",
@@ -80,7 +80,7 @@ def keep_top_fraction(
     """DUDA's per-class selection: argmax labels of softmax ``probs`` (N, C, H, W) where the confidence is at least
     the class's ``(1 - fraction)`` percentile over the whole batch (thresholds capped at ``cap``), ``ignore_index``
     elsewhere. Returns (selected labels, argmax labels, confidence), each (N, H, W)."""
-    confidence, labels = probs.max(dim=1)
+    confidence, labels = class_maximum(probs)
     thresholds = class_percentile_thresholds(confidence, labels, fraction, probs.shape[1]).clamp(max=cap)
     selected = torch.where(confidence < thresholds[labels], torch.full_like(labels, ignore_index), labels)
     return selected, labels, confidence

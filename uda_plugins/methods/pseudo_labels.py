@@ -13,6 +13,7 @@ from typing import Sequence, Tuple
 import torch
 
 from uda_plugins.data.transforms import Geometry, apply_geometry_tensor
+from uda_plugins.modeling import class_maximum
 
 __all__ = ["pseudo_labels_from_logits", "ignore_crop_rows", "frame_margin_mask"]
 
@@ -24,7 +25,7 @@ def pseudo_labels_from_logits(
     the fraction of pixels of the whole batch whose confidence is >= ``threshold``, broadcast to every pixel
     (DACS's pseudo-label quality weight)."""
     probs = torch.softmax(logits.detach().float(), dim=1)
-    confidence, labels = probs.max(dim=1)
+    confidence, labels = class_maximum(probs)
     quality = (confidence >= threshold).float().mean()
     return labels, confidence, quality.expand_as(confidence).clone()
 

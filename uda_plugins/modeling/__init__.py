@@ -1,7 +1,7 @@
 """Networks: timm backbones, decode heads, the Segmentor, losses and inference. Importing registers them."""
 
 from . import backbones, heads  # noqa: F401  (registration)
-from .inference import predicted_classes, segment, slide_inference, whole_inference
+from .inference import class_maximum, predicted_classes, segment, slide_inference, whole_inference
 from .losses import seg_cross_entropy, upsample_like
 from .segmentor import Segmentor, SegmentorOutput, build_segmentor, stack_images
 
@@ -13,6 +13,7 @@ __all__ = [
     "seg_cross_entropy",
     "upsample_like",
     "segment",
+    "class_maximum",
     "predicted_classes",
     "slide_inference",
     "whole_inference",
