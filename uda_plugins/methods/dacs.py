@@ -85,8 +85,7 @@ class DACS(SelfTrainingArch):
         visualize = self.should_visualize()
 
         losses, src_out = self.source_losses(src_images, src_labels)
-        with timed("teacher_forward"):
-            pseudo_labels, pseudo_weight, confidence, _ = self.pseudo_labels(tgt_images, tgt_dicts)
+        pseudo_labels, pseudo_weight, confidence, _ = self.pseudo_labels(tgt_images, tgt_dicts)
         step = SelfTrainingStep(
             batch, src_images, src_labels, tgt_images, pseudo_labels, pseudo_weight, confidence, visualize
         )

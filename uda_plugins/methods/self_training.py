@@ -17,6 +17,7 @@ import torch
 from uda_plugins.d2 import CfgNode
 from uda_plugins.data.strong_aug import StrongAugParams, apply_strong_aug, sample_strong_aug
 from uda_plugins.hooks import EMATeacherHook
+from uda_plugins.utils.profiling import timed
 
 from .base import UDAMetaArch
 from .pseudo_labels import frame_margin_mask, ignore_crop_rows, pseudo_labels_from_logits
@@ -102,11 +103,13 @@ class SelfTrainingArch(UDAMetaArch):
         """Teacher predictions on normalised target ``images`` -> (labels, pixel weights, confidence, logits),
         all (N, H, W) at the image resolution except the logits (N, C, H, W). The weights are the batch quality
         weight with the crop-row or frame-margin rule applied."""
-        logits = self.teacher.predict(images)
-        labels, confidence, weight = pseudo_labels_from_logits(logits, self.pseudo_threshold)
-        ignore_crop_rows(weight, self.ignore_top, self.ignore_bottom)
-        if any(self.frame_margins):
-            weight = weight * frame_margin_mask([d["geometry"] for d in dicts], self.frame_margins, weight.device)
+        with timed("teacher_forward"):
+            logits = self.teacher.predict(images)
+        with timed("pseudo_labels"):
+            labels, confidence, weight = pseudo_labels_from_logits(logits, self.pseudo_threshold)
+            ignore_crop_rows(weight, self.ignore_top, self.ignore_bottom)
+            if any(self.frame_margins):
+                weight = weight * frame_margin_mask([d["geometry"] for d in dicts], self.frame_margins, weight.device)
         return labels, weight, confidence, logits
 
     # ------------------------------------------------------------------------------------- augmentation
