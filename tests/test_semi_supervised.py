@@ -14,6 +14,7 @@ from uda_plugins.methods.semi_supervised import (
     draw_cutmix_source,
     draw_query_classes,
     filter_unlabelled_pseudo_labels,
+    label_probability,
     ohem_cross_entropy,
     random_half_box,
     update_cutmix_bank,
@@ -56,6 +57,8 @@ def test_ohem_equals_the_reference(min_kept):
     labels[:, :3] = 255
     ours = ohem_cross_entropy(logits, labels, 0.7, min_kept)
     assert torch.allclose(ours, _reference_ohem(logits.clone(), labels.clone(), 255, 0.7, min_kept))
+    given = ohem_cross_entropy(logits, labels, 0.7, min_kept, label_prob=label_probability(logits, labels, 5))
+    assert torch.allclose(given, ours)
 
 
 def _reference_consistency(preds, conf, gt, gamma=2, dcp_criterion=None, gamma2=1.0, rand_maps=None):
@@ -113,7 +116,10 @@ def test_class_confidence_and_query_classes():
     logits[0, 1] = 2.0
     labels = torch.tensor([[[1, 1], [0, 255]]])
     p = torch.softmax(logits, 1)
-    assert torch.allclose(class_confidence(logits, labels, 3), torch.tensor([p[0, 0, 1, 0], p[0, 1, 0, 0], 0.0]))
+    own = torch.tensor([[[p[0, 1, 0, 0], p[0, 1, 0, 1]], [p[0, 0, 1, 0], 1.0]]])  # 1 where unlabelled
+    assert torch.allclose(label_probability(logits, labels, 3), own)
+    expected = torch.tensor([p[0, 0, 1, 0], p[0, 1, 0, 0], 0.0])
+    assert torch.allclose(class_confidence(label_probability(logits, labels, 3), labels, 3), expected)
     # A real batch against the released per-class loop (cal_category_confidence).
     g = torch.Generator().manual_seed(0)
     logits, labels = torch.randn(3, 19, 12, 20, generator=g), torch.randint(0, 21, (3, 12, 20), generator=g)
@@ -121,7 +127,8 @@ def test_class_confidence_and_query_classes():
     labels[labels == 4] = 5  # an absent class
     p = torch.softmax(logits, 1)
     loop = torch.stack([(p[:, c] * (labels == c)).sum() / (labels == c).sum().clamp(min=1) for c in range(19)])
-    assert torch.allclose(class_confidence(logits, labels, 19), loop) and loop[4] == 0
+    ours = class_confidence(label_probability(logits, labels, 19), labels, 19)
+    assert torch.allclose(ours, loop) and loop[4] == 0
     torch.manual_seed(0)
     criterion = torch.tensor([0.99, 0.99, 0.0, 0.99])
     draws = [c for _ in range(2000) for c in draw_query_classes(criterion, [1, 2, 3], draws=1)]
@@ -300,10 +307,40 @@ def test_contrast_queues_keep_the_newest_keys_and_are_checkpointed():
     queues = ContrastQueues([3, 5], dim=2)
     queues.push(0, torch.arange(8.0).view(4, 2))
     assert queues.get(0).tolist() == [[2, 3], [4, 5], [6, 7]] and len(queues.get(1)) == 0
-    assert set(queues.state_dict()) == {"length", "keys_0", "keys_1"}
+    assert set(queues.state_dict()) == {"length", "start", "keys_0", "keys_1"}
     assert [tuple(queues.state_dict()[f"keys_{c}"].shape) for c in (0, 1)] == [(3, 2), (5, 2)]
     assert queues.keys_1.dtype == torch.float16
     queues.push(1, torch.ones(2, 2))
     restored = ContrastQueues([3, 5], dim=2)
     restored.load_state_dict(queues.state_dict())
     assert restored.get(0).tolist() == queues.get(0).tolist() and restored.get(1).tolist() == [[1, 1], [1, 1]]
+    # A checkpoint from before the ring buffers (no "start") holds its queues oldest first.
+    old = {k: v for k, v in queues.state_dict().items() if k != "start"}
+    restored = ContrastQueues([3, 5], dim=2)
+    restored.load_state_dict(old)
+    assert restored.get(0).tolist() == [[2, 3], [4, 5], [6, 7]]
+
+
+def test_contrast_queues_are_fifo_queues_through_wraps_and_resumes():
+    from uda_plugins.methods.semi_supervised import ContrastQueues, _unit_keys
+
+    g = torch.Generator().manual_seed(0)
+    queues, fifo, n = ContrastQueues([7, 4], dim=1, dtype=torch.float32), [[], []], 0
+    for step in range(40):
+        counts = torch.randint(0, 10, (2,), generator=g).tolist()
+        keys = torch.arange(n, n + sum(counts), dtype=torch.float32)[:, None]
+        n += sum(counts)
+        queues.push_many(counts, keys)
+        fifo[0] = (fifo[0] + keys[: counts[0], 0].tolist())[-7:]
+        fifo[1] = (fifo[1] + keys[counts[0] :, 0].tolist())[-4:]
+        assert [queues.get(c)[:, 0].tolist() for c in (0, 1)] == fifo, step
+        keys_0, start = queues.storage(0)  # queue position i is storage row (start + i) % length
+        assert keys_0[(torch.arange(len(keys_0)) + start) % len(keys_0), 0].tolist() == fifo[0]
+        if fifo[0]:  # the contrastive term's draws address queue positions
+            positions = torch.randint(len(fifo[0]), (5,), generator=g)
+            drawn = _unit_keys(queues, 0, positions, torch.float32)
+            assert torch.equal(drawn, F.normalize(queues.get(0), dim=-1, eps=1e-8)[positions])
+        if step % 7 == 3:  # resume from a checkpoint in the middle of a wrap
+            resumed = ContrastQueues([7, 4], dim=1, dtype=torch.float32)
+            resumed.load_state_dict(queues.state_dict())
+            queues = resumed

@@ -16,7 +16,8 @@ shares it across the batch).
 from __future__ import annotations
 
 import math
-from typing import List, Sequence, Tuple
+from dataclasses import dataclass
+from typing import List, Optional, Sequence, Tuple
 
 import cv2
 import numpy as np
@@ -29,6 +30,7 @@ from uda_plugins.modeling import predicted_classes
 from .offline_pseudo_labels import percentile
 
 __all__ = [
+    "label_probability",
     "ohem_cross_entropy",
     "confidence_weighted_consistency",
     "class_confidence",
@@ -40,23 +42,43 @@ __all__ = [
     "update_cutmix_bank",
     "filter_unlabelled_pseudo_labels",
     "ContrastQueues",
+    "ContrastiveDraw",
+    "draw_contrastive_samples",
+    "info_nce_loss",
     "pixel_contrastive_loss",
 ]
 
 
+def label_probability(logits: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """(N, H, W) each pixel's softmax probability of its label, 1 where it has none (ids >= ``num_classes``): what
+    OHEM mines and the class criterion averages, computed once (without the whole softmax)."""
+    logits = logits.detach().float()
+    labelled = labels < num_classes
+    own = logits.gather(1, labels.where(labelled, 0).long()[:, None]) - logits.logsumexp(1, keepdim=True)
+    return own[:, 0].exp().masked_fill(~labelled, 1.0)
+
+
 def ohem_cross_entropy(
-    logits: torch.Tensor, target: torch.Tensor, thresh: float = 0.7, min_kept: int = 100000, ignore: int = 255
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    thresh: float = 0.7,
+    min_kept: int = 100000,
+    ignore: int = 255,
+    label_prob: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """U2PL's online hard example mining (``OhemCrossEntropy2dTensor``): the mean cross-entropy over the labelled
     pixels whose probability of their label is at most ``thresh`` — or at most the ``min_kept``-th smallest such
     probability when that is higher, so at least ``min_kept`` pixels count. With fewer than ``min_kept`` labelled
-    pixels (or ``min_kept`` 0) every labelled pixel counts."""
+    pixels (or ``min_kept`` 0) every labelled pixel counts. ``label_prob``: :func:`label_probability` of ``logits``
+    when the caller has it."""
     flat = target.reshape(-1)
     valid = flat != ignore
-    safe = torch.where(valid, flat, 0)
     if 0 < min_kept <= valid.sum():  # (min_kept 0 mines nothing, as released)
-        prob = torch.softmax(logits.detach().float(), 1)
-        label_prob = prob.gather(1, safe.view_as(target).unsqueeze(1)).reshape(-1).masked_fill(~valid, 1.0)
+        if label_prob is None:
+            label_prob = label_probability(
+                logits, torch.where(valid, flat, logits.shape[1]).view_as(target), logits.shape[1]
+            )
+        label_prob = label_prob.reshape(-1)
         kth = label_prob.kthvalue(min(flat.numel(), min_kept)).values
         threshold = torch.maximum(torch.tensor(thresh, device=logits.device), kth)
         valid = valid & (label_prob <= threshold)
@@ -91,16 +113,13 @@ def confidence_weighted_consistency(
     return (weight * ce).sum()
 
 
-def class_confidence(logits: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
-    """(C,) each class's mean softmax probability over its labelled pixels, 0 for a class absent from ``labels``
-    (``cal_category_confidence``: the running class criterion moves towards 0 for absent classes too, as released)."""
-    logits = logits.detach().float()
+def class_confidence(label_prob: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """(C,) each class's mean softmax probability over its labelled pixels (``label_prob``: :func:`label_probability`),
+    0 for a class absent from ``labels`` (``cal_category_confidence``: the running class criterion moves towards 0 for
+    absent classes too, as released)."""
     labelled = labels < num_classes
-    classes = labels.where(labelled, 0).long()
-    # each labelled pixel's softmax probability of its class, without the whole softmax
-    own = (logits.gather(1, classes[:, None]) - logits.logsumexp(1, keepdim=True))[:, 0][labelled].exp()
-    classes = classes[labelled]
-    sums = torch.zeros(num_classes, device=logits.device).index_add_(0, classes, own)
+    classes = labels[labelled].long()
+    sums = torch.zeros(num_classes, device=label_prob.device).index_add_(0, classes, label_prob[labelled].float())
     counts = torch.bincount(classes, minlength=num_classes)
     return torch.where(counts > 0, sums / counts.clamp(min=1), torch.zeros_like(sums))
 
@@ -171,8 +190,10 @@ def update_cutmix_bank(
 ) -> None:
     """``update_cutmix_bank``: for each image ``indices[k]``, mark the classes covering at least ``area_thresh`` of
     its teacher prediction ``predictions[k]`` (class maps, (K, H, W)) and unmark the others. In place."""
+    K, C = len(predictions), cutmix_bank.shape[0]
     area = predictions.shape[-2] * predictions.shape[-1]
-    counts = F.one_hot(predictions.long().flatten(1), cutmix_bank.shape[0]).sum(1)  # (K, C)
+    image = torch.arange(K, device=predictions.device)[:, None] * C
+    counts = torch.bincount((image + predictions.long().flatten(1)).flatten(), minlength=K * C).view(K, C)
     for k, index in enumerate(indices):
         cutmix_bank[:, index] = (counts[k] >= area_thresh * area).to(cutmix_bank.dtype).to(cutmix_bank.device)
 
@@ -194,41 +215,103 @@ def filter_unlabelled_pseudo_labels(
 class ContrastQueues(torch.nn.Module):
     """U2PL's memory bank of negative keys: one FIFO queue of teacher features per class, each a buffer of its own
     capacity (so they are checkpointed with the model), stored in ``dtype``: the release's 50000 + 18 x 30000 keys of
-    256 channels are 0.3 GB in float16 (one padded (19, 50000, 256) float32 tensor would be 1 GB)."""
+    256 channels are 0.3 GB in float16 (one padded (19, 50000, 256) float32 tensor would be 1 GB). Each buffer is a
+    ring: a push writes its keys over the oldest ones (``start`` marks the oldest key of a full queue), so nothing is
+    moved when keys arrive."""
 
     def __init__(self, capacities: Sequence[int], dim: int, dtype: torch.dtype = torch.float16) -> None:
         super().__init__()
+        self.capacities = list(capacities)
         self.register_buffer("length", torch.zeros(len(capacities), dtype=torch.long))
+        self.register_buffer("start", torch.zeros(len(capacities), dtype=torch.long))
         for c, capacity in enumerate(capacities):
             self.register_buffer(f"keys_{c}", torch.zeros(capacity, dim, dtype=dtype))
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        # Checkpoints written before the ring buffers kept every queue oldest-first from row 0: start 0.
+        state_dict.setdefault(prefix + "start", torch.zeros_like(self.start))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def _keys(self, c: int) -> torch.Tensor:
         return getattr(self, f"keys_{c}")
 
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.keys_0.dtype
+
+    def storage(self, c: int) -> Tuple[torch.Tensor, int]:
+        """Class ``c``'s keys in storage order and the row of the oldest: queue position i is storage row
+        ``(start + i) % len(keys)``."""
+        return self._keys(c)[: int(self.length[c])], int(self.start[c])
+
     def get(self, c: int) -> torch.Tensor:
-        return self._keys(c)[: int(self.length[c])]
+        """Class ``c``'s keys, oldest first (a copy when the ring has wrapped)."""
+        keys, start = self.storage(c)
+        return torch.cat([keys[start:], keys[:start]]) if start else keys
 
     @torch.no_grad()
     def push(self, c: int, new: torch.Tensor) -> None:
-        """Append ``new`` (n, dim) to class ``c``'s queue, keeping its newest keys up to its capacity
-        (``dequeue_and_enqueue``). Collective: every process pushes the keys of all, in rank order, so the queues
-        stay identical."""
-        keys = self._keys(c)
+        """Append ``new`` (n, dim) to class ``c``'s queue (see :meth:`push_many`)."""
+        counts = [0] * len(self.length)
+        counts[c] = len(new)
+        self.push_many(counts, new)
+
+    @torch.no_grad()
+    def push_many(self, counts: Sequence[int], keys: torch.Tensor) -> None:
+        """Append to each class c's queue the next ``counts[c]`` rows of ``keys`` (rows grouped by class), keeping
+        its newest keys up to its capacity (``dequeue_and_enqueue``). Collective (one gather for all the classes):
+        every process pushes the keys of all, in rank order, so the queues stay identical."""
+        per_process = [keys.detach().split(list(counts))]
         if comm.get_world_size() > 1:
-            new = torch.cat([k.to(keys.device) for k in comm.all_gather(new.detach().cpu())])
-        if not len(new):
-            return
-        kept = torch.cat([self.get(c), new.to(keys.dtype)])[-len(keys) :]
-        keys[: len(kept)] = kept
-        self.length[c] = len(kept)
+            per_process = [k.split(n) for n, k in comm.all_gather((list(counts), keys.detach().cpu()))]
+        for c in range(len(self.length)):
+            new = [split[c] for split in per_process if len(split[c])]
+            if new:
+                self._append(c, torch.cat(new) if len(new) > 1 else new[0])
+
+    def _append(self, c: int, new: torch.Tensor) -> None:
+        keys, length, start = self._keys(c), int(self.length[c]), int(self.start[c])
+        capacity = len(keys)
+        new = new[-capacity:].to(keys)
+        write = (start + length) % capacity  # the row after the newest key
+        first = min(len(new), capacity - write)
+        keys[write : write + first] = new[:first]
+        keys[: len(new) - first] = new[first:]  # the rest wraps around to the front
+        self.start[c] = (start + max(length + len(new) - capacity, 0)) % capacity
+        self.length[c] = min(length + len(new), capacity)
 
 
-def _cosine_similarities(anchors: torch.Tensor, candidates: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
-    """(Q, K) cosine similarities of ``anchors`` (Q, D) with their ``candidates`` (Q, K, D): U2PL's
-    ``torch.cosine_similarity(anchor.unsqueeze(1), candidates, dim=2)`` as one batched matrix product of unit vectors
-    (the broadcast form materialises Q x K x D products)."""
-    a, k = F.normalize(anchors, dim=-1, eps=eps), F.normalize(candidates, dim=-1, eps=eps)
-    return torch.bmm(k, a.unsqueeze(2)).squeeze(2)
+def _top_classes(probs: torch.Tensor, k: int) -> torch.Tensor:
+    """(N, C) bool: each row's ``k`` most probable classes (top-k selection, not a sort of all C)."""
+    if k >= probs.shape[1]:
+        return torch.ones_like(probs, dtype=torch.bool)
+    top = torch.zeros_like(probs, dtype=torch.bool)
+    return top.scatter_(1, probs.topk(k, 1).indices, True) if k > 0 else top
+
+
+def _push_negatives(queues: ContrastQueues, negative: torch.Tensor, keys: torch.Tensor) -> None:
+    """Push ``keys[p]`` into class c's queue for every ``negative[p, c]`` (N pixels x C), in pixel order, gathering only
+    the keys each queue can keep (its newest, up to its capacity)."""
+    classes, pixels = torch.nonzero(negative.T, as_tuple=True)  # grouped by class, each in pixel order
+    counts = torch.bincount(classes, minlength=negative.shape[1])
+    capacities = torch.tensor(queues.capacities, device=counts.device)
+    from_the_end = counts.cumsum(0)[classes] - 1 - torch.arange(len(classes), device=classes.device)
+    kept = from_the_end < capacities[classes]
+    stored = keys.to(queues.dtype)  # (cast before the gather: half the bytes to copy in float16)
+    queues.push_many(torch.minimum(counts, capacities).tolist(), stored.index_select(0, pixels[kept]))
+
+
+@dataclass
+class ContrastiveDraw:
+    """The samples of one step's contrastive term (:func:`draw_contrastive_samples`): for each contrasted class,
+    ``num_queries`` anchor pixels (indices into the (B * h * w) flattened representation), its unit prototype and its
+    (num_queries, num_negatives, D) unit negative keys; ``num_present``: the number of classes the loss averages over
+    (those present in the batch, contrasted or not)."""
+
+    anchor_pixels: torch.Tensor
+    prototypes: torch.Tensor
+    negatives: List[torch.Tensor]
+    num_present: int
 
 
 def pixel_contrastive_loss(
@@ -266,35 +349,113 @@ def pixel_contrastive_loss(
     has several unlabelled images: ``label_onehot`` scatters every image's classes into the first image's slot. With
     ILM-ASSL's one unlabelled image per GPU the queues stay empty and the term is zero; its weight 0 reproduces that.
     """
-    C = probs.shape[1]
-    rep_p, rep_t = rep.permute(0, 2, 3, 1), rep_teacher.detach().permute(0, 2, 3, 1)
-    ranks = probs.argsort(1, descending=True).permute(0, 2, 3, 1)  # (B, h, w, C): classes by probability
-    # likely[..., c]: the teacher ranks c in the top low_rank (labelled) or at low_rank..high_rank (unlabelled)
-    likely = torch.zeros(ranks.shape, dtype=torch.bool, device=ranks.device)
-    likely[:num_labelled].scatter_(-1, ranks[:num_labelled, :, :, :low_rank], True)
-    likely[num_labelled:].scatter_(-1, ranks[num_labelled:, :, :, low_rank:high_rank], True)
-    anchors, prototypes, present = [], [], []
-    for c in range(C):
-        is_c = labels == c
-        low = is_c & low_mask.bool()
-        anchors.append(rep_p[(probs[:, c] > class_threshold) & low])
-        prototypes.append(rep_t[low].mean(0, keepdim=True) if low.any() else None)
-        negatives = ~is_c & (labels < C) & high_mask.bool() & (probs[:, c] < negative_threshold) & likely[..., c]
-        queues.push(c, rep_t[negatives])
-        if low.any():
-            present.append(c)
-    loss = rep.sum() * 0.0
+    draw = draw_contrastive_samples(
+        rep_teacher,
+        labels,
+        probs,
+        low_mask,
+        high_mask,
+        num_labelled,
+        queues,
+        class_threshold,
+        negative_threshold,
+        low_rank,
+        high_rank,
+        num_queries,
+        num_negatives,
+    )
+    return info_nce_loss(rep, draw, temperature)
+
+
+@torch.no_grad()
+def draw_contrastive_samples(
+    rep_teacher: torch.Tensor,
+    labels: torch.Tensor,
+    probs: torch.Tensor,
+    low_mask: torch.Tensor,
+    high_mask: torch.Tensor,
+    num_labelled: int,
+    queues: ContrastQueues,
+    class_threshold: float = 0.3,
+    negative_threshold: float = 1.0,
+    low_rank: int = 3,
+    high_rank: int = 20,
+    num_queries: int = 256,
+    num_negatives: int = 50,
+) -> Optional[ContrastiveDraw]:
+    """The bookkeeping of :func:`pixel_contrastive_loss`: pushes this step's negative keys into the queues and draws
+    the anchors and negatives (in the release's order of random draws); None when there is nothing to contrast."""
+    C, D = probs.shape[1], rep_teacher.shape[1]
+    num_labelled_pixels = num_labelled * labels[0].numel()
+    # Pixels flattened in (image, y, x) order, the order boolean-mask indexing of (B, h, w) enumerates them in, so the
+    # queues receive the same keys in the same order as a per-class loop of masks would push them.
+    rep_t = rep_teacher.detach().permute(0, 2, 3, 1).reshape(-1, D)
+    probs_p = probs.permute(0, 2, 3, 1).reshape(-1, C)
+    labels, low, high = labels.reshape(-1), low_mask.reshape(-1).bool(), high_mask.reshape(-1).bool()
+    labelled = labels < C
+    classes = torch.where(labelled, labels, C).long()  # C = ignored
+    own_probability = probs_p.gather(1, classes.clamp(max=C - 1)[:, None])[:, 0]
+    # A pixel is of one class, so it is a prototype pixel (and an anchor candidate) of its own class only.
+    prototype_class = torch.where(low, classes, C)
+    anchor_class = torch.where(own_probability > class_threshold, prototype_class, C)
+    prototype_counts = torch.bincount(prototype_class, minlength=C + 1)[:C]
+    prototypes = torch.zeros(C + 1, D, dtype=rep_t.dtype, device=rep_t.device).index_add_(0, prototype_class, rep_t)
+    prototypes = prototypes[:C] / prototype_counts.clamp(min=1)[:, None].to(rep_t.dtype)
+    # negative[p, c]: the teacher ranks c in the top low_rank (labelled images) or at low_rank..high_rank (unlabelled)
+    labelled_top = _top_classes(probs_p[:num_labelled_pixels], low_rank)
+    unlabelled_probs = probs_p[num_labelled_pixels:]
+    unlabelled_ranked = _top_classes(unlabelled_probs, high_rank) & ~_top_classes(unlabelled_probs, low_rank)
+    negative = torch.cat([labelled_top, unlabelled_ranked])
+    negative &= (high & labelled)[:, None] & (probs_p < negative_threshold)
+    negative.scatter_(1, classes.clamp(max=C - 1)[:, None], False)  # not of c (ignored pixels have no negatives)
+    _push_negatives(queues, negative, rep_t)
+    present = torch.nonzero(prototype_counts).flatten().tolist()
     if len(present) <= 1:  # a batch with at most one class has nothing to contrast
+        return None
+    anchor_order = torch.argsort(anchor_class, stable=True)  # anchor pixels grouped by class, in pixel order
+    anchor_counts = torch.bincount(anchor_class, minlength=C + 1)[:C].tolist()
+    anchor_starts = np.cumsum([0] + anchor_counts[:-1]).tolist()
+    lengths = queues.length.tolist()
+    anchors, negatives = {}, {}
+    for c in present:  # the draws in the release's order: per class its anchors, then its negatives
+        if anchor_counts[c] and lengths[c]:
+            anchors[c] = anchor_starts[c] + torch.randint(anchor_counts[c], (num_queries,))
+            negatives[c] = torch.randint(lengths[c], (num_queries * num_negatives,))
+    if not anchors:
+        return None
+    return ContrastiveDraw(
+        anchor_pixels=anchor_order.index_select(0, torch.cat(list(anchors.values())).to(anchor_order.device)),
+        prototypes=F.normalize(prototypes[list(anchors)], dim=-1, eps=1e-8),
+        negatives=[
+            _unit_keys(queues, c, drawn, rep_t.dtype).reshape(num_queries, -1, D) for c, drawn in negatives.items()
+        ],
+        num_present=len(present),
+    )
+
+
+def _unit_keys(queues: ContrastQueues, c: int, positions: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Class ``c``'s keys at queue ``positions``, as unit vectors in ``dtype``. Normalising the queue's rows once costs
+    less than normalising every drawn copy; index_select is several times faster than advanced indexing on the CPU."""
+    keys, start = queues.storage(c)
+    rows = (positions.to(keys.device) + start) % len(keys)
+    return F.normalize(keys.to(dtype), dim=-1, eps=1e-8).index_select(0, rows)
+
+
+def info_nce_loss(rep: torch.Tensor, draw: Optional[ContrastiveDraw], temperature: float = 0.5) -> torch.Tensor:
+    """U2PL's InfoNCE on the student's (B, D, h, w) representation ``rep`` for the anchors, prototypes and negatives
+    of ``draw``: per class the mean over its anchors of the cross-entropy of (prototype, negatives) cosine
+    similarities / ``temperature`` with the prototype as target, summed and divided by ``draw.num_present``."""
+    loss = rep.sum() * 0.0
+    if draw is None:
         return loss
-    for c in present:
-        queue = queues.get(c)
-        if not len(anchors[c]) or not len(queue):
-            continue
-        anchor = anchors[c][torch.randint(len(anchors[c]), (num_queries,))]
-        negative = queue[torch.randint(len(queue), (num_queries * num_negatives,))].to(rep.dtype)
-        negative = negative.reshape(num_queries, num_negatives, -1)
-        positive = prototypes[c].unsqueeze(0).expand(num_queries, 1, -1)
-        logits = _cosine_similarities(anchor, torch.cat([positive, negative], 1))
-        target = torch.zeros(num_queries, dtype=torch.long, device=rep.device)
-        loss = loss + F.cross_entropy(logits / temperature, target)
-    return loss / len(present)
+    rep_p = rep.permute(0, 2, 3, 1).reshape(-1, rep.shape[1])
+    # all anchors gathered at once (one scatter in the backward)
+    anchors = F.normalize(rep_p.index_select(0, draw.anchor_pixels), dim=-1, eps=1e-8)
+    for anchor, prototype, negative in zip(
+        anchors.split(len(anchors) // len(draw.negatives)), draw.prototypes, draw.negatives
+    ):
+        positive = anchor @ prototype.to(anchor.dtype)
+        negatives = torch.bmm(negative.to(anchor.dtype), anchor[:, :, None])[:, :, 0]
+        target = torch.zeros(len(anchor), dtype=torch.long, device=rep.device)
+        loss = loss + F.cross_entropy(torch.cat([positive[:, None], negatives], 1) / temperature, target)
+    return loss / draw.num_present

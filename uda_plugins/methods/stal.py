@@ -35,7 +35,7 @@ stay empty, ``CONTRASTIVE_WEIGHT 0`` reproduces that).
 
 from __future__ import annotations
 
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -44,7 +44,7 @@ import torch.nn.functional as F
 from uda_plugins.d2 import META_ARCH_REGISTRY, CfgNode, comm, get_event_storage
 from uda_plugins.data.build import DataRequirements, get_dataset_dicts
 from uda_plugins.data.mapper import UDADatasetMapper
-from uda_plugins.modeling import predicted_classes, stack_images
+from uda_plugins.modeling import class_maximum, predicted_classes, stack_images
 from uda_plugins.modeling.heads.deeplabv3plus import AuxiliaryHead
 from uda_plugins.modeling.losses import upsample_like
 from uda_plugins.utils.profiling import timed
@@ -52,16 +52,19 @@ from uda_plugins.utils.profiling import timed
 from .offline_pseudo_labels import percentile
 from .self_training import SelfTrainingArch
 from .semi_supervised import (
+    ContrastiveDraw,
     ContrastQueues,
     class_confidence,
     confidence_weighted_consistency,
     copy_paste,
     cutmix_box,
+    draw_contrastive_samples,
     draw_cutmix_source,
     draw_query_classes,
     filter_unlabelled_pseudo_labels,
+    info_nce_loss,
+    label_probability,
     ohem_cross_entropy,
-    pixel_contrastive_loss,
     update_cutmix_bank,
 )
 
@@ -119,8 +122,8 @@ class STAL(SelfTrainingArch):
                 high_rank=s.HIGH_RANK,
                 num_queries=s.NUM_QUERIES,
                 num_negatives=s.NUM_NEGATIVES,
-                temperature=s.TEMPERATURE,
             )
+            self.temperature = s.TEMPERATURE
             self.entropy_percents = (s.LOW_ENTROPY_PERCENT, s.HIGH_ENTROPY_PERCENT)
             capacities = [s.FIRST_CLASS_QUEUE_SIZE] + [s.QUEUE_SIZE] * (C - 1)
             self.queues = ContrastQueues(capacities, dim=self.student.head.representation_dim)
@@ -156,24 +159,35 @@ class STAL(SelfTrainingArch):
         self.teacher.eval()
         return upsample_like(logits, images.shape[-2:]).float(), rep
 
-    def _contrastive_loss(self, reps, teacher_reps, labels, pseudo_u, teacher_logits, entropy_u) -> torch.Tensor:
-        """U2PL's contrastive term on the labelled then the mixed unlabelled images, at the representation size."""
-        with torch.no_grad():
-            low_p, high_p = self.entropy_percents
-            kept_u = pseudo_u != self.ignore_value
-            low_u = (entropy_u <= percentile(entropy_u, low_p)) & kept_u
-            high_u = (entropy_u >= percentile(entropy_u, high_p)) & kept_u
-            kept_l = labels != self.ignore_value
-            size = reps.shape[-2:]
+    @torch.no_grad()
+    def _contrastive_draw(
+        self, teacher_reps, labels, pseudo_u, teacher_logits: List[torch.Tensor], entropy_u
+    ) -> Optional[ContrastiveDraw]:
+        """The samples of U2PL's contrastive term on the labelled then the mixed unlabelled images, at the
+        representation size (pushes this step's negatives into the queues)."""
+        low_p, high_p = self.entropy_percents
+        kept_u = pseudo_u != self.ignore_value
+        low_u = (entropy_u <= percentile(entropy_u, low_p)) & kept_u
+        high_u = (entropy_u >= percentile(entropy_u, high_p)) & kept_u
+        kept_l = labels != self.ignore_value
+        size = teacher_reps.shape[-2:]
 
-            def small(x: torch.Tensor) -> torch.Tensor:
-                return F.interpolate(x[:, None].float(), size=size, mode="nearest")[:, 0]
+        def small(x: torch.Tensor) -> torch.Tensor:
+            return F.interpolate(x[:, None].float(), size=size, mode="nearest")[:, 0]
 
-            all_labels = small(torch.cat([labels, pseudo_u])).long()
-            low, high = small(torch.cat([kept_l, low_u])).bool(), small(torch.cat([kept_l, high_u])).bool()
-            probs = torch.softmax(F.interpolate(teacher_logits, size=size, mode="bilinear", align_corners=False), 1)
-        return pixel_contrastive_loss(
-            reps, teacher_reps, all_labels, probs, low, high, len(labels), self.queues, **self.contrastive
+        all_labels = small(torch.cat([labels, pseudo_u])).long()
+        low, high = small(torch.cat([kept_l, low_u])).bool(), small(torch.cat([kept_l, high_u])).bool()
+        # Each part resized on its own (their full-size concatenation would copy every logit), as one-channel maps:
+        # the CPU kernel converts a many-channel input to channels-last first, five times the cost of the resize.
+        small_logits = [
+            F.interpolate(x.flatten(0, 1)[:, None], size=size, mode="bilinear", align_corners=False).view(
+                *x.shape[:2], *size
+            )
+            for x in teacher_logits
+        ]
+        probs = torch.softmax(torch.cat(small_logits), 1)
+        return draw_contrastive_samples(
+            teacher_reps, all_labels, probs, low, high, len(labels), self.queues, **self.contrastive
         )
 
     def _partner(self, index: int) -> torch.Tensor:
@@ -210,8 +224,8 @@ class STAL(SelfTrainingArch):
             own = [d["dataset_index"] for d in dicts]
             predictions = torch.cat([predicted_classes(logits), partner_predictions])
             self._update_bank(predictions, own + indices)
-            m = masks[:, None]
-            return images * (1 - m) + partner_images * m, logits * (1 - m) + partner_logits * m, masks
+            m = masks[:, None].bool()
+            return torch.where(m, partner_images, images), torch.where(m, partner_logits, logits), masks
 
     def _update_bank(self, predictions: torch.Tensor, indices: List[int]) -> None:
         if comm.get_world_size() > 1:  # every process applies every process's updates, in rank order
@@ -221,8 +235,8 @@ class STAL(SelfTrainingArch):
         else:
             update_cutmix_bank(self.cutmix_bank, predictions, indices, self.bank_area)
 
-    def _update_class_criterion(self, logits: torch.Tensor, labels: torch.Tensor) -> None:
-        value = class_confidence(logits, labels, self.num_classes)
+    def _update_class_criterion(self, label_prob: torch.Tensor, labels: torch.Tensor) -> None:
+        value = class_confidence(label_prob, labels, self.num_classes)
         if comm.get_world_size() > 1:
             torch.distributed.all_reduce(value)
             value /= comm.get_world_size()
@@ -249,23 +263,25 @@ class STAL(SelfTrainingArch):
         with timed("teacher_forward"):
             teacher_rep_u = self._teacher_train_mode(unlabelled, contrast)[1]
         with timed("pseudo_labels"):
-            confidence_l, pseudo_l = torch.softmax(teacher_labelled, 1).max(1)
+            confidence_l, pseudo_l = class_maximum(torch.softmax(teacher_labelled, 1))
             probs_u = torch.softmax(teacher_unlabelled, 1)
-            confidence_u, pseudo_u = probs_u.max(1)
-            entropy = -(probs_u * torch.log(probs_u + 1e-10)).sum(1)
+            confidence_u, pseudo_u = class_maximum(probs_u)
+            entropy = probs_u.add(1e-10).log_().mul_(probs_u).sum(1).neg_()  # -(p log(p + 1e-10)), in place
             percent = self.drop_percent * (1 - iteration / self.max_iter)
             pseudo_u = filter_unlabelled_pseudo_labels(pseudo_u, entropy, percent, self.as_released, self.ignore_value)
         with timed("student_forward"):  # the forwards with their losses (OHEM is U2PL's loss function)
             main_l, aux_l, rep_l = self._student(images, contrast)
             main_u, _, rep_u = self._student(unlabelled, contrast)
             thresh, min_kept = self.ohem
-            supervised = ohem_cross_entropy(main_l, labels, thresh, min_kept, self.ignore_value)
+            # each labelled pixel's probability of its label: what OHEM mines, and the class criterion's input
+            probability_l = label_probability(main_l, labels, self.num_classes)
+            supervised = ohem_cross_entropy(main_l, labels, thresh, min_kept, self.ignore_value, probability_l)
             supervised = supervised + self.aux_weight * ohem_cross_entropy(
                 aux_l, labels, thresh, min_kept, self.ignore_value
             )
             losses = {"loss_supervised": supervised / self.loss_divisor}
         with torch.no_grad():
-            self._update_class_criterion(main_l, labels)
+            self._update_class_criterion(probability_l, labels)
         criterion = self.class_criterion if self.equalisation_sampling else None
         gamma, gamma2 = self.confidence_gamma, self.sampling_gamma
         with timed("student_forward"):
@@ -275,15 +291,16 @@ class STAL(SelfTrainingArch):
             )
             losses["loss_consistency"] = self.consistency_weight * consistency / self.loss_divisor
         if contrast:
-            with timed("contrastive"):
-                loss = self._contrastive_loss(
-                    torch.cat([rep_l, rep_u]),
+            with timed("contrastive"):  # the sampling: queues, anchors and negatives
+                draw = self._contrastive_draw(
                     torch.cat([teacher_rep_l, teacher_rep_u]),
                     labels,
                     pseudo_u,
-                    torch.cat([teacher_labelled, teacher_unlabelled]),
+                    [teacher_labelled, teacher_unlabelled],
                     entropy,
                 )
+            with timed("student_forward"):  # the InfoNCE on the student's representation: a loss, like OHEM
+                loss = info_nce_loss(torch.cat([rep_l, rep_u]), draw, self.temperature)
             losses["loss_contrastive"] = self.contrastive_weight * loss
         if self.first_micro_batch:
             storage = get_event_storage()
