@@ -111,6 +111,46 @@ def test_oracle_forward_counts_as_network_compute(tmp_path, capsys):
     assert float(_row(capsys.readouterr().out, "student_forward")["share of step"].rstrip("%")) > 10
 
 
+def test_timed_sections_must_not_nest():
+    from uda_plugins.utils.profiling import collect_timings, timed
+
+    with timed("a"), timed("b"):  # nothing collects: free, and nesting is harmless
+        pass
+    with collect_timings() as sections:
+        with pytest.raises(RuntimeError, match="'b' inside 'a'"):
+            with timed("a"), timed("b"):
+                pass
+        with timed("b"):  # the failed section closed cleanly
+            pass
+    assert set(sections) == {"a", "b"}
+
+
+TWO_TARGETS = "('synthetic_tiny_target_train', 'synthetic_tiny_target_dusk_train')"
+
+
+@pytest.mark.parametrize(
+    "config, extra",
+    [
+        ("mic_gt.yaml", []),
+        ("quadmix.yaml", ["UDA.QUADMIX.START_ITER", "0"]),
+        (
+            "duda.yaml",
+            ["UDA.DUDA.SOURCE_WARMUP_ITERS", "0", "UDA.DUDA.UPDATE_START", "0", "INPUT.TARGET.CROP_SIZE", "(32, 64)"],
+        ),
+        ("stal.yaml", ["UDA.STAL.CONTRASTIVE_START_ITER", "0"]),
+        ("mcl_warmup.yaml", ["DATASETS.TARGET_TRAIN", TWO_TARGETS]),
+        ("mcl.yaml", ["DATASETS.TARGET_TRAIN", TWO_TARGETS]),
+    ],
+)
+def test_every_step_is_timed_in_disjoint_sections(config, extra, tmp_path, capsys):
+    """A method's sections do not nest (the benchmark raises if they do) and cover no more than the step."""
+    argv = ["--config-file", os.path.join(SYNTHETIC, config), "--iters", "1", "--warmup", "1"]
+    assert benchmark.main(argv + tiny_overrides(str(tmp_path / "unused")) + extra) == 0
+    out = capsys.readouterr().out
+    assert float(_row(out, "other (hooks, metrics, host<->device)")["s/it"]) >= 0
+    assert float(_row(out, "student_forward")["s/it"]) > 0
+
+
 def test_machinery_share_leaves_out_every_network():
     sections = {"student_forward": 0.3, "discriminators": 0.2, "backward": 0.3, "mixing": 0.1, "data_wait": 0.05}
     table = benchmark.breakdown_table(sections, [1.0])  # section totals over one 1-second iteration

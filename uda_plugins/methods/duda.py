@@ -287,37 +287,12 @@ class DUDA(SelfTrainingArch):
         labels = torch.stack([torch.from_numpy(np.asarray(c)).long() for c in crops])
         return labels.to(self.device, non_blocking=True)
 
-    def forward_train(self, batch: Dict[str, list]) -> Dict[str, torch.Tensor]:
-        iteration = get_event_storage().iter
-        it = self.self_training_iteration(iteration)
-        if it >= 0 and not self._bn_frozen:
-            self._freeze_student_bn()  # first thing in the step: a resumed run freezes at the same point
-        source_images, source_labels = self.images_and_labels(batch["source"])
-        losses, source_out = self.source_losses(source_images, source_labels)
-        visualize = self.should_visualize()
-        if visualize:
-            self.visualize("source/input_gt_pred", source_images, source_labels, source_out.logits)
-        if it < 0:
-            return losses  # the source-only warm-up
-        if len(batch["target"]) != 1:
-            raise ValueError("DUDA adapts to one target domain")
-        dicts = batch["target"][0]
-        crops = self.student.normalize(stack_images(dicts, self.device))
-        offline = self.offline_labels(dicts)
-        with torch.no_grad(), timed("teacher_forward"):
-            full = self.student.normalize(stack_images(dicts, self.device, key="full_image"))
-            full_probs = torch.softmax(self.teacher.predict(full).float(), dim=1)
-            probs = torch.stack(
-                [apply_geometry_tensor(full_probs[i], Geometry.from_dict(d["geometry"])) for i, d in enumerate(dicts)]
-            )
-        with timed("pseudo_labels"):
-            online, _, _ = keep_top_fraction(probs, self.alpha(it), self.ignore_value)
-            if self.update_mode == "batch" and it >= self.update_start:
-                confidence, labels = class_maximum(full_probs)
-                self._pending.append([(d["dataset_index"], labels[i], confidence[i]) for i, d in enumerate(dicts)])
-        with timed("student_forward"):
-            logits = upsample_like(self.student.forward_train(crops).logits, crops.shape[-2:]).float()
-        w = self.weights
+    def _target_losses(
+        self, logits: torch.Tensor, offline: torch.Tensor, online: torch.Tensor, probs: torch.Tensor
+    ) -> Dict[str, torch.Tensor]:
+        """The student's target losses on its crop ``logits``: symmetric CE to the ``offline`` bank labels, MSE to the
+        mean teacher's ``probs``, CE to the ``online`` labels and the dual regularisers on the pixels without them."""
+        w, losses = self.weights, {}
         ce_weight, rce_weight, log_clamp = self.sce
         losses["loss_offline"] = w["offline"] * symmetric_cross_entropy(
             logits, offline, ce_weight, rce_weight, log_clamp, self.ignore_value
@@ -334,6 +309,41 @@ class DUDA(SelfTrainingArch):
             offline_valid = offline != self.ignore_value
             losses["loss_offline_entropy"] = 2.0 * entropy_regularizer(logits, (~offline_valid).float())
             losses["loss_offline_kld"] = 0.1 * kld_uniform_regularizer(logits, offline_valid.float())
+        return losses
+
+    def forward_train(self, batch: Dict[str, list]) -> Dict[str, torch.Tensor]:
+        iteration = get_event_storage().iter
+        it = self.self_training_iteration(iteration)
+        if it >= 0 and not self._bn_frozen:
+            self._freeze_student_bn()  # first thing in the step: a resumed run freezes at the same point
+        source_images, source_labels = self.images_and_labels(batch["source"])
+        losses, source_out = self.source_losses(source_images, source_labels)
+        visualize = self.should_visualize()
+        if visualize:
+            self.visualize("source/input_gt_pred", source_images, source_labels, source_out.logits)
+        if it < 0:
+            return losses  # the source-only warm-up
+        if len(batch["target"]) != 1:
+            raise ValueError("DUDA adapts to one target domain")
+        dicts = batch["target"][0]
+        crops = self.student.normalize(stack_images(dicts, self.device))
+        with timed("pseudo_labels"):
+            offline = self.offline_labels(dicts)
+        with torch.no_grad(), timed("teacher_forward"):
+            full = self.student.normalize(stack_images(dicts, self.device, key="full_image"))
+            full_logits = self.teacher.predict(full).float()
+        with torch.no_grad(), timed("pseudo_labels"):
+            full_probs = torch.softmax(full_logits, dim=1)
+            probs = torch.stack(
+                [apply_geometry_tensor(full_probs[i], Geometry.from_dict(d["geometry"])) for i, d in enumerate(dicts)]
+            )
+            online, _, _ = keep_top_fraction(probs, self.alpha(it), self.ignore_value)
+            if self.update_mode == "batch" and it >= self.update_start:
+                confidence, labels = class_maximum(full_probs)
+                self._pending.append([(d["dataset_index"], labels[i], confidence[i]) for i, d in enumerate(dicts)])
+        with timed("student_forward"):  # the forward with its losses, as every method times them
+            logits = upsample_like(self.student.forward_train(crops).logits, crops.shape[-2:]).float()
+            losses.update(self._target_losses(logits, offline, online, probs))
         if self.first_micro_batch:
             get_event_storage().put_scalars(duda_alpha=self.alpha(it), duda_beta=self.beta(it), smoothing_hint=False)
         if visualize:

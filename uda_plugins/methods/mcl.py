@@ -395,19 +395,19 @@ class MCL(UDAMetaArch):
             with timed("pseudo_labels"):
                 labels = self._pseudo_labels(i, batch["target"][i], draws[i], crop_size)
             size = labels.shape[-2:]
-            with timed("student_forward"):
+            styled = {j: self._styled(strong[i], strong[j]) for j in range(T) if j != i}
+            with timed("student_forward"):  # the forwards with their losses
                 features = {i: student.extract_features(norm(strong[i]))}
                 own = upsample_like(student.decode_with(names[i], features[i]), size)
                 agnostic = upsample_like(student.decode_with(AGNOSTIC, features[i]), size)
                 others = []
-                for j in range(T):
-                    if j != i:
-                        features[j] = student.extract_features(norm(self._styled(strong[i], strong[j])))
-                        others.append(upsample_like(student.decode_with(names[j], features[j]), size))
+                for j in styled:
+                    features[j] = student.extract_features(norm(styled[j]))
+                    others.append(upsample_like(student.decode_with(names[j], features[j]), size))
                 ensemble = upsample_like(student.decode_stacked(ENSEMBLE, self._ensemble_slots(i, features)), size)
-            terms = target_self_training_losses(
-                own, agnostic, others, ensemble, labels, self.gamma, self.rectify, ignore
-            )
+                terms = target_self_training_losses(
+                    own, agnostic, others, ensemble, labels, self.gamma, self.rectify, ignore
+                )
             for k, v in terms.items():
                 totals[k] = totals[k] + v
             if i == 0 and self.should_visualize():

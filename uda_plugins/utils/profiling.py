@@ -17,6 +17,7 @@ import torch
 __all__ = ["timed", "collect_timings"]
 
 _active: Optional[Dict[str, float]] = None
+_open: Optional[str] = None  # the section being timed: sections must not nest (their times would count twice)
 
 
 def _sync() -> None:
@@ -26,16 +27,20 @@ def _sync() -> None:
 
 @contextmanager
 def timed(name: str) -> Iterator[None]:
+    global _open
     if _active is None:
         yield
         return
+    if _open is not None:
+        raise RuntimeError(f"timed section {name!r} inside {_open!r}: sections must not nest")
     _sync()
-    start = time.perf_counter()
+    _open, start = name, time.perf_counter()
     try:
         yield
     finally:
         _sync()
         _active[name] += time.perf_counter() - start
+        _open = None
 
 
 @contextmanager
