@@ -323,13 +323,8 @@ def pixel_contrastive_loss(
     high_mask: torch.Tensor,
     num_labelled: int,
     queues: ContrastQueues,
-    class_threshold: float = 0.3,
-    negative_threshold: float = 1.0,
-    low_rank: int = 3,
-    high_rank: int = 20,
-    num_queries: int = 256,
-    num_negatives: int = 50,
     temperature: float = 0.5,
+    **sampling,
 ) -> torch.Tensor:
     """U2PL's pixel contrastive loss (``compute_contra_memobank_loss`` without momentum prototypes) at the
     representation's resolution. ``rep`` / ``rep_teacher``: (B, D, h, w) student / teacher features of the labelled
@@ -342,28 +337,14 @@ def pixel_contrastive_loss(
     *not* of c for which the teacher ranks c among its top ``low_rank`` (labelled) or at ranks ``low_rank`` to
     ``high_rank`` (unlabelled) — U2PL's paper — pushed into c's queue, from which ``num_negatives`` are drawn per
     anchor; InfoNCE over cosine similarities / ``temperature`` for ``num_queries`` anchors per class, averaged over
-    the classes present.
+    the classes present. ``sampling``: the thresholds, ranks and counts of :func:`draw_contrastive_samples`.
 
     As released (U2PL's code, which ILM-ASSL copies) the negative mask also requires the pixel *to be* of class c,
     which no labelled pixel (not of c) and no unlabelled one (c ranked 0, not 3-20) can satisfy, unless the batch
     has several unlabelled images: ``label_onehot`` scatters every image's classes into the first image's slot. With
     ILM-ASSL's one unlabelled image per GPU the queues stay empty and the term is zero; its weight 0 reproduces that.
     """
-    draw = draw_contrastive_samples(
-        rep_teacher,
-        labels,
-        probs,
-        low_mask,
-        high_mask,
-        num_labelled,
-        queues,
-        class_threshold,
-        negative_threshold,
-        low_rank,
-        high_rank,
-        num_queries,
-        num_negatives,
-    )
+    draw = draw_contrastive_samples(rep_teacher, labels, probs, low_mask, high_mask, num_labelled, queues, **sampling)
     return info_nce_loss(rep, draw, temperature)
 
 
