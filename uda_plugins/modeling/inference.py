@@ -43,7 +43,7 @@ def class_maximum(scores: torch.Tensor, dim: int = 1) -> Tuple[torch.Tensor, tor
 
 def predicted_classes(scores: torch.Tensor, dim: int = 1) -> torch.Tensor:
     """The class of each pixel: the index of the maximum of ``scores`` along the class dimension ``dim`` (the first
-    on ties), as ``argmax(dim)`` (:func:`class_maximum`, several times faster on the CPU)."""
+    on ties), as ``argmax(dim)`` (:func:`class_maximum`: on the CPU, several times faster on full-size maps)."""
     return class_maximum(scores, dim)[1]
 
 
