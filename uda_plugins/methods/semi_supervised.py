@@ -221,7 +221,6 @@ class ContrastQueues(torch.nn.Module):
 
     def __init__(self, capacities: Sequence[int], dim: int, dtype: torch.dtype = torch.float16) -> None:
         super().__init__()
-        self.capacities = list(capacities)
         self.register_buffer("length", torch.zeros(len(capacities), dtype=torch.long))
         self.register_buffer("start", torch.zeros(len(capacities), dtype=torch.long))
         for c, capacity in enumerate(capacities):
@@ -234,6 +233,10 @@ class ContrastQueues(torch.nn.Module):
 
     def _keys(self, c: int) -> torch.Tensor:
         return getattr(self, f"keys_{c}")
+
+    @property
+    def capacities(self) -> List[int]:
+        return [len(self._keys(c)) for c in range(len(self.length))]
 
     @property
     def dtype(self) -> torch.dtype:
@@ -264,13 +267,14 @@ class ContrastQueues(torch.nn.Module):
         per_process = [keys.detach().split(list(counts))]
         if comm.get_world_size() > 1:
             per_process = [k.split(n) for n, k in comm.all_gather((list(counts), keys.detach().cpu()))]
-        for c in range(len(self.length)):
+        lengths, starts = self.length.tolist(), self.start.tolist()  # (one read of each, not one per class)
+        for c in range(len(lengths)):
             new = [split[c] for split in per_process if len(split[c])]
             if new:
-                self._append(c, torch.cat(new) if len(new) > 1 else new[0])
+                self._append(c, torch.cat(new) if len(new) > 1 else new[0], lengths[c], starts[c])
 
-    def _append(self, c: int, new: torch.Tensor) -> None:
-        keys, length, start = self._keys(c), int(self.length[c]), int(self.start[c])
+    def _append(self, c: int, new: torch.Tensor, length: int, start: int) -> None:
+        keys = self._keys(c)
         capacity = len(keys)
         new = new[-capacity:].to(keys)
         write = (start + length) % capacity  # the row after the newest key
