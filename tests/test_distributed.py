@@ -38,6 +38,16 @@ def _losses(out):
     return [{k: v for k, v in r.items() if k.startswith("loss") or k == "total_loss"} for r in records]
 
 
+def _assert_same_weights(a, b, skip=lambda key: False):
+    """Two checkpoints' weights agree up to summation order. DDP's all-reduce and gradient accumulation add the same
+    gradients in another order, and AdamW divides every step by sqrt(v), so a weight near zero can move by about 1e-5
+    after a few steps (seen: one weight in 9216 at 1.06e-5). A semantic difference moves many weights by far more.
+    BatchNorm buffers count per process and are never compared."""
+    for k in a:
+        if "running_" not in k and "num_batches_tracked" not in k and not skip(k):
+            torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=3e-5, msg=k)
+
+
 def _assert_same_losses(a, b, rel=1e-4):
     for ra, rb in zip(a, b):
         assert ra.keys() == rb.keys()
@@ -89,9 +99,7 @@ def test_two_processes_equal_one_with_accumulation_and_share_the_teacher(tmp_pat
     _assert_same_losses(_losses(ddp), _losses(accumulated))
     a = torch.load(os.path.join(ddp, "model_final.pth"), weights_only=True)["model"]
     b = torch.load(os.path.join(accumulated, "model_final.pth"), weights_only=True)["model"]
-    for k in a:
-        if "running_" not in k and "num_batches_tracked" not in k:  # BatchNorm buffers count per process
-            torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=k)
+    _assert_same_weights(a, b)
 
 
 def test_two_processes_equal_one_process_with_the_same_global_batch(tmp_path):

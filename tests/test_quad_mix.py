@@ -303,7 +303,7 @@ def test_quadmix_trains_across_the_switch_and_resumes_exactly_in_phase_b(tmp_pat
 def test_two_processes_equal_one_with_accumulation(tmp_path):
     """Each rank mixes its own previous batch and objects; micro-batch m of an accumulating process mixes with
     micro-batch m of its previous step: the same computation."""
-    from test_distributed import ITERS, _assert_same_losses, _losses, _overrides
+    from test_distributed import ITERS, _assert_same_losses, _assert_same_weights, _losses, _overrides
 
     extra = _quad_overrides(tmp_path, **{"UDA.QUADMIX.START_ITER": 1})
     ddp = str(tmp_path / "ddp")
@@ -320,7 +320,5 @@ def test_two_processes_equal_one_with_accumulation(tmp_path):
     a = torch.load(os.path.join(ddp, "model_final.pth"), weights_only=True)["model"]
     b = torch.load(os.path.join(accumulated, "model_final.pth"), weights_only=True)["model"]
     assert b["previous.source_images"].shape[0] == 2 * a["previous.source_images"].shape[0]  # one slot per micro-batch
-    for k in a:
-        # BatchNorm buffers count per process; the checkpoint holds rank 0's cache, the accumulating run both slots.
-        if "running_" not in k and "num_batches_tracked" not in k and not k.startswith("previous."):
-            torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=k)
+    # The checkpoint holds rank 0's cache of the previous batch, the accumulating run's both slots.
+    _assert_same_weights(a, b, skip=lambda key: key.startswith("previous."))

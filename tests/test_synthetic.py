@@ -8,6 +8,7 @@ import numpy as np
 from uda_plugins.d2 import DatasetCatalog, MetadataCatalog
 from uda_plugins.data.datasets.common import read_label
 from uda_plugins.data.datasets.synthetic import (
+    BUILDING,
     CAR,
     PERSON,
     TINY_SPEC,
@@ -43,14 +44,40 @@ def test_the_two_domains_differ_in_appearance_and_class_frequencies():
             sharpness.append(np.abs(np.diff(img.astype(float), axis=1)).mean())
             colours.append(img[lab == CAR].mean(0) if (lab == CAR).any() else np.full(3, np.nan))
         stats[domain] = (np.mean(car_person), np.nanstd(np.array(colours), axis=0).mean())
-    # more cars and persons in the target, and cars of many colours (the source paints them one colour)
+    # more cars and persons in the target, and cars of many colours (the source varies one colour per class)
     assert stats["target"][0] > 1.5 * stats["source"][0]
     assert stats["target"][1] > 2 * stats["source"][1]
+
+
+def test_source_colour_variety_changes_colours_only():
+    """Version 2 varies each source object's colour more (+-30 per channel, version 1: +-12); the scenes and the
+    random draws stay the same, so ``source_color_jitter=12`` still renders version 1's images."""
+    narrow, wide = (
+        SyntheticPairSpec(height=64, width=128, source_color_jitter=12),
+        SyntheticPairSpec(height=64, width=128),
+    )
+    assert wide.source_color_jitter == 30 and narrow.key() != wide.key()
+    spread = {}
+    for name, spec in (("narrow", narrow), ("wide", wide)):
+        building_means = []
+        for i in range(30):
+            img, lab = render_image(spec, "source", "train", i)
+            building_means.append(img[lab == BUILDING].mean(0))
+        spread[name] = np.std(building_means, axis=0).mean()
+    for i in range(5):
+        assert np.array_equal(
+            render_image(narrow, "source", "train", i)[1], render_image(wide, "source", "train", i)[1]
+        )
+        assert np.array_equal(
+            render_image(narrow, "target", "train", i)[0], render_image(wide, "target", "train", i)[0]
+        )
+    assert spread["wide"] > 1.8 * spread["narrow"]
 
 
 def test_files_are_in_the_cityscapes_layout_and_registered():
     names = [f"synthetic_tiny_{d}_{s}" for d in ("source", "target") for s in ("train", "val")]
     assert all(n in DatasetCatalog.list() for n in names)
+    assert all(n.replace("_tiny", "_v1") in DatasetCatalog.list() for n in names)  # the version-1 pair
     dicts = DatasetCatalog.get("synthetic_tiny_target_val")
     assert len(dicts) == TINY_SPEC.num_target_val
     d = dicts[0]
