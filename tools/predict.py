@@ -7,11 +7,11 @@
 For every image ``<name>.<ext>`` it writes to ``--output``: ``<name>_seg.png`` (the prediction in the dataset's
 palette), ``<name>_overlay.png`` (blended over the image, ``--alpha``) and ``<name>_labels.png`` (the class ids,
 one byte per pixel). For every video ``<name>.mp4|avi|mov|mkv`` it writes ``<name>_overlay.mp4``, frame by frame.
-Images go to the network ``--batch-size`` at a time, resized to ``INPUT.TEST.RESIZE`` as in evaluation; the
-prediction is scored back at the input's size. ``TEST.MODE slide`` (with ``TEST.SLIDE_CROP_SIZE`` / ``STRIDE``)
-runs sliding windows; ``TEST.EVAL_MODEL teacher`` predicts with the EMA teacher. Class names and colours come from
-the metadata of ``DATASETS.TEST[0]`` (the Cityscapes palette for the 19-class sets). Every file is written
-atomically.
+Images go to the network ``--batch-size`` at a time, resized by ``INPUT.TEST`` (RESIZE, RESIZE_MODE) as in
+evaluation; the prediction is scored back at the input's size. ``TEST.MODE slide`` (with ``TEST.SLIDE_CROP_SIZE``
+/ ``STRIDE``) runs sliding windows; ``TEST.EVAL_MODEL teacher`` predicts with the EMA teacher. Class names and
+colours come from the metadata of ``DATASETS.TEST[0]`` (the Cityscapes palette for the 19-class sets). Every file
+is written atomically.
 """
 
 import argparse
@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 import uda_plugins  # noqa: F401  (registration)
 from uda_plugins.d2 import MetadataCatalog, setup_logger
-from uda_plugins.data.transforms import fit_scale, resize_image, resized_size
+from uda_plugins.data.transforms import GeometryRule, resize_image
 from uda_plugins.engine import UDACheckpointer, UDATrainer
 from uda_plugins.engine.setup import load_frozen_cfg
 from uda_plugins.modeling import predicted_classes
@@ -88,7 +88,7 @@ class Predictor:
             logger.warning("No MODEL.WEIGHTS: predicting with a randomly initialised model")
         self.model.eval_model = cfg.TEST.EVAL_MODEL if cfg.TEST.EVAL_MODEL != "both" else "student"
         self.model.eval()
-        self.resize = tuple(cfg.INPUT.TEST.RESIZE)
+        self.resize = GeometryRule.from_config(cfg.INPUT.TEST, "INPUT.TEST")
         self.bgr = cfg.INPUT.FORMAT == "BGR"
 
     @torch.no_grad()
@@ -97,7 +97,7 @@ class Predictor:
         for frame in frames_rgb:
             height, width = frame.shape[:2]
             image = frame[:, :, ::-1] if self.bgr else frame
-            image = resize_image(image, resized_size((height, width), fit_scale((height, width), self.resize)))
+            image = resize_image(image, self.resize.base_size((height, width)))
             tensor = torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))
             inputs.append({"image": tensor, "height": height, "width": width})
         outputs = self.model(inputs)

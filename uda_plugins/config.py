@@ -17,14 +17,33 @@ from uda_plugins.d2 import get_cfg
 __all__ = ["add_uda_config", "get_uda_cfg"]
 
 
-def _add_domain_input(node: CN, *, resize, crop, cat_max_ratio: float, flip: float) -> None:
-    # Resize so the image fits inside (h, w) keeping its aspect ratio (mmseg's keep_ratio rule);
-    # (0, 0) keeps the original size.
+def _add_resize(node: CN, resize) -> None:
+    # Resize to (h, w) before anything else; (0, 0) keeps the original size. RESIZE_MODE: "keep_ratio" fits the
+    # image inside (h, w) keeping its aspect ratio (mmseg's keep_ratio: DAFormer, HRDA, MIC); "exact" stretches it
+    # to (h, w) whatever its aspect ratio (MCL's img_size, DUDA's resize, ILM-ASSL's 2048x1024 source images).
     node.RESIZE = resize
-    # Multiply that scale by a factor drawn uniformly from this range (1, 1 = no random scaling).
+    node.RESIZE_MODE = "keep_ratio"
+    # Scaled sides are "round"ed (mmcv's int(x + 0.5)) or "floor"ed (int(x): DUDA, MCL, ILM-ASSL).
+    node.SIZE_ROUNDING = "round"
+
+
+def _add_domain_input(node: CN, *, resize, crop, cat_max_ratio: float, flip: float) -> None:
+    _add_resize(node, resize)
+    # Multiply the resized size by a random factor from this range (1, 1 = no random scaling), drawn "uniform"ly
+    # or "split_at_one": from (lo, 1) or (1, hi) with probability 1/2 each (ILM-ASSL / U2PL's RandResize).
     node.RATIO_RANGE = (1.0, 1.0)
+    node.RATIO_SAMPLING = "uniform"
     # Random crop (h, w) after resizing; (0, 0) disables cropping.
     node.CROP_SIZE = crop
+    # A crop larger than the scaled image is padded at the "bottom_right" (mmseg's Pad after RandomCrop), or
+    # "center"ed (half the padding before, then the offset drawn in the padded image: ILM-ASSL's Crop), or "none":
+    # cut to the image, so a batch can mix sizes (refused when training starts where that can happen).
+    node.CROP_PAD = "bottom_right"
+    # Padded image pixels get these 0..255 values per channel; () = the pixel mean, i.e. 0 after normalisation (up
+    # to uint8 rounding), as mmseg and ILM-ASSL pad the normalised image. Padded label pixels get the ignore value
+    # (-1), or this class id (ILM-ASSL's release pads with 0 = road; its configs set it).
+    node.CROP_PAD_IMAGE = ()
+    node.CROP_PAD_LABEL = -1
     # Re-draw the crop (up to 10 times) while one class covers more than this fraction of its labelled
     # pixels (mmseg's cat_max_ratio). Needs labels, so it is ignored on unlabelled target images.
     node.CROP_CAT_MAX_RATIO = cat_max_ratio
@@ -86,9 +105,9 @@ def add_uda_config(cfg: CN) -> None:
     _C.INPUT.TARGET = CN()
     _add_domain_input(_C.INPUT.TARGET, resize=(0, 0), crop=(0, 0), cat_max_ratio=1.0, flip=0.5)
     _C.INPUT.TEST = CN()
-    # Resize test images to fit (h, w) keeping the aspect ratio; predictions are resized back to the original
-    # size before they are scored against the full-resolution label. (0, 0) keeps the original size.
-    _C.INPUT.TEST.RESIZE = (0, 0)
+    # Test images are resized as INPUT.*.RESIZE / RESIZE_MODE / SIZE_ROUNDING say; predictions are resized back to
+    # the original size before they are scored against the full-resolution label.
+    _add_resize(_C.INPUT.TEST, (0, 0))
 
     # ------------------------------------------------------------------ dataloader
     # DATALOADER.NUM_WORKERS (Detectron2's key): worker processes building whole UDA batches.

@@ -74,7 +74,7 @@ class DataRequirements:
     # An extra stream ``batch["source_paste"]`` of labelled source samples drawn by class for UDASS's rare-class
     # pasting (:func:`build_source_paste_stream`; its shape is configured under ``UDA.QUADMIX``).
     source_paste: bool = False
-    # Target samples also carry ``full_image``: the whole image resized to fit ``INPUT.TARGET.RESIZE`` (DUDA).
+    # Target samples also carry ``full_image``: the whole image at INPUT.TARGET's base size (RESIZE, RESIZE_MODE; DUDA).
     target_full_image: bool = False
 
 
@@ -147,6 +147,11 @@ class DomainStream:
         self.rare_class_sampler = rare_class_sampler
         self.first_iteration = int(first_iteration)
         self.label_bank = None
+        # One file per original image size, for the start-up check that batches can be formed.
+        self.size_examples: Dict[Tuple[int, int], str] = {}
+        for d in dicts:
+            if d.get("height") and d.get("width"):
+                self.size_examples.setdefault((int(d["height"]), int(d["width"])), d["file_name"])
         if rare_class_sampler is not None and rare_class_sampler.num_images != len(self.dataset):
             raise ValueError(
                 f"The rare-class sampler of '{name}' has statistics of {rare_class_sampler.num_images} images, "
@@ -157,6 +162,17 @@ class DomainStream:
     def set_seed(self, seed: int) -> None:
         self.seed = int(seed)
         self.sampler = EpochPermutationSampler(len(self.dataset), self.seed + self.salt)
+
+    def check_batchable(self, per_rank: int) -> None:
+        """Fail now, not at some iteration, when two images of this stream could come out at different sizes and
+        meet in a batch of ``per_rank``."""
+        cause = self.mapper.rule.mixed_size_cause(self.size_examples) if per_rank > 1 else None
+        if cause:
+            raise ValueError(
+                f"The {self.name} stream cannot form batches of {per_rank} images of one size: {cause}. Set "
+                f"{self.mapper.rule.key}.CROP_PAD (bottom_right or center), RESIZE_MODE exact or a CROP_SIZE every "
+                "scaled image reaches"
+            )
 
     def attach_label_bank(self, bank) -> None:
         if len(bank) != len(self.dataset):
@@ -368,15 +384,7 @@ def build_source_paste_stream(cfg: CfgNode, seed: int) -> Optional[DomainStream]
         quad.RARE_MIN_PIXELS,
         sampler.describe(),
     )
-    mapper = UDADatasetMapper(
-        is_train=True,
-        input_cfg=cfg.INPUT.SOURCE,
-        num_classes=cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES,
-        load_label=True,
-        ignore_label=cfg.MODEL.SEM_SEG_HEAD.IGNORE_VALUE,
-        class_crop_pixels=quad.RARE_MIN_PIXELS,
-        class_crop_redraws=cfg.DATALOADER.RCS.CROP_REDRAWS,
-    )
+    mapper = UDADatasetMapper.from_config(cfg, "source", load_label=True, class_crop_pixels=quad.RARE_MIN_PIXELS)
     return DomainStream(
         "source_paste",
         [d for dicts in dicts_per_name for d in dicts],
@@ -483,6 +491,7 @@ def build_uda_train_loader(cfg: CfgNode, requirements: DataRequirements, seed: O
                 f"processes ({world_size}) times SOLVER.GRAD_ACCUMULATION_STEPS ({accumulation}); batch sizes "
                 "in the config are global"
             )
+        stream.check_batchable(stream.global_batch // (world_size * accumulation))
     logger.info(
         "UDA train loader: source %s, targets %s, seed %d%s",
         f"{len(source.dataset)} images x{source.global_batch}" if source else "unused",
@@ -533,16 +542,11 @@ def _sharded_loader(dicts: Sequence[dict], mapper: UDADatasetMapper, batch_size:
 
 def build_full_view_loader(cfg: CfgNode, dataset_name: str, batch_size: int, limit: int = -1) -> DataLoader:
     """This rank's contiguous shard of the (first ``limit``, -1 = all) images of the training set ``dataset_name``,
-    each resized to fit ``INPUT.TARGET.RESIZE`` without random geometry, no labels, ``batch_size`` per batch: what a
-    teacher predicts on to fill or refresh a pseudo-label bank or to re-estimate BatchNorm statistics."""
+    each at ``INPUT.TARGET``'s base size (RESIZE and RESIZE_MODE) without random geometry, no labels, ``batch_size``
+    per batch: what a teacher predicts on to fill or refresh a pseudo-label bank or to re-estimate BatchNorm
+    statistics."""
     dicts = get_dataset_dicts([dataset_name])
     if limit >= 0:
         dicts = dicts[:limit]
-    mapper = UDADatasetMapper(
-        is_train=False,
-        input_cfg=cfg.INPUT.TARGET,
-        num_classes=cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES,
-        load_label=False,
-        ignore_label=cfg.MODEL.SEM_SEG_HEAD.IGNORE_VALUE,
-    )
+    mapper = UDADatasetMapper.from_config(cfg, "target", load_label=False, is_train=False)
     return _sharded_loader(dicts, mapper, batch_size, cfg.DATALOADER.NUM_WORKERS)

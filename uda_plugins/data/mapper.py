@@ -10,7 +10,7 @@ from the dict's, label size different from the image's, label values outside the
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
@@ -19,63 +19,98 @@ from uda_plugins.d2 import CfgNode
 
 from .datasets.common import read_image, read_label
 from .labels import IGNORE_LABEL, LABEL_MAPS, apply_lut, check_label_values
-from .transforms import Geometry, apply_geometry, fit_scale, resize_image, resized_size, sample_geometry
+from .transforms import Geometry, GeometryRule, apply_geometry, resize_image
 
-__all__ = ["UDADatasetMapper"]
+__all__ = ["UDADatasetMapper", "crop_pad_image"]
+
+
+def crop_pad_image(cfg: CfgNode, node: CfgNode) -> tuple:
+    """The 0..255 value per image channel that padded crop pixels get: ``node.CROP_PAD_IMAGE``, or for () the
+    pixel mean the network subtracts from that channel, i.e. 0 after normalisation (mmseg's ``Pad`` and
+    ILM-ASSL's ``Crop`` pad the normalised image with 0) up to the uint8 rounding (at most 0.5 / PIXEL_STD)."""
+    values = tuple(node.get("CROP_PAD_IMAGE", ())) or tuple(cfg.MODEL.PIXEL_MEAN)
+    if len(values) != len(cfg.MODEL.PIXEL_MEAN):
+        raise ValueError(f"CROP_PAD_IMAGE {list(values)} needs one value per channel ({len(cfg.MODEL.PIXEL_MEAN)})")
+    return tuple(int(min(max(round(float(v)), 0), 255)) for v in values)
 
 
 class UDADatasetMapper:
     """Reads, checks and transforms one dataset dict.
 
     Args:
-        is_train: random geometry from ``input_cfg`` (RESIZE, RATIO_RANGE, CROP_SIZE, CROP_CAT_MAX_RATIO,
-            FLIP_PROB); otherwise a deterministic resize to ``input_cfg.RESIZE`` and the label at full size.
-        input_cfg: ``cfg.INPUT.SOURCE``, ``cfg.INPUT.TARGET`` or ``cfg.INPUT.TEST``.
+        is_train: random geometry from ``rule``; otherwise a deterministic resize to the rule's base size and the
+            label at full size.
+        rule: the domain's :class:`~uda_plugins.data.transforms.GeometryRule` (``INPUT.SOURCE``, ``INPUT.TARGET``
+            or ``INPUT.TEST``); an ``input_cfg`` node is turned into one.
         num_classes: labels must hold 0..num_classes-1 or the ignore label.
         load_label: read ``sem_seg_file_name`` (unlabelled target images are never read by adaptation methods).
+        pad_image, pad_label: what padded crop pixels get (``CROP_PAD``): 0..255 per image channel (the pixel
+            mean is 0 after normalisation) and a label value (default: the ignore label).
         class_crop_pixels, class_crop_redraws: rare-class sampling
             (:class:`~uda_plugins.data.samplers.RareClassSampler`): a sample mapped with ``required_class=c``
             re-draws its random geometry up to ``class_crop_redraws`` times until the crop holds more than
             ``class_crop_pixels`` pixels of ``c`` (``DATALOADER.RCS.MIN_PIXELS * MIN_CROP_RATIO`` and
             ``CROP_REDRAWS``; 0 pixels: no re-draw).
-        full_view: training samples also carry ``full_image``, the whole image resized to fit ``RESIZE`` without
-            the random scale, crop or flip (DUDA's teacher predicts on it; the sample's ``geometry`` maps it to the
+        full_view: training samples also carry ``full_image``, the whole image at the rule's base size (without
+            the random scale, crop or flip; DUDA's teacher predicts on it; the sample's ``geometry`` maps it to the
             crop).
+
+    Every mapped dict names its rule's config node under ``"input_config"`` (``INPUT.SOURCE`` ...), so that an
+    error about its size can say which keys produced it.
     """
 
     def __init__(
         self,
         *,
         is_train: bool,
-        input_cfg: CfgNode,
         num_classes: int,
         load_label: bool,
+        rule: Optional[GeometryRule] = None,
+        input_cfg: Optional[CfgNode] = None,
         ignore_label: int = IGNORE_LABEL,
+        pad_image: Sequence[int] = (0, 0, 0),
+        pad_label: Optional[int] = None,
         class_crop_pixels: float = 0.0,
         class_crop_redraws: int = 10,
         full_view: bool = False,
     ) -> None:
+        if (rule is None) == (input_cfg is None):
+            raise TypeError("UDADatasetMapper takes a rule or an input_cfg")
         self.is_train = is_train
-        self.input_cfg = input_cfg
+        self.rule = rule if rule is not None else GeometryRule.from_config(input_cfg)
         self.num_classes = num_classes
         self.load_label = load_label
         self.ignore_label = ignore_label
+        self.pad_image = np.asarray(pad_image, dtype=np.uint8)
+        self.pad_label = ignore_label if pad_label is None or pad_label < 0 else int(pad_label)
         self.class_crop_pixels = float(class_crop_pixels)
         self.class_crop_redraws = int(class_crop_redraws)
         self.full_view = full_view
 
     @classmethod
-    def from_config(cls, cfg: CfgNode, domain: str, load_label: bool, full_view: bool = False) -> "UDADatasetMapper":
-        """``domain``: "source", "target" (training) or "test"."""
-        input_cfg = {"source": cfg.INPUT.SOURCE, "target": cfg.INPUT.TARGET, "test": cfg.INPUT.TEST}[domain]
+    def from_config(
+        cls,
+        cfg: CfgNode,
+        domain: str,
+        load_label: bool,
+        full_view: bool = False,
+        is_train: Optional[bool] = None,
+        class_crop_pixels: Optional[float] = None,
+    ) -> "UDADatasetMapper":
+        """``domain``: "source", "target" (training geometry, unless ``is_train`` is False: the whole views a
+        teacher predicts on) or "test". ``class_crop_pixels``: rare-class crops (default: from DATALOADER.RCS)."""
+        key = {"source": "INPUT.SOURCE", "target": "INPUT.TARGET", "test": "INPUT.TEST"}[domain]
+        node = {"source": cfg.INPUT.SOURCE, "target": cfg.INPUT.TARGET, "test": cfg.INPUT.TEST}[domain]
         rcs = cfg.DATALOADER.RCS
         return cls(
-            is_train=domain != "test",
-            input_cfg=input_cfg,
+            is_train=domain != "test" if is_train is None else is_train,
+            rule=GeometryRule.from_config(node, key),
             num_classes=cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES,
             load_label=load_label,
             ignore_label=cfg.MODEL.SEM_SEG_HEAD.IGNORE_VALUE,
-            class_crop_pixels=rcs.MIN_PIXELS * rcs.MIN_CROP_RATIO,
+            pad_image=crop_pad_image(cfg, node),
+            pad_label=node.get("CROP_PAD_LABEL", -1),
+            class_crop_pixels=rcs.MIN_PIXELS * rcs.MIN_CROP_RATIO if class_crop_pixels is None else class_crop_pixels,
             class_crop_redraws=rcs.CROP_REDRAWS,
             full_view=full_view,
         )
@@ -114,17 +149,11 @@ class UDADatasetMapper:
         label is read for that even when labels are not returned)."""
         class_crop = self.is_train and required_class is not None and self.class_crop_pixels > 0
         image, label = self._read(dataset_dict, self.load_label or class_crop)
-        c = self.input_cfg
         if self.is_train:
             rng = rng if rng is not None else np.random.default_rng()
-            geometry = sample_geometry(
+            geometry = self.rule.sample(
                 rng,
                 image.shape[:2],
-                resize=c.RESIZE,
-                ratio_range=c.RATIO_RANGE,
-                crop_size=c.CROP_SIZE,
-                cat_max_ratio=c.CROP_CAT_MAX_RATIO,
-                flip_prob=c.FLIP_PROB,
                 label=label,
                 ignore_label=self.ignore_label,
                 required_class=required_class if class_crop else None,
@@ -132,14 +161,14 @@ class UDADatasetMapper:
                 max_redraws=self.class_crop_redraws,
             )
             if self.full_view:
-                full_image = resize_image(image, resized_size(image.shape[:2], fit_scale(image.shape[:2], c.RESIZE)))
-            image = apply_geometry(image, geometry, is_label=False)
+                full_image = resize_image(image, self.rule.base_size(image.shape[:2]))
+            image = apply_geometry(image, geometry, is_label=False, pad_value=self.pad_image)
             if not self.load_label:
                 label = None  # read only to place the crop
             if label is not None:
-                label = apply_geometry(label, geometry, is_label=True)
+                label = apply_geometry(label, geometry, is_label=True, pad_value=self.pad_label)
         else:
-            size = resized_size(image.shape[:2], fit_scale(image.shape[:2], c.RESIZE))
+            size = self.rule.base_size(image.shape[:2])
             geometry = Geometry(tuple(image.shape[:2]), size, (0, 0, size[0], size[1]), False)
             image = resize_image(image, size)  # the label stays at full size: that is where we score
         out = {
@@ -149,6 +178,7 @@ class UDADatasetMapper:
             "width": int(geometry.orig_size[1]),
             "image": torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))),
             "geometry": geometry.to_dict(),
+            "input_config": self.rule.key,
         }
         if label is not None:
             out["sem_seg"] = torch.from_numpy(label.astype(np.int64))

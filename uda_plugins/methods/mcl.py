@@ -71,7 +71,7 @@ from uda_plugins.data.build import DataRequirements, build_full_view_loader, get
 from uda_plugins.data.color_transfer import lab_color_transfer
 from uda_plugins.data.pseudo_label_bank import PseudoLabelBank, SoftLabels, commit_in_batches
 from uda_plugins.data.rand_augment import apply_rand_augment, sample_rand_augment, warp_label
-from uda_plugins.modeling import stack_images
+from uda_plugins.modeling import size_groups, stack_images
 from uda_plugins.modeling.discriminator import (
     OutputDiscriminator,
     discriminator_loss,
@@ -309,11 +309,14 @@ class MCL(UDAMetaArch):
             self.eval()
             try:
                 with torch.no_grad():
-                    for dicts in loader:
-                        images = self.student.normalize(stack_images(dicts, self.device))
-                        logits = self.student.decode_with(name, self.student.extract_features(images))
-                        probs = torch.softmax(logits.float(), dim=1).to(torch.float16).cpu().numpy()
-                        yield [(d["dataset_index"], p) for d, p in zip(dicts, probs)]
+                    for batch in loader:
+                        pairs = []
+                        for dicts in size_groups(batch):
+                            images = self.student.normalize(stack_images(dicts, self.device))
+                            logits = self.student.decode_with(name, self.student.extract_features(images))
+                            probs = torch.softmax(logits.float(), dim=1).to(torch.float16).cpu().numpy()
+                            pairs += [(d["dataset_index"], p) for d, p in zip(dicts, probs)]
+                        yield pairs
             finally:
                 self.train(was_training)  # MCL.train: BatchNorm stays frozen with FREEZE_BN
 

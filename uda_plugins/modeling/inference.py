@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .losses import upsample_like
-from .segmentor import Segmentor, stack_images
+from .segmentor import Segmentor, size_groups, stack_images
 
 __all__ = [
     "class_maximum",
@@ -129,14 +129,15 @@ def segment(
 
 @torch.no_grad()
 def predict_full_views(network: nn.Module, loader, normalize) -> Iterator[Tuple[List[int], torch.Tensor]]:
-    """(dataset indices, softmax probabilities (N, C, H, W)) of each batch of a full-view loader, ``network`` in
-    eval mode (its mode is restored)."""
+    """(dataset indices, softmax probabilities (N, C, H, W)) of each batch of a full-view loader (split into
+    groups of one image size), ``network`` in eval mode (its mode is restored)."""
     was_training = network.training
     network.eval()
     try:
-        for dicts in loader:
-            device = next(network.parameters()).device
-            images = normalize(stack_images(dicts, device))
-            yield [d["dataset_index"] for d in dicts], torch.softmax(network.predict(images).float(), dim=1)
+        for batch in loader:
+            for dicts in size_groups(batch):
+                device = next(network.parameters()).device
+                images = normalize(stack_images(dicts, device))
+                yield [d["dataset_index"] for d in dicts], torch.softmax(network.predict(images).float(), dim=1)
     finally:
         network.train(was_training)

@@ -33,6 +33,7 @@ __all__ = [
     "build_segmentor",
     "compile_segmentors",
     "levels_read_by",
+    "size_groups",
     "stack_images",
 ]
 
@@ -61,13 +62,43 @@ class View:
     box: Optional[Tuple[int, int, int, int]] = None
 
 
+def _size_origin(d: dict, key: str) -> str:
+    """Where the size of ``d[key]`` comes from: its file and the config keys of its geometry."""
+    h, w = d[key].shape[-2:]
+    name, rule, g = d.get("file_name", "?"), d.get("input_config", "INPUT.*"), d.get("geometry")
+    if g is None:
+        return f"{h}x{w} from '{name}'"
+    (oh, ow), (rh, rw), crop = g["orig_size"], g["resized_size"], g["crop"]
+    if key != "image" or (crop[2], crop[3]) == (rh, rw):
+        return f"{h}x{w} from '{name}' ({oh}x{ow} resized by {rule}.RESIZE and RESIZE_MODE)"
+    return (
+        f"{h}x{w} from '{name}' ({oh}x{ow} scaled to {rh}x{rw} by {rule}.RESIZE, RESIZE_MODE and RATIO_RANGE, "
+        f"then cropped by {rule}.CROP_SIZE and CROP_PAD)"
+    )
+
+
 def stack_images(dicts: Sequence[dict], device: torch.device, key: str = "image") -> torch.Tensor:
-    """The ``key`` tensors of a list of mapped dicts as one (N, C, H, W) float tensor on ``device``."""
+    """The ``key`` tensors of a list of mapped dicts as one (N, C, H, W) float tensor on ``device``; images of
+    different sizes fail naming a file of each size and the config keys that produced it."""
     images = [d[key] for d in dicts]
-    sizes = {tuple(i.shape) for i in images}
-    if len(sizes) != 1:
-        raise ValueError(f"A training batch needs images of one size (set INPUT.*.CROP_SIZE), got {sorted(sizes)}")
+    origins: Dict[tuple, str] = {}
+    for d, image in zip(dicts, images):
+        origins.setdefault(tuple(image.shape), _size_origin(d, key))
+    if len(origins) != 1:
+        raise ValueError(
+            "A training batch needs images of one size (set INPUT.*.CROP_SIZE and CROP_PAD), got "
+            + " and ".join(origins.values())
+        )
     return torch.stack(images).to(device, non_blocking=True).float()
+
+
+def size_groups(dicts: Sequence[dict], key: str = "image") -> List[List[dict]]:
+    """``dicts`` in groups of one ``key`` size, in order of first appearance: whole images of several aspect
+    ratios (Mapillary's, a folder of photos) are predicted a group at a time."""
+    groups: Dict[tuple, List[dict]] = {}
+    for d in dicts:
+        groups.setdefault(tuple(d[key].shape), []).append(d)
+    return list(groups.values())
 
 
 class Segmentor(nn.Module):
