@@ -314,7 +314,8 @@ def test_two_processes_equal_one_with_accumulation(tmp_path):
     )
 
     extra = _quad_overrides(tmp_path, **{"UDA.QUADMIX.START_ITER": 1, **SGD_UPDATES})
-    extra["MODEL.WEIGHTS"] = _initial_checkpoint(CONFIG, _overrides(str(tmp_path / "init"), **extra), tmp_path / "i.pth")
+    init_overrides = _overrides(str(tmp_path / "init"), **extra)
+    extra["MODEL.WEIGHTS"] = _initial_checkpoint(CONFIG, init_overrides, tmp_path / "i.pth")
     ddp = str(tmp_path / "ddp")
     assert (
         train_net.cli(["--config-file", CONFIG, "--num-gpus", "2", "--dist-url", "auto"] + _overrides(ddp, **extra))
