@@ -8,12 +8,12 @@ tensorboard --logdir <OUTPUT_DIR>
 """
 
 import logging
-import os
 import sys
 
 import uda_plugins  # noqa: F401  (registers datasets, models and methods)
 from uda_plugins.d2 import default_argument_parser, launch
 from uda_plugins.engine import UDACheckpointer, UDATrainer, setup_cfg
+from uda_plugins.engine.preflight import preflight
 from uda_plugins.utils.cli import print_error
 
 logger = logging.getLogger("uda_plugins.train_net")
@@ -21,12 +21,11 @@ logger = logging.getLogger("uda_plugins.train_net")
 
 def main(args):
     cfg = setup_cfg(args)
+    preflight(cfg, args.config_file, resume=args.resume, eval_only=args.eval_only)
     if args.eval_only:
         model = UDATrainer.build_model(cfg)
         if not cfg.MODEL.WEIGHTS:
             logger.warning("--eval-only without MODEL.WEIGHTS: evaluating a randomly initialised model")
-        elif not os.path.isfile(cfg.MODEL.WEIGHTS):
-            raise FileNotFoundError(f"MODEL.WEIGHTS file '{cfg.MODEL.WEIGHTS}' does not exist")
         UDACheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
         return UDATrainer.test(cfg, model)
     trainer = UDATrainer(cfg)
