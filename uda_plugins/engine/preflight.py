@@ -65,7 +65,8 @@ def config_writing(weights: str, config_file: str) -> Optional[str]:
         except Exception:  # a broken neighbour must not hide the real message
             continue
         if output_dir and os.path.normpath(os.path.abspath(output_dir)) == target:
-            return os.path.relpath(path)
+            relative = os.path.relpath(path)
+            return path if relative.startswith("..") else relative
     return None
 
 

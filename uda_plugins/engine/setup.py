@@ -25,12 +25,16 @@ logger = logging.getLogger(__name__)
 
 
 def resolve_device(cfg: CfgNode) -> str:
-    """Run a CUDA config on the CPU where there is no GPU (the default configs say cuda); returns a warning to
-    log, or ""."""
+    """Run a CUDA config on the CPU where there is no GPU (the default configs say cuda), with its float16
+    autocast (a GPU setting: GradScaler) as bfloat16, the CPU's; returns a warning to log, or ""."""
     if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
         requested = cfg.MODEL.DEVICE
         cfg.MODEL.DEVICE = "cpu"
-        return f"MODEL.DEVICE is '{requested}' but CUDA is not available: running on the CPU"
+        warning = f"MODEL.DEVICE is '{requested}' but CUDA is not available: running on the CPU"
+        if cfg.SOLVER.AMP.ENABLED and cfg.SOLVER.AMP.PRECISION == "float16":
+            cfg.SOLVER.AMP.PRECISION = "bfloat16"
+            warning += ", with SOLVER.AMP.PRECISION bfloat16 (float16 autocast needs CUDA)"
+        return warning
     return ""
 
 
