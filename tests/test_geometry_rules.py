@@ -6,6 +6,8 @@ The releases draw with Python's ``random``, we with a numpy Generator, and in an
 content is compared where both resample alike (ILM-ASSL: torch's bilinear and nearest, like cv2's); where a
 release resamples twice with PIL (MCL, DUDA) only the geometry and the label's agreement on large regions are."""
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -17,6 +19,7 @@ from uda_plugins.data.mapper import UDADatasetMapper
 from uda_plugins.data.transforms import GeometryRule, apply_geometry
 from uda_plugins.modeling.segmentor import size_groups, stack_images
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MEAN = np.array([123.675, 116.28, 103.53])
 STD = np.array([58.395, 57.12, 57.375])
 
@@ -91,7 +94,7 @@ def _ilm_assl_transform(image, label, draws):
 
 def _stal_cfg():
     cfg = get_uda_cfg()
-    cfg.merge_from_file("configs/gta5_cityscapes/stal_dlv3p_r101_1pct.yaml")
+    cfg.merge_from_file(os.path.join(REPO, "configs/gta5_cityscapes/stal_dlv3p_r101_1pct.yaml"))
     return cfg
 
 
@@ -195,7 +198,7 @@ def _mcl_transform(label, img_size, resize, rcrop, draws):
 )
 def test_mcl_force_resize_random_size_and_crop_equal_the_release(config, img_size, resize, rcrop, size):
     cfg = get_uda_cfg()
-    cfg.merge_from_file(config)
+    cfg.merge_from_file(os.path.join(REPO, config))
     label = _blocky_label(*size, block=max(size) // 4)  # regions at least 80 px wide in the crop
     for domain in ("source", "target"):
         rule = UDADatasetMapper.from_config(cfg, domain, load_label=False).rule
@@ -231,7 +234,7 @@ def test_duda_resize_scale_and_crop_equal_the_release(config, source_size, resiz
     # RandomScale(0.51, 1.6) to int(scale * w) x int(scale * h) (:58-69), then RandomCrop(512, 896) (:13-36), which
     # has no padding: the smallest scale must still hold the crop.
     cfg = get_uda_cfg()
-    cfg.merge_from_file(config)
+    cfg.merge_from_file(os.path.join(REPO, config))
     rule = UDADatasetMapper.from_config(cfg, "source", load_label=True).rule
     assert rule.crop_pad == "none" and rule.mixed_size_cause({source_size: "x.png"}) is None
     for v in (0.0, 0.2, 0.5, 0.999):
@@ -325,3 +328,39 @@ def test_mapper_pads_with_the_pixel_mean_and_records_its_rule(tmp_path):
     assert out["geometry"]["crop"] == [-6, -5, 32, 40]  # (32 - 20) // 2 rows and (40 - 30) // 2 columns before
     assert out["image"][:, 0, 0].tolist() == [124, 116, 104]  # round(PIXEL_MEAN): 0 after normalisation
     assert (out["sem_seg"][6:26, 5:35] == 5).all() and int(out["sem_seg"][0, 0]) == 255
+
+
+# ------------------------------------------------------------------------------------------------ every paper config
+# Real sizes of each dataset beyond the fabricated ones: Mapillary's smallest (1024x768) and a portrait frame.
+EXTRA_REAL_SIZES = {"mapillary": [(768, 1024), (4000, 3000)], "gta5": [(1054, 1914)]}
+
+
+def _paper_configs():
+    for folder in ("gta5_cityscapes", "synthia_cityscapes", "multi_target"):
+        root = os.path.join(REPO, "configs", folder)
+        for name in sorted(os.listdir(root)):
+            if name.endswith(".yaml") and not name.startswith("Base-"):
+                yield os.path.join(folder, name)
+
+
+@pytest.mark.parametrize("config", list(_paper_configs()))
+def test_no_paper_config_can_mix_sizes_in_a_batch(config):
+    """For every paper config and every dataset it trains on, images of every real size come out of its rule at one
+    size: the start-up check that the loader makes (for per-process batches of 2 or more), here without the
+    datasets."""
+    from uda_plugins.data.datasets.fabricate import REAL_SIZES
+
+    cfg = get_uda_cfg()
+    cfg.merge_from_file(os.path.join(REPO, "configs", config))
+    streams = [("source", tuple(cfg.DATASETS.SOURCE_TRAIN))]
+    streams += [("target", (name,)) for name in cfg.DATASETS.TARGET_TRAIN]
+    if cfg.DATASETS.TARGET_LABELED_LIST:  # labelled Cityscapes images join the source stream
+        streams[0] = ("source", streams[0][1] + ("cityscapes_train",))
+    for domain, names in streams:
+        rule = UDADatasetMapper.from_config(cfg, domain, load_label=False).rule
+        sizes = {}
+        for name in names:
+            family = name.split("_")[0]
+            for size in [s for split in REAL_SIZES[family].values() for s in split] + EXTRA_REAL_SIZES.get(family, []):
+                sizes.setdefault(tuple(size), f"{family} {size[1]}x{size[0]}")
+        assert rule.mixed_size_cause(sizes) is None, (config, domain, rule.mixed_size_cause(sizes))

@@ -70,3 +70,20 @@ def test_weights_of_no_known_config(tmp_path, capsys):
     overrides = tiny_overrides(str(tmp_path / "run"), **{"MODEL.WEIGHTS": str(tmp_path / "missing.pth")})
     assert train_net.cli(["--config-file", SOURCE_ONLY, "--eval-only"] + overrides) == 1
     assert f"MODEL.WEIGHTS file '{tmp_path / 'missing.pth'}' does not exist" in _one_line(capsys)
+
+
+def test_a_gpu_config_on_a_machine_without_one_runs_on_the_cpu_in_bfloat16(monkeypatch):
+    import torch
+
+    from uda_plugins.config import get_uda_cfg
+    from uda_plugins.engine.setup import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    cfg = get_uda_cfg()
+    cfg.merge_from_file(os.path.join(REPO, "configs", "gta5_cityscapes", "duda_dlv2_r101.yaml"))  # cuda, float16 AMP
+    warning = resolve_device(cfg)
+    assert cfg.MODEL.DEVICE == "cpu" and cfg.SOLVER.AMP.PRECISION == "bfloat16"
+    assert "running on the CPU, with SOLVER.AMP.PRECISION bfloat16" in warning
+    cfg = get_uda_cfg()
+    cfg.MODEL.DEVICE, cfg.SOLVER.AMP.ENABLED, cfg.SOLVER.AMP.PRECISION = "cpu", True, "float16"
+    assert resolve_device(cfg) == "" and cfg.SOLVER.AMP.PRECISION == "float16"  # asked for on the CPU: the step refuses
