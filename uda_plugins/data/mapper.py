@@ -99,8 +99,9 @@ class UDADatasetMapper:
     ) -> "UDADatasetMapper":
         """``domain``: "source", "target" (training geometry, unless ``is_train`` is False: the whole views a
         teacher predicts on) or "test". ``class_crop_pixels``: rare-class crops (default: from DATALOADER.RCS)."""
-        key = {"source": "INPUT.SOURCE", "target": "INPUT.TARGET", "test": "INPUT.TEST"}[domain]
-        node = {"source": cfg.INPUT.SOURCE, "target": cfg.INPUT.TARGET, "test": cfg.INPUT.TEST}[domain]
+        if domain not in ("source", "target", "test"):
+            raise ValueError(f"Unknown domain '{domain}' (source, target or test)")
+        key, node = f"INPUT.{domain.upper()}", cfg.INPUT[domain.upper()]
         rcs = cfg.DATALOADER.RCS
         return cls(
             is_train=domain != "test" if is_train is None else is_train,
