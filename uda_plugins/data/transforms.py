@@ -26,6 +26,7 @@ resized image; the replay fills the outside with a pad value.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import asdict, dataclass
 from typing import Dict, Optional, Sequence, Tuple
 
@@ -231,7 +232,15 @@ class GeometryRule:
         required_pixels: float = 0.0,
         max_redraws: int = 10,
     ) -> Geometry:
-        """See :func:`sample_geometry`."""
+        """Draw a resize and a random scale, a random crop of ``crop_size`` (re-drawn up to 10 times while one class
+        dominates, when ``label`` is given and ``cat_max_ratio`` < 1) and a flip.
+
+        Rare-class sampling: with ``required_class`` (and ``label``), the whole draw is repeated up to
+        ``max_redraws`` more times until the crop holds more than ``required_pixels`` pixels of that class, counted
+        on the label as resized and cropped; the last draw is kept even if it misses. This is lhoyer/MIC
+        ``seg/mmseg/datasets/uda_dataset.py`` ``get_rare_class_sample``, which re-runs the whole source pipeline
+        (random resize, cat_max_ratio crop, flip) on the same file up to 10 times. Without ``required_class`` the
+        random draws are exactly those of a single attempt."""
         h, w = int(size[0]), int(size[1])
         attempts = 1 + max(0, int(max_redraws)) if required_class is not None and label is not None else 1
         for _ in range(attempts):
@@ -283,42 +292,15 @@ def _class_pixels_in_crop(label: np.ndarray, geometry: Geometry, class_id: int) 
     return int(np.count_nonzero(_inside(resize_label(label, geometry.resized_size), geometry.crop) == class_id))
 
 
-def sample_geometry(
-    rng: np.random.Generator,
-    size: Sequence[int],
-    *,
-    rule: Optional[GeometryRule] = None,
-    label: Optional[np.ndarray] = None,
-    ignore_label: int = IGNORE_LABEL,
-    required_class: Optional[int] = None,
-    required_pixels: float = 0.0,
-    max_redraws: int = 10,
-    **rule_fields,
-) -> Geometry:
-    """Draw a resize (``rule``, or a :class:`GeometryRule` of ``rule_fields``: ``resize``, ``ratio_range``,
-    ``crop_size``, ...), a random crop of ``crop_size`` (re-drawn up to 10 times while one class dominates, when
-    ``label`` is given and ``cat_max_ratio`` < 1) and a flip.
-
-    Rare-class sampling: with ``required_class`` (and ``label``), the whole draw is repeated up to ``max_redraws``
-    more times until the crop holds more than ``required_pixels`` pixels of that class, counted on the label as
-    resized and cropped; the last draw is kept even if it misses. This is lhoyer/MIC
-    ``seg/mmseg/datasets/uda_dataset.py`` ``get_rare_class_sample``, which re-runs the whole source pipeline
-    (random resize, cat_max_ratio crop, flip) on the same file up to 10 times. Without ``required_class`` the
-    random draws are exactly those of a single attempt.
-    """
-    if rule is None:
-        rule = GeometryRule(**rule_fields)
-    elif rule_fields:
+def sample_geometry(rng: np.random.Generator, size: Sequence[int], *, rule: Optional[GeometryRule] = None, **kwargs):
+    """:meth:`GeometryRule.sample` in one call: ``rule``, or a rule of the :class:`GeometryRule` fields among
+    ``kwargs`` (``resize``, ``ratio_range``, ``crop_size``, ...); the other ``kwargs`` go to ``sample``."""
+    fields = {f.name for f in dataclasses.fields(GeometryRule)}
+    rule_fields = {k: v for k, v in kwargs.items() if k in fields}
+    if rule is not None and rule_fields:
         raise TypeError("sample_geometry takes a rule or its fields, not both")
-    return rule.sample(
-        rng,
-        size,
-        label=label,
-        ignore_label=ignore_label,
-        required_class=required_class,
-        required_pixels=required_pixels,
-        max_redraws=max_redraws,
-    )
+    rule = rule if rule is not None else GeometryRule(**rule_fields)
+    return rule.sample(rng, size, **{k: v for k, v in kwargs.items() if k not in fields})
 
 
 def _padded_crop_numpy(array: np.ndarray, crop: Sequence[int], pad_value) -> np.ndarray:
