@@ -8,63 +8,12 @@ import sys
 import numpy as np
 import pytest
 from conftest import REPO, tiny_overrides
-from PIL import Image
 
 sys.path.insert(0, os.path.join(REPO, "tools"))
 import compute_class_stats  # noqa: E402
 import train_net  # noqa: E402
 
 from uda_plugins.data.datasets.image_folder import load_class_list, register_datasets_file  # noqa: E402
-
-
-def _write_dataset(root, split, n, labelled=True):
-    rng = np.random.default_rng(len(split))
-    for i in range(n):
-        city = f"site{i % 2}"
-        os.makedirs(root / "images" / split / city, exist_ok=True)
-        image = rng.integers(0, 256, (32, 64, 3), dtype=np.uint8)
-        label = np.zeros((32, 64), np.uint8)
-        label[:, 20:40] = 1
-        label[24:, :] = 2
-        label[0, :] = 255
-        image[label == 1] = (200, 30, 30)  # learnable classes
-        image[label == 2] = (30, 200, 30)
-        Image.fromarray(image).save(
-            root / "images" / split / city / f"frame{i}.jpg"
-            if i % 2
-            else root / "images" / split / city / f"frame{i}.png"
-        )
-        if labelled:
-            os.makedirs(root / "labels" / split / city, exist_ok=True)
-            Image.fromarray(label).save(root / "labels" / split / city / f"frame{i}_label.png")
-
-
-@pytest.fixture
-def custom(tmp_path):
-    root = tmp_path / "mine"
-    _write_dataset(root, "train", 6)
-    _write_dataset(root, "unlabelled", 4, labelled=False)
-    _write_dataset(root, "val", 4)
-    (root / "classes.yaml").write_text(
-        "- {name: ground, color: [128, 64, 128]}\n- {name: wall}\n- {name: grass, color: [0, 200, 0]}\n"
-    )
-    spec = {
-        "mine_train": {
-            "images": "images/train",
-            "labels": "labels/train",
-            "classes": "classes.yaml",
-            "label_suffix": "_label",
-        },
-        "mine_target": {"images": "images/unlabelled", "classes": "classes.yaml"},
-        "mine_val": {
-            "images": "images/val",
-            "labels": "labels/val",
-            "classes": "classes.yaml",
-            "label_suffix": "_label",
-        },
-    }
-    (root / "datasets.json").write_text(json.dumps(spec))
-    return root
 
 
 def test_class_lists_in_every_form_and_their_errors(tmp_path):

@@ -109,3 +109,25 @@ def test_bad_inputs_get_one_line(tmp_path, capsys, images):
     args = ["--input", str(images), "--output", str(tmp_path / "o"), "MODEL.WEIGHTS", str(tmp_path / "x.pth")]
     assert _predict(args + TINY) == 1
     assert "MODEL.WEIGHTS file" in capsys.readouterr().err
+
+
+def test_a_cityscapes_layout_folder_is_searched_through_its_sub_folders_and_mirrored(
+    checkpoint, images, tmp_path, capsys
+):
+    import shutil
+
+    root = tmp_path / "leftImg8bit" / "val"
+    names = sorted(p.name for p in images.iterdir())[:2]
+    for city in ("aachen", "bochum"):  # the same file names in both cities
+        (root / city).mkdir(parents=True)
+        for name in names:
+            shutil.copy(images / name, root / city / name)
+    out = tmp_path / "out"
+    assert _predict(["--input", str(root), "--output", str(out), "MODEL.WEIGHTS", checkpoint] + TINY) == 0
+    written = sorted(os.path.relpath(p, out) for p in glob.glob(str(out / "**" / "*_labels.png"), recursive=True))
+    expected = sorted(f"{city}/{os.path.splitext(n)[0]}_labels.png" for city in ("aachen", "bochum") for n in names)
+    assert written == expected
+    # Two inputs that would write the same files fail, naming both.
+    a, b = str(root / "aachen" / names[0]), str(root / "bochum" / names[0])
+    assert _predict(["--input", a, b, "--output", str(tmp_path / "o"), "MODEL.WEIGHTS", checkpoint] + TINY) == 1
+    assert f"--input '{a}' and '{b}' would both be written" in capsys.readouterr().err

@@ -7,6 +7,9 @@
 For every image ``<name>.<ext>`` it writes to ``--output``: ``<name>_seg.png`` (the prediction in the dataset's
 palette), ``<name>_overlay.png`` (blended over the image, ``--alpha``) and ``<name>_labels.png`` (the class ids,
 one byte per pixel). For every video ``<name>.mp4|avi|mov|mkv`` it writes ``<name>_overlay.mp4``, frame by frame.
+A folder is searched with its sub-folders (a Cityscapes-layout ``leftImg8bit/val`` through its cities), which are
+mirrored under ``--output``. The weights must fit the network predicted with (``TEST.EVAL_MODEL``) entirely, and
+``MODEL.SEM_SEG_HEAD.NUM_CLASSES`` the config's datasets: otherwise one line says what does not.
 Images go to the network ``--batch-size`` at a time, resized by ``INPUT.TEST`` (RESIZE, RESIZE_MODE) as in
 evaluation; the prediction is scored back at the input's size. ``TEST.MODE slide`` (with ``TEST.SLIDE_CROP_SIZE``
 / ``STRIDE``) runs sliding windows; ``TEST.EVAL_MODEL teacher`` predicts with the EMA teacher. Class names and
@@ -30,7 +33,9 @@ from tqdm import tqdm
 import uda_plugins  # noqa: F401  (registration)
 from uda_plugins.d2 import MetadataCatalog, setup_logger
 from uda_plugins.data.transforms import GeometryRule, resize_image
-from uda_plugins.engine import UDACheckpointer, UDATrainer
+from uda_plugins.engine import UDATrainer
+from uda_plugins.engine.checkpoint import load_evaluated_weights
+from uda_plugins.engine.preflight import check_class_counts
 from uda_plugins.engine.setup import load_frozen_cfg
 from uda_plugins.modeling import predicted_classes
 from uda_plugins.utils.cli import print_error
@@ -43,35 +48,49 @@ VIDEO_EXTENSIONS = (".mp4", ".avi", ".mov", ".mkv")
 logger = logging.getLogger("uda_plugins.predict")
 
 
-def expand_inputs(items: Sequence[str]) -> Tuple[List[str], List[str]]:
-    """(image files, video files) named by ``items``: files, folders (their images and videos, sorted) or glob
-    patterns (what they match; other files are skipped). A file given by name must be an image or a video."""
-    images, videos = [], []
+def expand_inputs(items: Sequence[str]) -> Tuple[List[Tuple[str, str]], List[Tuple[str, str]]]:
+    """(images, videos) named by ``items``, each as (file, output name): files (named by their file name), folders
+    (every image and video in them and their sub-folders, sorted, named by their path inside the folder, so that a
+    Cityscapes-layout ``leftImg8bit/val`` is found through its city folders and mirrored under ``--output``) or glob
+    patterns (what they match, named by their file name; other files are skipped). A file given by name must be an
+    image or a video. Two inputs with one output name fail, naming both."""
+    images: List[Tuple[str, str]] = []
+    videos: List[Tuple[str, str]] = []
+    owner: dict = {}
 
-    def add(path: str, explicit: bool) -> None:
+    def add(path: str, name: str, explicit: bool) -> None:
         ext = os.path.splitext(path)[1].lower()
-        if ext in IMAGE_EXTENSIONS:
-            images.append(path)
-        elif ext in VIDEO_EXTENSIONS:
-            videos.append(path)
-        elif explicit:
-            raise ValueError(
-                f"--input '{path}' is neither an image ({IMAGE_EXTENSIONS}) nor a video ({VIDEO_EXTENSIONS})"
-            )
+        kind = images if ext in IMAGE_EXTENSIONS else videos if ext in VIDEO_EXTENSIONS else None
+        if kind is None:
+            if explicit:
+                raise ValueError(
+                    f"--input '{path}' is neither an image ({IMAGE_EXTENSIONS}) nor a video ({VIDEO_EXTENSIONS})"
+                )
+            return
+        stem = os.path.splitext(name)[0]
+        if stem in owner and owner[stem] != path:
+            raise ValueError(f"--input '{owner[stem]}' and '{path}' would both be written as '{stem}_*' under --output")
+        owner[stem] = path
+        kind.append((path, stem))
 
     for item in items:
         before = len(images) + len(videos)
         if os.path.isfile(item):
-            add(item, explicit=True)
-        elif os.path.isdir(item) or glob.has_magic(item):
-            paths = glob.glob(os.path.join(item, "*")) if os.path.isdir(item) else glob.glob(item)
-            for path in sorted(paths):
+            add(item, os.path.basename(item), explicit=True)
+        elif os.path.isdir(item):
+            for folder, subfolders, files in os.walk(item):
+                subfolders.sort()
+                for f in sorted(files):
+                    path = os.path.join(folder, f)
+                    add(path, os.path.relpath(path, item), explicit=False)
+        elif glob.has_magic(item):
+            for path in sorted(glob.glob(item)):
                 if os.path.isfile(path):
-                    add(path, explicit=False)
+                    add(path, os.path.basename(path), explicit=False)
         else:
             raise FileNotFoundError(f"--input '{item}' is not a file, a folder or a glob pattern")
         if len(images) + len(videos) == before:
-            raise FileNotFoundError(f"--input '{item}' holds no image or video")
+            raise FileNotFoundError(f"--input '{item}' holds no image or video, in it or in its sub-folders")
     return images, videos
 
 
@@ -80,13 +99,11 @@ class Predictor:
 
     def __init__(self, cfg) -> None:
         self.model = UDATrainer.build_model(cfg)
+        self.model.eval_model = cfg.TEST.EVAL_MODEL if cfg.TEST.EVAL_MODEL != "both" else "student"
         if cfg.MODEL.WEIGHTS:
-            if not os.path.isfile(cfg.MODEL.WEIGHTS):
-                raise FileNotFoundError(f"MODEL.WEIGHTS file '{cfg.MODEL.WEIGHTS}' does not exist")
-            UDACheckpointer(self.model).load(cfg.MODEL.WEIGHTS, checkpointables=[])
+            load_evaluated_weights(self.model, cfg.MODEL.WEIGHTS, self.model.eval_model)
         else:
             logger.warning("No MODEL.WEIGHTS: predicting with a randomly initialised model")
-        self.model.eval_model = cfg.TEST.EVAL_MODEL if cfg.TEST.EVAL_MODEL != "both" else "student"
         self.model.eval()
         self.resize = GeometryRule.from_config(cfg.INPUT.TEST, "INPUT.TEST")
         self.bgr = cfg.INPUT.FORMAT == "BGR"
@@ -120,27 +137,30 @@ def batches(items: Sequence, size: int) -> Iterator[Sequence]:
         yield items[start : start + size]
 
 
-def predict_images(predictor: Predictor, paths: Sequence[str], out_dir: str, palette, alpha: float, batch: int):
-    with tqdm(total=len(paths), desc="images", unit="img", disable=None) as bar:
-        for chunk in batches(paths, batch):
-            frames = [read_rgb(p) for p in chunk]
-            for path, frame, labels in zip(chunk, frames, predictor(frames)):
-                stem = os.path.join(out_dir, os.path.splitext(os.path.basename(path))[0])
+def predict_images(predictor: Predictor, items: Sequence[Tuple[str, str]], out_dir: str, palette, alpha, batch: int):
+    """Write the predictions of each (image, output name) of ``items`` under ``out_dir`` (sub-folders as named)."""
+    with tqdm(total=len(items), desc="images", unit="img", disable=None) as bar:
+        for chunk in batches(items, batch):
+            frames = [read_rgb(path) for path, _ in chunk]
+            for (_, name), frame, labels in zip(chunk, frames, predictor(frames)):
+                stem = os.path.join(out_dir, name)
+                os.makedirs(os.path.dirname(stem), exist_ok=True)
                 atomic_write_png(stem + "_seg.png", palette[labels])
                 atomic_write_png(stem + "_overlay.png", overlay(frame, labels, palette, alpha))
                 atomic_write_png(stem + "_labels.png", labels)
             bar.update(len(chunk))
 
 
-def predict_video(predictor: Predictor, path: str, out_dir: str, palette, alpha: float, batch: int) -> str:
-    """Write ``<name>_overlay.mp4`` (same size and frame rate); returns its path."""
+def predict_video(predictor: Predictor, path: str, name: str, out_dir: str, palette, alpha: float, batch: int) -> str:
+    """Write ``<out_dir>/<name>_overlay.mp4`` (same size and frame rate); returns its path."""
     capture = cv2.VideoCapture(path)
     if not capture.isOpened():
         raise ValueError(f"Cannot open video '{path}'")
     fps = capture.get(cv2.CAP_PROP_FPS) or 25.0
     total = int(capture.get(cv2.CAP_PROP_FRAME_COUNT)) or None
-    target = os.path.join(out_dir, os.path.splitext(os.path.basename(path))[0] + "_overlay.mp4")
-    fd, tmp = tempfile.mkstemp(prefix=".", suffix=".mp4", dir=out_dir)
+    target = os.path.join(out_dir, name + "_overlay.mp4")
+    os.makedirs(os.path.dirname(target), exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".", suffix=".mp4", dir=os.path.dirname(target))
     os.close(fd)
     writer = None
     try:
@@ -183,6 +203,7 @@ def main(argv=None) -> int:
     setup_logger(name="uda_plugins")
     try:
         cfg = load_frozen_cfg(args.config_file, args.opts)
+        check_class_counts(cfg)
         images, videos = expand_inputs(args.input)
         os.makedirs(args.output, exist_ok=True)
         num_classes = cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES
@@ -193,8 +214,9 @@ def main(argv=None) -> int:
         predictor = Predictor(cfg)
         if images:
             predict_images(predictor, images, args.output, palette, args.alpha, args.batch_size)
-        for video in videos:
-            logger.info(f"Wrote {predict_video(predictor, video, args.output, palette, args.alpha, args.batch_size)}")
+        for video, name in videos:
+            written = predict_video(predictor, video, name, args.output, palette, args.alpha, args.batch_size)
+            logger.info(f"Wrote {written}")
     except (FileNotFoundError, KeyError, ValueError, OSError) as e:
         return print_error("predict.py", e)
     logger.info(f"{len(images)} images and {len(videos)} videos -> {args.output}")

@@ -13,6 +13,7 @@ import sys
 import uda_plugins  # noqa: F401  (registers datasets, models and methods)
 from uda_plugins.d2 import default_argument_parser, launch
 from uda_plugins.engine import UDACheckpointer, UDATrainer, setup_cfg
+from uda_plugins.engine.checkpoint import load_evaluated_weights
 from uda_plugins.engine.preflight import preflight
 from uda_plugins.utils.cli import print_error
 
@@ -24,9 +25,13 @@ def main(args):
     preflight(cfg, args.config_file, resume=args.resume, eval_only=args.eval_only)
     if args.eval_only:
         model = UDATrainer.build_model(cfg)
-        if not cfg.MODEL.WEIGHTS:
+        checkpointer = UDACheckpointer(model, save_dir=cfg.OUTPUT_DIR)
+        resumed = args.resume and checkpointer.has_checkpoint()  # the run's last checkpoint, as Detectron2 does
+        weights = checkpointer.get_checkpoint_file() if resumed else cfg.MODEL.WEIGHTS
+        if weights:
+            load_evaluated_weights(model, weights, cfg.TEST.EVAL_MODEL, save_dir=cfg.OUTPUT_DIR)
+        else:
             logger.warning("--eval-only without MODEL.WEIGHTS: evaluating a randomly initialised model")
-        UDACheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
         return UDATrainer.test(cfg, model)
     trainer = UDATrainer(cfg)
     trainer.resume_or_load(resume=args.resume)

@@ -20,7 +20,7 @@ from uda_plugins.d2 import CfgNode, DetectionCheckpointer
 from uda_plugins.methods import build_meta_arch
 from uda_plugins.utils.file_io import atomic_open, atomic_write_text
 
-__all__ = ["UDACheckpointer", "UnreadableCheckpointError", "load_network"]
+__all__ = ["UDACheckpointer", "UnreadableCheckpointError", "load_evaluated_weights", "load_network"]
 
 logger = logging.getLogger(__name__)
 
@@ -48,6 +48,22 @@ class UDACheckpointer(DetectionCheckpointer):
 
     def tag_last_checkpoint(self, last_filename_basename: str) -> None:
         atomic_write_text(os.path.join(self.save_dir, "last_checkpoint"), last_filename_basename)
+
+    def _load_model(self, checkpoint: Any):
+        """Detectron2's loading (tensors of another shape or missing from the file keep their initialisation, each
+        with a warning), plus one summary line; the keys are kept as ``last_incompatible`` for
+        :func:`load_evaluated_weights`."""
+        incompatible = super()._load_model(checkpoint)
+        self.last_incompatible = incompatible
+        missing = set(incompatible.missing_keys)
+        if missing:
+            reshaped = [k for k, *_ in incompatible.incorrect_shapes]
+            self.logger.warning(
+                f"{len(missing)} tensors of the model were not loaded and keep their initialisation: "
+                f"{len(reshaped)} of another shape in the file ({_first(reshaped)}), {len(missing) - len(reshaped)} "
+                f"not in it ({_first(sorted(missing - set(reshaped)))})"
+            )
+        return incompatible
 
     def _load_file(self, f: str) -> Dict[str, Any]:
         try:
@@ -93,17 +109,57 @@ class UDACheckpointer(DetectionCheckpointer):
         )
 
 
+def _first(keys: List[str], n: int = 3) -> str:
+    return ", ".join(keys[:n]) + (", ..." if len(keys) > n else "") if keys else "none"
+
+
+def _evaluated_networks(model: torch.nn.Module, eval_model: str) -> Dict[str, torch.nn.Module]:
+    networks = model.evaluable_models()
+    names = sorted(networks) if eval_model == "both" else [eval_model]
+    unknown = [n for n in names if n not in networks]
+    if unknown:
+        raise KeyError(f"TEST.EVAL_MODEL '{unknown[0]}': this method has only {sorted(networks)}")
+    return {n: networks[n] for n in names}
+
+
+def load_evaluated_weights(model: torch.nn.Module, path: str, eval_model: str, save_dir: str = "") -> None:
+    """Load the checkpoint ``path`` into ``model`` (a meta-architecture) to evaluate or predict with its network
+    ``eval_model`` (``TEST.EVAL_MODEL``: "student", "teacher", "both"): every parameter and persistent buffer of
+    that network must come from the file, with its shape; otherwise one line names the first keys and shapes,
+    instead of a score of randomly initialised weights. The networks that are not evaluated may be absent from the
+    file (a source-only checkpoint has no teacher); the log says so once."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"MODEL.WEIGHTS file '{path}' does not exist")
+    checkpointer = UDACheckpointer(model, save_dir=save_dir)
+    checkpointer.load(path, checkpointables=[])
+    incompatible = checkpointer.last_incompatible
+    prefix_of = {id(m): f"{n}." if n else "" for n, m in model.named_modules()}
+    shapes = {k: (tuple(ckpt), tuple(ours)) for k, ckpt, ours in incompatible.incorrect_shapes}
+    evaluated = _evaluated_networks(model, eval_model)
+    prefixes = tuple(prefix_of[id(m)] for m in evaluated.values())
+    missing = sorted(k for k in incompatible.missing_keys if k.startswith(prefixes))
+    if missing:
+        described = [
+            f"{k} (file {shapes[k][0]}, model {shapes[k][1]})" if k in shapes else f"{k} (not in the file)"
+            for k in missing[:3]
+        ]
+        raise ValueError(
+            f"MODEL.WEIGHTS '{path}' does not fit the {' and '.join(evaluated)} network this config builds: "
+            f"{len(missing)} of its tensors are missing or of another shape, e.g. {'; '.join(described)}. "
+            "Check MODEL.SEM_SEG_HEAD.NUM_CLASSES, the backbone and the head against the config that wrote it"
+        )
+    others = sorted({k.split(".")[0] for k in incompatible.missing_keys})
+    if others:
+        logger.info(f"MODEL.WEIGHTS holds nothing for {', '.join(others)}: not evaluated, left as initialised")
+
+
 def load_network(cfg: CfgNode, network: str = "student") -> torch.nn.Module:
     """The network ``network`` (``student``, ``teacher``, ... as ``TEST.EVAL_MODEL`` names them) of the model
-    ``cfg`` describes, with the weights of ``MODEL.WEIGHTS``, in eval mode: what a tool predicts with."""
+    ``cfg`` describes, with the weights of ``MODEL.WEIGHTS`` (all of them: :func:`load_evaluated_weights`), in eval
+    mode: what a tool predicts with."""
     model = build_meta_arch(cfg)
     if cfg.MODEL.WEIGHTS:
-        if not os.path.isfile(cfg.MODEL.WEIGHTS):
-            raise FileNotFoundError(f"MODEL.WEIGHTS file '{cfg.MODEL.WEIGHTS}' does not exist")
-        UDACheckpointer(model).load(cfg.MODEL.WEIGHTS, checkpointables=[])
+        load_evaluated_weights(model, cfg.MODEL.WEIGHTS, network)
     else:
         logger.warning("No MODEL.WEIGHTS: predicting with a randomly initialised model")
-    networks = model.evaluable_models()
-    if network not in networks:
-        raise KeyError(f"Network '{network}': this method has only {sorted(networks)}")
-    return networks[network].eval()
+    return _evaluated_networks(model, network)[network].eval()

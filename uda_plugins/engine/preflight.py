@@ -1,6 +1,6 @@
 """What a config is checked for before anything is built, so that bad input fails in the first seconds with one
-line: every dataset it names is registered (and the evaluation sets can be read), and the weights it starts from
-exist, or it says which config writes them."""
+line: every dataset it names is registered (and the evaluation sets can be read) and has the model's number of
+classes, and the weights it starts from exist, or it says which config writes them."""
 
 from __future__ import annotations
 
@@ -9,9 +9,16 @@ import glob
 import os
 from typing import List, Optional
 
-from uda_plugins.d2 import CfgNode, DatasetCatalog
+from uda_plugins.d2 import CfgNode, DatasetCatalog, MetadataCatalog
 
-__all__ = ["check_dataset_names", "check_weights", "config_writing", "preflight", "read_test_sets"]
+__all__ = [
+    "check_class_counts",
+    "check_dataset_names",
+    "check_weights",
+    "config_writing",
+    "preflight",
+    "read_test_sets",
+]
 
 _DATASET_KEYS = ("SOURCE_TRAIN", "TARGET_TRAIN", "TEST")
 
@@ -32,6 +39,24 @@ def check_dataset_names(cfg: CfgNode) -> None:
                     f"DATASETS.{key} names '{name}', which is not a registered dataset ({hint}; datasets/README.md "
                     "lists the standard names, DATASETS.REGISTER adds your own)"
                 )
+
+
+def check_class_counts(cfg: CfgNode) -> None:
+    """``MODEL.SEM_SEG_HEAD.NUM_CLASSES`` equals the number of classes of every dataset the config names (its
+    metadata's ``stuff_classes``, known at registration without reading a file)."""
+    num_classes = cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES
+    for key in _DATASET_KEYS:
+        for name in _names(cfg.DATASETS[key]):
+            classes = MetadataCatalog.get(name).get("stuff_classes")
+            if classes is not None and len(classes) != num_classes:
+                raise ValueError(
+                    f"MODEL.SEM_SEG_HEAD.NUM_CLASSES is {num_classes} but dataset '{name}' (DATASETS.{key}) has "
+                    f"{len(classes)} classes ({_short_list(classes)}): set NUM_CLASSES {len(classes)}"
+                )
+
+
+def _short_list(items, n: int = 4) -> str:
+    return ", ".join(items[:n]) + (", ..." if len(items) > n else "")
 
 
 def read_test_sets(cfg: CfgNode) -> None:
@@ -90,6 +115,7 @@ def check_weights(cfg: CfgNode, config_file: str, resume: bool = False) -> None:
 def preflight(cfg: CfgNode, config_file: str, resume: bool = False, eval_only: bool = False) -> None:
     """Every check above, before a model or a loader is built."""
     check_dataset_names(cfg)
+    check_class_counts(cfg)
     check_weights(cfg, config_file, resume)
     if not eval_only:  # evaluation reads them at once anyway
         read_test_sets(cfg)
