@@ -224,7 +224,7 @@ def plan(config: str, iters: int, planned: Dict[str, Check]) -> Check:
         # DUDA starts from a warm-up of its own network and an initial bank (the config's comment).
         warmup = cfg.OUTPUT_DIR + "_source_only_warmup"
         check.steps.append(_train(config, {**overrides, **DUDA_WARMUP}, f"{name}.warmup.log", warmup))
-        bank = os.path.join(cfg.OUTPUT_DIR + "_initial_bank")
+        bank = cfg.OUTPUT_DIR + "_initial_bank"
         argv = [sys.executable, os.path.join(REPO, "tools", "generate_pseudo_labels.py"), "--config-file", config]
         argv += ["--output", bank] + _flat(shrink_overrides(cfg))
         argv += ["MODEL.WEIGHTS", os.path.join(warmup, "model_final.pth")]
