@@ -27,17 +27,13 @@ from typing import Iterator, List, Sequence, Tuple
 
 import cv2
 import numpy as np
-import torch
 from tqdm import tqdm
 
 import uda_plugins  # noqa: F401  (registration)
 from uda_plugins.d2 import MetadataCatalog, setup_logger
-from uda_plugins.data.transforms import GeometryRule, resize_image
-from uda_plugins.engine import UDATrainer
-from uda_plugins.engine.checkpoint import load_evaluated_weights
+from uda_plugins.engine.predictor import Predictor
 from uda_plugins.engine.preflight import check_class_counts
 from uda_plugins.engine.setup import load_frozen_cfg
-from uda_plugins.modeling import predicted_classes
 from uda_plugins.utils.cli import print_error
 from uda_plugins.utils.file_io import atomic_write_png
 from uda_plugins.utils.visualization import palette_for_dataset
@@ -92,33 +88,6 @@ def expand_inputs(items: Sequence[str]) -> Tuple[List[Tuple[str, str]], List[Tup
         if len(images) + len(videos) == before:
             raise FileNotFoundError(f"--input '{item}' holds no image or video, in it or in its sub-folders")
     return images, videos
-
-
-class Predictor:
-    """A trained meta-architecture in evaluation mode: RGB uint8 frames in, class maps at the frames' size out."""
-
-    def __init__(self, cfg) -> None:
-        self.model = UDATrainer.build_model(cfg)
-        self.model.eval_model = cfg.TEST.EVAL_MODEL if cfg.TEST.EVAL_MODEL != "both" else "student"
-        if cfg.MODEL.WEIGHTS:
-            load_evaluated_weights(self.model, cfg.MODEL.WEIGHTS, self.model.eval_model)
-        else:
-            logger.warning("No MODEL.WEIGHTS: predicting with a randomly initialised model")
-        self.model.eval()
-        self.resize = GeometryRule.from_config(cfg.INPUT.TEST, "INPUT.TEST")
-        self.bgr = cfg.INPUT.FORMAT == "BGR"
-
-    @torch.no_grad()
-    def __call__(self, frames_rgb: Sequence[np.ndarray]) -> List[np.ndarray]:
-        inputs = []
-        for frame in frames_rgb:
-            height, width = frame.shape[:2]
-            image = frame[:, :, ::-1] if self.bgr else frame
-            image = resize_image(image, self.resize.base_size((height, width)))
-            tensor = torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))
-            inputs.append({"image": tensor, "height": height, "width": width})
-        outputs = self.model(inputs)
-        return [predicted_classes(o["sem_seg"], dim=0).to(torch.uint8).cpu().numpy() for o in outputs]
 
 
 def overlay(frame_rgb: np.ndarray, labels: np.ndarray, palette: np.ndarray, alpha: float) -> np.ndarray:

@@ -98,7 +98,9 @@ def add_uda_config(cfg: CN) -> None:
     _C.DATALOADER.RCS.STATS_DIR = ""
 
     # ------------------------------------------------------------------ input
-    # Channel order of MODEL.PIXEL_MEAN/STD and of images given to the model (project default).
+    # Channel order of MODEL.PIXEL_MEAN/STD and of the images the network sees, i.e. of its pretrained first layer
+    # (project default RGB; "BGR" for Caffe-style weights such as DUDA's). Images are decoded, augmented and shown
+    # as RGB and converted once, where Segmentor.normalize feeds the network, in training, evaluation and prediction.
     _C.INPUT.FORMAT = "RGB"
     _C.INPUT.SOURCE = CN()
     _add_domain_input(_C.INPUT.SOURCE, resize=(0, 0), crop=(0, 0), cat_max_ratio=1.0, flip=0.5)

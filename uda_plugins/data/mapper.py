@@ -25,12 +25,13 @@ __all__ = ["UDADatasetMapper", "crop_pad_image"]
 
 
 def crop_pad_image(cfg: CfgNode, node: CfgNode) -> tuple:
-    """The 0..255 value per image channel that padded crop pixels get: ``node.CROP_PAD_IMAGE``, or for () the
-    pixel mean the network subtracts from that channel, i.e. 0 after normalisation (mmseg's ``Pad`` and
-    ILM-ASSL's ``Crop`` pad the normalised image with 0) up to the uint8 rounding (at most 0.5 / PIXEL_STD)."""
+    """The 0..255 RGB value that padded crop pixels get: ``node.CROP_PAD_IMAGE`` (in INPUT.FORMAT's order, as
+    MODEL.PIXEL_MEAN), or for () the pixel mean, i.e. 0 after normalisation (mmseg's ``Pad`` and ILM-ASSL's ``Crop``
+    pad the normalised image with 0) up to the uint8 rounding (at most 0.5 / PIXEL_STD)."""
     values = tuple(node.get("CROP_PAD_IMAGE", ())) or tuple(cfg.MODEL.PIXEL_MEAN)
     if len(values) != len(cfg.MODEL.PIXEL_MEAN):
         raise ValueError(f"CROP_PAD_IMAGE {list(values)} needs one value per channel ({len(cfg.MODEL.PIXEL_MEAN)})")
+    values = values[::-1] if cfg.INPUT.FORMAT == "BGR" else values  # images are RGB until the network
     return tuple(int(min(max(round(float(v)), 0), 255)) for v in values)
 
 

@@ -79,12 +79,14 @@ def sample_strong_aug(
 
 
 def apply_strong_aug(
-    x: torch.Tensor, params: StrongAugParams, pixel_mean: torch.Tensor, pixel_std: torch.Tensor
+    x: torch.Tensor, params: StrongAugParams, pixel_mean: torch.Tensor, pixel_std: torch.Tensor, bgr: bool = False
 ) -> torch.Tensor:
-    """Augment a normalised (N, 3, H, W) batch (normalised with ``pixel_mean``/``pixel_std`` in 0..255 units)."""
+    """Augment a normalised (N, 3, H, W) batch (normalised with ``pixel_mean``/``pixel_std`` in 0..255 units, its
+    channels in BGR order with ``bgr``: the colour jitter works on RGB)."""
     if params.jitter:
         rgb = ((x * pixel_std + pixel_mean) / 255.0).clamp(0, 1)
-        rgb = color_jitter(rgb, params)
+        rgb = color_jitter(rgb.flip(1) if bgr else rgb, params)
+        rgb = rgb.flip(1) if bgr else rgb
         x = (rgb * 255.0 - pixel_mean) / pixel_std
     if params.blur:
         x = gaussian_blur(x, params.sigma.to(x.device))

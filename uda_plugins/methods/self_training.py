@@ -117,4 +117,5 @@ class SelfTrainingArch(UDAMetaArch):
         return sample_strong_aug(n, self.aug_strength, self.aug_skip_prob, self.aug_blur)
 
     def strong_aug(self, images: torch.Tensor, params: StrongAugParams) -> torch.Tensor:
-        return apply_strong_aug(images, params, self.student.pixel_mean, self.student.pixel_std)
+        student = self.student
+        return apply_strong_aug(images, params, student.pixel_mean, student.pixel_std, bgr=student.input_bgr)

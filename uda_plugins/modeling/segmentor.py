@@ -115,18 +115,28 @@ class Segmentor(nn.Module):
         self.channels_last: bool = cfg.MODEL.CHANNELS_LAST
         self.register_buffer("pixel_mean", torch.tensor(cfg.MODEL.PIXEL_MEAN).view(-1, 1, 1), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(cfg.MODEL.PIXEL_STD).view(-1, 1, 1), persistent=False)
+        if cfg.INPUT.FORMAT not in ("RGB", "BGR"):
+            raise ValueError(f"INPUT.FORMAT '{cfg.INPUT.FORMAT}' is neither RGB nor BGR")
+        # Images travel as RGB (decoding, augmentation, mixing, colour transfer, pictures); the network sees
+        # INPUT.FORMAT's order, that of MODEL.PIXEL_MEAN/STD and of its pretrained first layer. normalize and
+        # denormalize are the one place that converts, for training, evaluation, prediction and every tool.
+        self.input_bgr: bool = cfg.INPUT.FORMAT == "BGR"
 
     @property
     def device(self) -> torch.device:
         return self.pixel_mean.device
 
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
-        """(N, 3, H, W) images in 0..255 -> zero-mean unit-variance inputs (channels-last with MODEL.CHANNELS_LAST)."""
-        x = (images.to(self.pixel_mean.device).float() - self.pixel_mean) / self.pixel_std
+        """(N, 3, H, W) RGB images in 0..255 -> the network's input: INPUT.FORMAT's channel order, zero mean and unit
+        variance (channels-last with MODEL.CHANNELS_LAST)."""
+        x = images.to(self.pixel_mean.device).float()
+        x = ((x.flip(1) if self.input_bgr else x) - self.pixel_mean) / self.pixel_std
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 
     def denormalize(self, x: torch.Tensor) -> torch.Tensor:
-        return x * self.pixel_std + self.pixel_mean
+        """The network's input -> RGB images in 0..255 (the inverse of :meth:`normalize`)."""
+        y = x * self.pixel_std + self.pixel_mean
+        return y.flip(1) if self.input_bgr else y
 
     def extract_features(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
         return self.backbone(x)
