@@ -19,6 +19,11 @@ One self-training iteration (``UDA.DUDA``):
 
 Choices (docs/methods.md §5.7):
 
+* Input as released (``dataset/augmentation.py:145-160``): BGR minus the Caffe means (the configs' ``INPUT.FORMAT
+  BGR``), converted where the segmentor normalises, so evaluation and prediction feed the same order. The release's
+  geometry: every image stretched to its dataset's size, sides ``int(scale * side)`` (the configs' ``RESIZE_MODE
+  exact``, ``SIZE_ROUNDING floor``).
+
 * The bank update runs in a hook after the optimizer step (:class:`~uda_plugins.hooks.PseudoLabelBankHook`), from
   predictions the forward kept: with gradient accumulation it runs once per step over all micro-batches (BETA
   thresholds over the rank's whole batch), its file I/O is outside the forward/backward, and it is placed before the
