@@ -1,5 +1,6 @@
 """Backbones, heads, pretrained weights from local files, the Segmentor and inference."""
 
+import os
 import re
 
 import pytest
@@ -286,3 +287,28 @@ def test_class_maximum_equals_max_with_its_indices(num_classes):
     nan = scores.clone()
     nan[0, 0, 0, 0] = float("nan")
     assert 0 <= int(class_maximum(nan)[1].max()) < num_classes  # a NaN maximum still names a class
+
+
+def test_deeplabv2_dropout_drops_whole_channels_of_the_deepest_feature_before_the_classifier(tiny_cfg):
+    # DUDA's DeepLabV2Decoder (models/decoders/deeplabv2_decoder.py:6-15): Dropout2d(0.5) on layer4, then the ASPP.
+    from conftest import REPO
+
+    from uda_plugins.modeling.heads.deeplabv2 import DeepLabV2Head
+
+    tiny_cfg.MODEL.SEM_SEG_HEAD.IN_FEATURES = ["res5"]
+    tiny_cfg.MODEL.SEM_SEG_HEAD.DROPOUT = 0.5
+    head = DeepLabV2Head(tiny_cfg, {"res5": ShapeSpec(channels=64, stride=8)})
+    x = torch.ones(2, 64, 6, 12)
+    torch.manual_seed(0)
+    dropped = head.dropout(x)
+    per_channel = dropped.amax(dim=(2, 3))
+    assert set(per_channel.unique().tolist()) == {0.0, 2.0}  # whole channels, kept ones scaled by 1 / (1 - p)
+    assert torch.equal(dropped.amin(dim=(2, 3)), per_channel)
+    torch.manual_seed(0)
+    assert torch.equal(head({"res5": x}), sum(conv(dropped) for conv in head.aspp))
+    head.eval()
+    assert torch.equal(head({"res5": x}), sum(conv(x) for conv in head.aspp))
+    for config, p in [("gta5_cityscapes/duda_dlv2_r101.yaml", 0.5), ("gta5_cityscapes/dacs_dlv2_r101.yaml", 0.0)]:
+        cfg = get_uda_cfg()
+        cfg.merge_from_file(os.path.join(REPO, "configs", config))
+        assert cfg.MODEL.SEM_SEG_HEAD.DROPOUT == p, config

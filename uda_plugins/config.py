@@ -170,7 +170,8 @@ def add_uda_config(cfg: CN) -> None:
     _C.MODEL.SEM_SEG_HEAD.EMBED_DIM = 256
     # DAFormer head: dilations of the depthwise-separable context-aware fusion.
     _C.MODEL.SEM_SEG_HEAD.FUSION_DILATIONS = (1, 6, 12, 18)
-    # Dropout before the classifier.
+    # Dropout before the classifier (DeepLab-V2: a channel dropout of the deepest feature before the ASPP, DUDA's 0.5;
+    # DAFormer's DeepLab-V2 configs set 0).
     _C.MODEL.SEM_SEG_HEAD.DROPOUT = 0.1
 
     # ------------------------------------------------------------------ HRDA multi-resolution training
