@@ -191,8 +191,9 @@ def _bank_labels(out):
 
 def test_duda_on_two_processes_equals_one_with_accumulation_and_writes_each_label_once(tmp_path):
     # The bank is rewritten at every step (2 of 24 images per process per step, each by the process that holds it);
-    # the thresholds are per micro-batch, so 2 processes x 1 micro-batch = 1 process x 2 micro-batches. No warm-up:
-    # the student's BatchNorm is frozen from the start, so no per-process running statistics enter the losses.
+    # the thresholds are per micro-batch, so 2 processes x 1 micro-batch = 1 process x 2 micro-batches. No warm-up,
+    # the student's BatchNorm statistics frozen and one eval-mode teacher forward: running statistics are per process
+    # (and, with accumulation, updated micro-batch after micro-batch), so as released they would differ here.
     config = os.path.join(CONFIGS, "duda.yaml")
     extra = {
         "INPUT.TARGET.CROP_SIZE": "(32, 64)",
@@ -200,6 +201,8 @@ def test_duda_on_two_processes_equals_one_with_accumulation_and_writes_each_labe
         "UDA.DUDA.UPDATE_START": 0,
         "UDA.DUDA.ALPHA_RAMP_START": 0,
         "UDA.DUDA.BETA_RAMP_START": 0,
+        "UDA.DUDA.BATCH_NORM": "frozen_statistics",
+        "UDA.DUDA.TEACHER_FORWARDS": "eval",
         **SGD_UPDATES,  # the banks are compared after steps: updates linear in the gradients (see above)
     }
     ddp = str(tmp_path / "ddp")

@@ -310,3 +310,96 @@ def test_batch_norm_recalibration_averages_the_target_batches():
         means = [net.conv(torch.stack([d["image"] for d in b]).float() / 255.0).mean((0, 2, 3)) for b in batches]
     torch.testing.assert_close(net.bn.running_mean, torch.stack(means).mean(0))
     assert recalibrate_batch_norm(torch.nn.Conv2d(3, 3, 1), batches, lambda x: x) == 0  # nothing to re-estimate
+
+
+def _duda_model(tmp_path, **extra):
+    """The synthetic DUDA config's model as training builds it, self-training from the first iteration."""
+    from uda_plugins.engine import UDATrainer
+    from uda_plugins.engine.setup import load_cfg
+
+    cfg, _ = load_cfg(CONFIG, tiny_overrides(str(tmp_path), **{"UDA.DUDA.SOURCE_WARMUP_ITERS": 0, **extra}))
+    return cfg, UDATrainer.build_model(cfg)
+
+
+def _batch_norms(module):
+    return [m for m in module.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+
+
+def test_batch_norm_as_released_freezes_the_affine_parameters_not_the_statistics(tmp_path):
+    # parquets/DUDA models/backbones/resnet.py:73-83,133-134 (fix_bn: requires_grad False on the BN affine),
+    # models/GeneralSegmentor.py:49-58 (those parameters left out of SGD), trainers/uda_trainer.py:86-91,309
+    # (model.train() every step: the layers normalise with batch statistics).
+    from uda_plugins.engine import UDATrainer
+
+    cfg, model = _duda_model(tmp_path / "released")
+    norms = _batch_norms(model.student)
+    assert norms and all(not m.weight.requires_grad and not m.bias.requires_grad for m in norms)
+    optimized = {id(p) for group in UDATrainer.build_optimizer(cfg, model).param_groups for p in group["params"]}
+    assert not optimized & {id(p) for m in norms for p in (m.weight, m.bias)}
+    model.train()
+    assert all(m.training for m in norms) and not model.teacher.training
+    before = norms[0].running_mean.clone()
+    model.student.forward_train(model.student.normalize(torch.rand(2, 3, 32, 64) * 255))
+    assert not torch.equal(norms[0].running_mean, before)  # batch statistics, which also move the running ones
+    # The former behaviour: statistics frozen (eval mode), the affine trained.
+    _, frozen = _duda_model(tmp_path / "statistics", **{"UDA.DUDA.BATCH_NORM": "frozen_statistics"})
+    frozen._freeze_student_bn()  # what the first self-training step does
+    frozen.train()
+    assert all(not m.training and m.weight.requires_grad for m in _batch_norms(frozen.student))
+
+
+def test_the_mean_teacher_forwards_as_released(tmp_path):
+    # trainers/uda_trainer.py:309 mean_model.train(); :331 mean_model(crops), the output discarded; :332
+    # mean_model(full images), the consistency target; :645-647 mean_model.eval() and a forward on the full images
+    # for the online labels and the bank rewrite (:649-654), with the statistics the two train-mode calls moved.
+    import copy
+
+    _, model = _duda_model(tmp_path, **{"MODEL.SEM_SEG_HEAD.DROPOUT": 0.5})
+    model.train()
+    reference = copy.deepcopy(model.teacher)
+    g = torch.Generator().manual_seed(0)
+    crops, full = torch.randn(2, 3, 32, 64, generator=g), torch.randn(2, 3, 48, 96, generator=g)
+    with torch.no_grad():
+        torch.manual_seed(3)
+        target = model._teacher_train_mode_forwards(crops, full)
+        online = model.teacher.predict(full)
+        torch.manual_seed(3)
+        reference.train()
+        reference.predict(crops)
+        expected_target = reference.predict(full)
+        reference.eval()
+        expected_online = reference.predict(full)
+    assert not model.teacher.training
+    assert torch.equal(target, expected_target.float()) and torch.equal(online, expected_online)
+    assert not torch.allclose(target, online)  # batch statistics and dropout against running statistics
+    for mine, theirs in zip(model.teacher.buffers(), reference.buffers()):
+        assert torch.equal(mine, theirs)
+    _, eval_only = _duda_model(tmp_path / "eval", **{"UDA.DUDA.TEACHER_FORWARDS": "eval"})
+    assert eval_only._teacher_train_mode_forwards(crops, full) is None
+
+
+def test_the_mean_teachers_buffers_follow_the_student_as_averaged_model_does(tmp_path):
+    # torch >= 1.13 AveragedModel.update_parameters (use_buffers=False) copies the model's buffers after averaging
+    # the parameters (pytorch#84054): the release's mean model gets the student's BatchNorm statistics every step.
+    from torch.optim.swa_utils import AveragedModel
+
+    from uda_plugins.d2 import EventStorage
+
+    _, model = _duda_model(tmp_path)
+    reference = AveragedModel(model.student)
+    with torch.no_grad():
+        for m in _batch_norms(model.student):
+            m.running_mean.add_(torch.rand_like(m.running_mean))
+    with EventStorage(0):
+        model.update_teacher()
+    reference.update_parameters(model.student)
+    for mine, theirs in zip(model.teacher.buffers(), reference.module.buffers()):
+        assert torch.equal(mine, theirs)
+    _, own = _duda_model(tmp_path / "own", **{"UDA.DUDA.TEACHER_BUFFERS": "own"})
+    before = [b.clone() for b in own.teacher.buffers()]
+    with torch.no_grad():
+        for m in _batch_norms(own.student):
+            m.running_mean.add_(1.0)
+    with EventStorage(0):
+        own.update_teacher()
+    assert all(torch.equal(a, b) for a, b in zip(own.teacher.buffers(), before))

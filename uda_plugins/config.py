@@ -476,9 +476,21 @@ def add_uda_config(cfg: CN) -> None:
     # The same two regularisers around the offline labels (weights 2 and 0.1); commented out in the released
     # code, so off by default.
     _C.UDA.DUDA.OFFLINE_REGULARIZERS = False
-    # BatchNorm layers of the student in eval mode during self-training (the authors' backbone_fix_bn and
-    # decoder_fix_bn).
-    _C.UDA.DUDA.FREEZE_BN = True
+    # The student's BatchNorm during self-training: "frozen_affine", as released (the authors' backbone_fix_bn and
+    # decoder_fix_bn only stop the affine parameters' gradients and leave them out of SGD: models/backbones/resnet.py
+    # :73-83, GeneralSegmentor.py:49-58; the layers stay in train mode and normalise with each forward's batch
+    # statistics, source and target apart; SyncBN over the processes in the release: MODEL.BACKBONE.NORM SyncBN),
+    # "frozen_statistics" (eval mode: the warm-up's statistics, the affine trained) or "trained".
+    _C.UDA.DUDA.BATCH_NORM = "frozen_affine"
+    # The mean teacher's forwards: "as_released" (trainers/uda_trainer.py:309-332, 641-658): in train mode (batch
+    # statistics, dropout) on the crops (the output discarded: its statistics move) and on the whole images (the
+    # consistency target), then in eval mode on the whole images (online labels and the bank rewrite); "eval": one
+    # eval-mode forward on the whole images for all three.
+    _C.UDA.DUDA.TEACHER_FORWARDS = "as_released"
+    # The mean teacher's BatchNorm buffers after each update: "student", copied from the student, as torch >= 1.13's
+    # AveragedModel does (use_buffers=False; pytorch#84054), which the release runs with on any current torch; or
+    # "own": only the teacher's own train-mode forwards and the re-estimation move them (older torch).
+    _C.UDA.DUDA.TEACHER_BUFFERS = "student"
     # Before each evaluation, re-estimate the teacher's BatchNorm statistics on this many target training images
     # (whole images; -1 = all, 0 = off), as the authors' mean_update_bn.
     _C.UDA.DUDA.BN_RECALIBRATION_IMAGES = -1

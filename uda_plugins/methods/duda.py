@@ -8,14 +8,22 @@ One self-training iteration (``UDA.DUDA``):
 2. the student on the target crop ``x_t`` (random scale, crop, flip; no photometric augmentation): ``o``;
 3. **offline** labels: the crop of the image's label in the pseudo-label bank, ``L_off = SCE(o, y_off)``
    (0.2 CE + 1.0 RCE);
-4. the teacher (uniform running mean of the student's weights: ``UDA.TEACHER.ALPHA`` 1.0; BatchNorm in eval mode)
-   on the whole image, its logits carried to the crop by the sample's recorded geometry: ``z``;
-   ``L_cons = MSE(softmax o, softmax z)``;
-5. **online** labels: argmax z where the confidence is in the top ALPHA fraction of its class in the batch,
+4. the teacher (uniform running mean of the student's weights: ``UDA.TEACHER.ALPHA`` 1.0, its BatchNorm buffers
+   copied from the student at every update as torch's ``AveragedModel``, ``TEACHER_BUFFERS``), as released
+   (``TEACHER_FORWARDS as_released``): in train mode on the crops (discarded: its statistics move) and on the whole
+   image, whose logits carried to the crop by the sample's recorded geometry are the consistency target ``z``,
+   ``L_cons = MSE(softmax o, softmax z)``; then in eval mode on the whole image for steps 5 and 6;
+5. **online** labels: argmax of the eval-mode prediction where the confidence is in the top ALPHA fraction of its
+   class in the batch,
    ``L_on = 0.5 CE(o, y_on)``, plus IAST's entropy (pixels y_on ignores) and KL-to-uniform (the others) terms;
 6. from ``UPDATE_START`` on, the bank's labels of the batch's images are rewritten after the step by **temporal
    consistency** (:func:`~uda_plugins.methods.offline_pseudo_labels.temporal_consistency_update`) from the teacher's
-   whole-image prediction of step 4, refilled pixels needing a top-BETA confidence of their class.
+   eval-mode whole-image prediction of step 4, refilled pixels needing a top-BETA confidence of their class.
+
+The student's BatchNorm as released (``BATCH_NORM frozen_affine``): the affine parameters are not trained (and not
+in the optimizer), the layers normalise with batch statistics, source and target in separate forwards; with several
+processes ``MODEL.BACKBONE.NORM SyncBN`` synchronises them as the release's SyncBN does. Dropout 0.5 on layer4
+(``MODEL.SEM_SEG_HEAD.DROPOUT``) is active in the student and in the teacher's train-mode forwards.
 
 Choices (docs/methods.md §5.7):
 
@@ -29,16 +37,15 @@ Choices (docs/methods.md §5.7):
   thresholds over the rank's whole batch), its file I/O is outside the forward/backward, and it is placed before the
   checkpointer, so a checkpoint holds the bank after its iteration's writes. The reference writes inside the step;
   the labels a step reads are the same (the bank after the previous step).
-* The teacher predicts once per step on the whole image; the reference calls it twice with the same input (its
-  first consistency loss is discarded, §5.7.4). Logits are resized to the crop with align_corners=False (the
-  reference: True).
+* Logits are resized to the crop with align_corners=False (the reference: True), as softmax probabilities (the
+  reference resizes the logits).
 * ``UPDATE_MODE periodic`` rewrites the whole bank every ``REFRESH_PERIOD`` iterations instead (the same rule, per
   batch of whole images).
 * Thresholds are per rank and per (micro-)batch, as the reference's per-GPU numpy percentiles (§5.7.6), computed on
   the device.
 * The offline regularisers the authors commented out are ``OFFLINE_REGULARIZERS`` (off by default, §5.7.2).
 * The teacher's BatchNorm statistics are re-estimated on whole target training images before every evaluation
-  (the reference: its training loader), and the student's BatchNorm layers are frozen during self-training.
+  (the reference: its training loader's crops).
 * ``SOURCE_WARMUP_ITERS`` trains source-only first in the same run, then fills the bank from that model (IAST
   selection) and starts the mean teacher from it; the authors load a separately trained warm-up model and a
   downloaded bank instead (``MODEL.WEIGHTS`` and ``UDA.PSEUDO_LABEL_BANK.INITIAL_DIR``). Schedules count from the
@@ -125,8 +132,14 @@ class DUDA(SelfTrainingArch):
         if len(cfg.DATASETS.TARGET_TRAIN) != 1:
             raise ValueError("DUDA adapts to one target domain: DATASETS.TARGET_TRAIN must name one dataset")
         d = cfg.UDA.DUDA
-        if d.UPDATE_MODE not in ("batch", "periodic"):
-            raise ValueError(f"UDA.DUDA.UPDATE_MODE must be 'batch' or 'periodic', not '{d.UPDATE_MODE}'")
+        for key, allowed in [
+            ("UPDATE_MODE", ("batch", "periodic")),
+            ("BATCH_NORM", ("frozen_affine", "frozen_statistics", "trained")),
+            ("TEACHER_FORWARDS", ("as_released", "eval")),
+            ("TEACHER_BUFFERS", ("student", "own")),
+        ]:
+            if d[key] not in allowed:
+                raise ValueError(f"UDA.DUDA.{key} must be one of {', '.join(allowed)}, not '{d[key]}'")
         self.warmup = int(d.SOURCE_WARMUP_ITERS)
         self.length = cfg.SOLVER.MAX_ITER - self.warmup
         self.alpha_range, self.alpha_ramp_start = tuple(d.ALPHA_RANGE), d.ALPHA_RAMP_START
@@ -142,7 +155,8 @@ class DUDA(SelfTrainingArch):
         }
         self.sce = (d.SCE_CE_WEIGHT, d.SCE_RCE_WEIGHT, d.RCE_LOG_CLAMP)
         self.offline_regularizers = d.OFFLINE_REGULARIZERS
-        self.freeze_bn = d.FREEZE_BN
+        self.batch_norm, self.teacher_forwards = d.BATCH_NORM, d.TEACHER_FORWARDS
+        self.teacher_buffers = d.TEACHER_BUFFERS
         self.bn_recalibration_images = d.BN_RECALIBRATION_IMAGES
         self.num_classes = cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES
         self.target_name = cfg.DATASETS.TARGET_TRAIN[0]
@@ -159,6 +173,11 @@ class DUDA(SelfTrainingArch):
         # (index, labels, confidence).
         self._pending: List[List[Tuple[int, torch.Tensor, torch.Tensor]]] = []
         self._bn_frozen = False
+        if self.batch_norm == "frozen_affine":
+            if self.warmup == 0:
+                self._freeze_student_bn()  # before the optimizer and DDP see the parameters, as the release
+            else:
+                self.ddp_find_unused_parameters = True  # frozen when self-training starts, after DDP is built
 
     # ---------------------------------------------------------------------------------------- schedules
     def self_training_iteration(self, iteration: int) -> int:
@@ -263,20 +282,30 @@ class DUDA(SelfTrainingArch):
             copy_parameters_(self.teacher, self.student)  # the mean starts from the warm-up model
             return
         super().update_teacher()
+        if self.teacher_buffers == "student":  # AveragedModel.update_parameters with use_buffers=False
+            for mine, theirs in zip(self.teacher.buffers(), self.student.buffers()):
+                mine.copy_(theirs)
 
     def train(self, mode: bool = True) -> "DUDA":
         super().train(mode)
-        self.teacher.eval()  # the mean model predicts with its (re-estimated) statistics
+        self.teacher.eval()  # outside its train-mode forwards the mean model predicts with its statistics
         if self._bn_frozen:
             self._freeze_student_bn()
         return self
 
+    def _student_batch_norms(self) -> List[nn.Module]:
+        return [m for m in self.student.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
     def _freeze_student_bn(self) -> None:
-        self._bn_frozen = self.freeze_bn
-        if self.freeze_bn:
-            for m in self.student.modules():
-                if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                    m.eval()
+        """From the start of self-training: BatchNorm as ``UDA.DUDA.BATCH_NORM`` says."""
+        self._bn_frozen = True
+        for m in self._student_batch_norms():
+            if self.batch_norm == "frozen_statistics":
+                m.eval()
+            elif self.batch_norm == "frozen_affine":
+                for p in (m.weight, m.bias):
+                    if p is not None:
+                        p.requires_grad_(False)
 
     def recalibrate_teacher_bn(self, cfg: CfgNode) -> None:
         loader = self._full_view_loader(cfg, self.bn_recalibration_images)
@@ -316,6 +345,20 @@ class DUDA(SelfTrainingArch):
             losses["loss_offline_kld"] = 0.1 * kld_uniform_regularizer(logits, offline_valid.float())
         return losses
 
+    def _teacher_train_mode_forwards(self, crops: torch.Tensor, full: torch.Tensor):
+        """As released (``uda_trainer.py:309,331-332``): the mean model in train mode on the student's crops (the
+        output discarded, but its BatchNorm statistics move) and then on the whole images, whose logits are the
+        consistency target; both with batch statistics and dropout. None with ``TEACHER_FORWARDS eval``: the
+        eval-mode forward that follows serves the consistency target too."""
+        if self.teacher_forwards != "as_released":
+            return None
+        self.teacher.train()
+        try:
+            self.teacher.predict(crops)
+            return self.teacher.predict(full).float()
+        finally:
+            self.teacher.eval()
+
     def forward_train(self, batch: Dict[str, list]) -> Dict[str, torch.Tensor]:
         iteration = get_event_storage().iter
         it = self.self_training_iteration(iteration)
@@ -336,19 +379,25 @@ class DUDA(SelfTrainingArch):
             offline = self.offline_labels(dicts)
         with torch.no_grad(), timed("teacher_forward"):
             full = self.student.normalize(stack_images(dicts, self.device, key="full_image"))
-            full_logits = self.teacher.predict(full).float()
+            consistency_logits = self._teacher_train_mode_forwards(crops, full)
+            full_logits = self.teacher.predict(full).float()  # eval mode
         with torch.no_grad(), timed("pseudo_labels"):
             full_probs = torch.softmax(full_logits, dim=1)
-            probs = torch.stack(
-                [apply_geometry_tensor(full_probs[i], Geometry.from_dict(d["geometry"])) for i, d in enumerate(dicts)]
-            )
+
+            def to_crops(whole: torch.Tensor) -> torch.Tensor:
+                return torch.stack(
+                    [apply_geometry_tensor(whole[i], Geometry.from_dict(d["geometry"])) for i, d in enumerate(dicts)]
+                )
+
+            probs = to_crops(full_probs)
+            target = probs if consistency_logits is None else to_crops(torch.softmax(consistency_logits, dim=1))
             online, _, _ = keep_top_fraction(probs, self.alpha(it), self.ignore_value)
             if self.update_mode == "batch" and it >= self.update_start:
                 confidence, labels = class_maximum(full_probs)
                 self._pending.append([(d["dataset_index"], labels[i], confidence[i]) for i, d in enumerate(dicts)])
         with timed("student_forward"):  # the forward with its losses, as every method times them
             logits = upsample_like(self.student.forward_train(crops).logits, crops.shape[-2:]).float()
-            losses.update(self._target_losses(logits, offline, online, probs))
+            losses.update(self._target_losses(logits, offline, online, target))
         if self.first_micro_batch:
             get_event_storage().put_scalars(duda_alpha=self.alpha(it), duda_beta=self.beta(it), smoothing_hint=False)
         if visualize:
