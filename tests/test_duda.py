@@ -359,16 +359,20 @@ def test_the_mean_teacher_forwards_as_released(tmp_path):
     reference = copy.deepcopy(model.teacher)
     g = torch.Generator().manual_seed(0)
     crops, full = torch.randn(2, 3, 32, 64, generator=g), torch.randn(2, 3, 48, 96, generator=g)
+
+    def upsampled(x):  # models/predictors/upsample_predictor.py:17
+        return F.interpolate(x, size=full.shape[-2:], mode="bilinear", align_corners=True)
+
     with torch.no_grad():
         torch.manual_seed(3)
         target = model._teacher_train_mode_forwards(crops, full)
-        online = model.teacher.predict(full)
+        online = model._whole_image_logits(full)
         torch.manual_seed(3)
         reference.train()
-        reference.predict(crops)
-        expected_target = reference.predict(full)
+        reference(crops)
+        expected_target = upsampled(reference(full))
         reference.eval()
-        expected_online = reference.predict(full)
+        expected_online = upsampled(reference(full))
     assert not model.teacher.training
     assert torch.equal(target, expected_target.float()) and torch.equal(online, expected_online)
     assert not torch.allclose(target, online)  # batch statistics and dropout against running statistics
@@ -403,3 +407,43 @@ def test_the_mean_teachers_buffers_follow_the_student_as_averaged_model_does(tmp
     with EventStorage(0):
         own.update_teacher()
     assert all(torch.equal(a, b) for a, b in zip(own.teacher.buffers(), before))
+
+
+def test_logits_are_carried_to_the_crop_then_softmaxed_with_aligned_corners(tmp_path):
+    # trainers/uda_trainer.py:205-218 full2weak_logits: each whole-image logit map resized to the sample's scaled size
+    # (bilinear, align_corners=True), cropped, flipped; the softmax comes after (get_consistancy_loss, :641).
+    from uda_plugins.data.transforms import Geometry
+
+    _, model = _duda_model(tmp_path)
+    g = torch.Generator().manual_seed(1)
+    full_logits = torch.randn(2, 19, 48, 96, generator=g)
+    geometries = [
+        Geometry((48, 96), (61, 122), (5, 9, 32, 64), True),
+        Geometry((48, 96), (40, 80), (8, 16, 32, 64), False),
+    ]
+    dicts = [{"geometry": geometry.to_dict()} for geometry in geometries]
+    expected = []
+    for i, geometry in enumerate(geometries):
+        (h, w), (y1, x1, th, tw) = geometry.resized_size, geometry.crop
+        feat = F.interpolate(full_logits[i : i + 1], size=[h, w], mode="bilinear", align_corners=True)
+        feat = feat[:, :, y1 : y1 + th, x1 : x1 + tw]
+        expected.append(torch.flip(feat, [3]) if geometry.flip else feat)
+    expected = torch.softmax(torch.cat(expected), dim=1)
+    torch.testing.assert_close(model._carried_to_crops(full_logits, dicts), expected)
+    _, fixed = _duda_model(tmp_path / "fixed", **{"UDA.DUDA.RESAMPLE_AS_RELEASED": False})
+    carried = fixed._carried_to_crops(full_logits, dicts)
+    assert torch.allclose(carried.sum(1), torch.ones(2, 32, 64)) and not torch.allclose(carried, expected, atol=1e-3)
+
+
+def test_the_source_loss_averages_over_the_labelled_pixels_as_released(tmp_path):
+    # trainers/uda_trainer.py:38,316: nn.CrossEntropyLoss(ignore_index=255), a mean over the labelled pixels.
+    _, model = _duda_model(tmp_path, **{"MODEL.SEM_SEG_HEAD.LOSS_AVERAGE": "labelled_pixels"})
+    g = torch.Generator().manual_seed(2)
+    logits = torch.randn(2, 19, 12, 24, generator=g)
+    labels = torch.randint(0, 19, (2, 48, 96), generator=g)
+    labels[:, :20] = IGN
+    upsampled = F.interpolate(logits, size=(48, 96), mode="bilinear", align_corners=False)
+    expected = torch.nn.CrossEntropyLoss(ignore_index=IGN)(upsampled, labels)
+    from uda_plugins.modeling.segmentor import SegmentorOutput
+
+    torch.testing.assert_close(model.student.loss(SegmentorOutput(logits, {}), labels), expected)

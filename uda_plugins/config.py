@@ -170,6 +170,9 @@ def add_uda_config(cfg: CN) -> None:
     _C.MODEL.SEM_SEG_HEAD.EMBED_DIM = 256
     # DAFormer head: dilations of the depthwise-separable context-aware fusion.
     _C.MODEL.SEM_SEG_HEAD.FUSION_DILATIONS = (1, 6, 12, 18)
+    # The supervised cross-entropy's average: "all_pixels", ignored ones counted in the denominator (mmseg's, the
+    # DACS/DAFormer/HRDA/MIC releases'), or "labelled_pixels" (torch's ignore_index mean: DUDA's release).
+    _C.MODEL.SEM_SEG_HEAD.LOSS_AVERAGE = "all_pixels"
     # Dropout before the classifier (DeepLab-V2: a channel dropout of the deepest feature before the ASPP, DUDA's 0.5;
     # DAFormer's DeepLab-V2 configs set 0).
     _C.MODEL.SEM_SEG_HEAD.DROPOUT = 0.1
@@ -482,6 +485,11 @@ def add_uda_config(cfg: CN) -> None:
     # statistics, source and target apart; SyncBN over the processes in the release: MODEL.BACKBONE.NORM SyncBN),
     # "frozen_statistics" (eval mode: the warm-up's statistics, the affine trained) or "trained".
     _C.UDA.DUDA.BATCH_NORM = "frozen_affine"
+    # Resampling as released (trainers/uda_trainer.py:205-218, models/predictors/upsample_predictor.py:17): the
+    # teacher's logits are upsampled to the whole image and carried to the crop, then softmaxed, and the student's
+    # upsampled to its crop, all bilinear with align_corners=True; False: the teacher's probabilities carried with
+    # align_corners=False, mmseg's convention.
+    _C.UDA.DUDA.RESAMPLE_AS_RELEASED = True
     # The mean teacher's forwards: "as_released" (trainers/uda_trainer.py:309-332, 641-658): in train mode (batch
     # statistics, dropout) on the crops (the output discarded: its statistics move) and on the whole images (the
     # consistency target), then in eval mode on the whole images (online labels and the bank rewrite); "eval": one

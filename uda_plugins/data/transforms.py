@@ -331,17 +331,22 @@ def apply_geometry(array: np.ndarray, geometry: Geometry, is_label: bool, pad_va
 
 
 def apply_geometry_tensor(
-    tensor: torch.Tensor, geometry: Geometry, mode: str = "bilinear", pad_value: float = 0.0
+    tensor: torch.Tensor,
+    geometry: Geometry,
+    mode: str = "bilinear",
+    pad_value: float = 0.0,
+    align_corners: bool = False,
 ) -> torch.Tensor:
     """Replay ``geometry`` on a (..., H, W) tensor covering the original image — teacher logits or soft
     pseudo-labels on the device, possibly at a lower resolution than the image (it is resized to the
     geometry's ``resized_size`` first, exactly like the numpy path). ``mode``: "bilinear" for continuous maps,
-    "nearest" for class maps (integer tensors keep their dtype). A padded crop is filled with ``pad_value``."""
+    "nearest" for class maps (integer tensors keep their dtype). A padded crop is filled with ``pad_value``.
+    ``align_corners`` for "bilinear" (False: mmseg's convention; True: DUDA's ``full2weak_logits``)."""
     lead, (H, W) = tensor.shape[:-2], tensor.shape[-2:]
     x = tensor.reshape(1, -1, H, W)
     is_int = not torch.is_floating_point(x)
     if tuple(geometry.resized_size) != (H, W):
-        kwargs = {"align_corners": False} if mode == "bilinear" else {}
+        kwargs = {"align_corners": align_corners} if mode == "bilinear" else {}
         x = F.interpolate(x.float() if is_int else x, size=tuple(geometry.resized_size), mode=mode, **kwargs)
         if is_int:
             x = x.round().to(tensor.dtype)

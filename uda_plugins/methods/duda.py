@@ -37,8 +37,8 @@ Choices (docs/methods.md §5.7):
   thresholds over the rank's whole batch), its file I/O is outside the forward/backward, and it is placed before the
   checkpointer, so a checkpoint holds the bank after its iteration's writes. The reference writes inside the step;
   the labels a step reads are the same (the bank after the previous step).
-* Logits are resized to the crop with align_corners=False (the reference: True), as softmax probabilities (the
-  reference resizes the logits).
+* Resampling as released (``RESAMPLE_AS_RELEASED``): logits, not probabilities, are carried to the crop and then
+  softmaxed, bilinear with align_corners=True for the teacher and the student alike; False is mmseg's convention.
 * ``UPDATE_MODE periodic`` rewrites the whole bank every ``REFRESH_PERIOD`` iterations instead (the same rule, per
   batch of whole images).
 * Thresholds are per rank and per (micro-)batch, as the reference's per-GPU numpy percentiles (§5.7.6), computed on
@@ -157,6 +157,7 @@ class DUDA(SelfTrainingArch):
         self.offline_regularizers = d.OFFLINE_REGULARIZERS
         self.batch_norm, self.teacher_forwards = d.BATCH_NORM, d.TEACHER_FORWARDS
         self.teacher_buffers = d.TEACHER_BUFFERS
+        self.resample_as_released = d.RESAMPLE_AS_RELEASED
         self.bn_recalibration_images = d.BN_RECALIBRATION_IMAGES
         self.num_classes = cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES
         self.target_name = cfg.DATASETS.TARGET_TRAIN[0]
@@ -354,10 +355,29 @@ class DUDA(SelfTrainingArch):
             return None
         self.teacher.train()
         try:
-            self.teacher.predict(crops)
-            return self.teacher.predict(full).float()
+            self.teacher(crops)
+            return self._whole_image_logits(full)
         finally:
             self.teacher.eval()
+
+    def _whole_image_logits(self, full: torch.Tensor) -> torch.Tensor:
+        """The teacher's logits at the whole images' resolution (``UpsamplePredictor``: align_corners=True as
+        released)."""
+        return upsample_like(self.teacher(full), full.shape[-2:], align_corners=self.resample_as_released).float()
+
+    def _carried_to_crops(self, full_logits: torch.Tensor, dicts: List[dict]) -> torch.Tensor:
+        """Class probabilities of whole-image logits on each sample's crop, by its recorded geometry: as released
+        the logits are carried (``full2weak_logits``, align_corners=True) and then softmaxed; otherwise the
+        probabilities are carried with align_corners=False."""
+        aligned = self.resample_as_released
+        maps = full_logits if aligned else torch.softmax(full_logits, dim=1)
+        crops = torch.stack(
+            [
+                apply_geometry_tensor(maps[i], Geometry.from_dict(d["geometry"]), align_corners=aligned)
+                for i, d in enumerate(dicts)
+            ]
+        )
+        return torch.softmax(crops, dim=1) if aligned else crops
 
     def forward_train(self, batch: Dict[str, list]) -> Dict[str, torch.Tensor]:
         iteration = get_event_storage().iter
@@ -380,23 +400,18 @@ class DUDA(SelfTrainingArch):
         with torch.no_grad(), timed("teacher_forward"):
             full = self.student.normalize(stack_images(dicts, self.device, key="full_image"))
             consistency_logits = self._teacher_train_mode_forwards(crops, full)
-            full_logits = self.teacher.predict(full).float()  # eval mode
+            full_logits = self._whole_image_logits(full)  # eval mode
         with torch.no_grad(), timed("pseudo_labels"):
             full_probs = torch.softmax(full_logits, dim=1)
-
-            def to_crops(whole: torch.Tensor) -> torch.Tensor:
-                return torch.stack(
-                    [apply_geometry_tensor(whole[i], Geometry.from_dict(d["geometry"])) for i, d in enumerate(dicts)]
-                )
-
-            probs = to_crops(full_probs)
-            target = probs if consistency_logits is None else to_crops(torch.softmax(consistency_logits, dim=1))
+            probs = self._carried_to_crops(full_logits, dicts)
+            target = probs if consistency_logits is None else self._carried_to_crops(consistency_logits, dicts)
             online, _, _ = keep_top_fraction(probs, self.alpha(it), self.ignore_value)
             if self.update_mode == "batch" and it >= self.update_start:
                 confidence, labels = class_maximum(full_probs)
                 self._pending.append([(d["dataset_index"], labels[i], confidence[i]) for i, d in enumerate(dicts)])
         with timed("student_forward"):  # the forward with its losses, as every method times them
-            logits = upsample_like(self.student.forward_train(crops).logits, crops.shape[-2:]).float()
+            out = self.student.forward_train(crops)
+            logits = upsample_like(out.logits, crops.shape[-2:], align_corners=self.resample_as_released).float()
             losses.update(self._target_losses(logits, offline, online, target))
         if self.first_micro_batch:
             get_event_storage().put_scalars(duda_alpha=self.alpha(it), duda_beta=self.beta(it), smoothing_hint=False)

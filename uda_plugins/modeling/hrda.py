@@ -319,7 +319,7 @@ class HRDASegmentor(Segmentor):
         (``HRDAHead.losses``)."""
 
         def ce(logits: torch.Tensor, y: torch.Tensor, w: Optional[torch.Tensor]) -> torch.Tensor:
-            return seg_cross_entropy(logits, y, w, ignore_index=self.ignore_value)
+            return seg_cross_entropy(logits, y, w, self.ignore_value, self.loss_average)
 
         loss = (1 - self.lr_loss_weight - self.hr_loss_weight) * ce(output.logits, labels, pixel_weight)
         if self.hr_loss_weight > 0:

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 __all__ = [
+    "LOSS_AVERAGES",
     "upsample_like",
     "seg_cross_entropy",
     "symmetric_cross_entropy",
@@ -16,23 +17,36 @@ __all__ = [
 ]
 
 
-def upsample_like(logits: torch.Tensor, size) -> torch.Tensor:
-    """Bilinear resize of (N, C, h, w) logits to ``size`` (align_corners=False, as mmseg's ``resize``)."""
+def upsample_like(logits: torch.Tensor, size, align_corners: bool = False) -> torch.Tensor:
+    """Bilinear resize of (N, C, h, w) logits to ``size`` (align_corners=False, as mmseg's ``resize``; True as
+    DeepLab-era code such as DUDA's ``UpsamplePredictor``)."""
     if tuple(logits.shape[-2:]) == tuple(size):
         return logits
-    return F.interpolate(logits, size=tuple(size), mode="bilinear", align_corners=False)
+    return F.interpolate(logits, size=tuple(size), mode="bilinear", align_corners=align_corners)
+
+
+LOSS_AVERAGES = ("all_pixels", "labelled_pixels")
 
 
 def seg_cross_entropy(
-    logits: torch.Tensor, target: torch.Tensor, pixel_weight: Optional[torch.Tensor] = None, ignore_index: int = 255
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    pixel_weight: Optional[torch.Tensor] = None,
+    ignore_index: int = 255,
+    average: str = "all_pixels",
 ) -> torch.Tensor:
     """Per-pixel cross-entropy of ``logits`` (resized to the label size) against ``target`` (N, H, W),
-    optionally times ``pixel_weight`` (N, H, W), averaged over **all** pixels — ignored pixels contribute 0 but
-    count in the denominator, as mmseg's CrossEntropyLoss in the DACS/DAFormer/MIC code (docs/methods.md §0)."""
+    optionally times ``pixel_weight`` (N, H, W), averaged over ``average``: "all_pixels" — ignored pixels contribute
+    0 but count in the denominator, as mmseg's CrossEntropyLoss in the DACS/DAFormer/MIC code (docs/methods.md §0) —
+    or "labelled_pixels", as torch's ``CrossEntropyLoss(ignore_index=...)`` (DUDA; 0, not NaN, without any)."""
     logits = upsample_like(logits, target.shape[-2:])
     loss = F.cross_entropy(logits.float(), target, ignore_index=ignore_index, reduction="none")
     if pixel_weight is not None:
         loss = loss * pixel_weight
+    if average == "labelled_pixels":
+        return loss.sum() / (target != ignore_index).sum().clamp(min=1)
+    if average != "all_pixels":
+        raise ValueError(f"Unknown loss average '{average}' ({', '.join(LOSS_AVERAGES)})")
     return loss.mean()
 
 

@@ -24,7 +24,7 @@ from torch import nn
 
 from uda_plugins.d2 import BACKBONE_REGISTRY, SEM_SEG_HEADS_REGISTRY, CfgNode, ShapeSpec
 
-from .losses import seg_cross_entropy, upsample_like
+from .losses import LOSS_AVERAGES, seg_cross_entropy, upsample_like
 
 __all__ = [
     "Segmentor",
@@ -112,6 +112,9 @@ class Segmentor(nn.Module):
         self.head = SEM_SEG_HEADS_REGISTRY.get(cfg.MODEL.SEM_SEG_HEAD.NAME)(cfg, self.backbone.output_shape())
         self.num_classes: int = cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES
         self.ignore_value: int = cfg.MODEL.SEM_SEG_HEAD.IGNORE_VALUE
+        self.loss_average: str = cfg.MODEL.SEM_SEG_HEAD.LOSS_AVERAGE
+        if self.loss_average not in LOSS_AVERAGES:
+            raise ValueError(f"MODEL.SEM_SEG_HEAD.LOSS_AVERAGE '{self.loss_average}' is not one of {LOSS_AVERAGES}")
         self.channels_last: bool = cfg.MODEL.CHANNELS_LAST
         self.register_buffer("pixel_mean", torch.tensor(cfg.MODEL.PIXEL_MEAN).view(-1, 1, 1), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(cfg.MODEL.PIXEL_STD).view(-1, 1, 1), persistent=False)
@@ -174,7 +177,7 @@ class Segmentor(nn.Module):
         self, output: SegmentorOutput, labels: torch.Tensor, pixel_weight: Optional[torch.Tensor] = None
     ) -> torch.Tensor:
         """Cross-entropy of ``output`` against (N, H, W) ``labels`` at the input resolution."""
-        return seg_cross_entropy(output.logits, labels, pixel_weight, ignore_index=self.ignore_value)
+        return seg_cross_entropy(output.logits, labels, pixel_weight, self.ignore_value, self.loss_average)
 
     def predict(self, x: torch.Tensor) -> torch.Tensor:
         """Logits at the input resolution for a normalised batch."""
