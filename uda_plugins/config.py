@@ -144,6 +144,10 @@ def add_uda_config(cfg: CN) -> None:
     _C.MODEL.TIMM.ARCH = "resnet101"
     # ResNets only: 8 dilates the last two stages (DeepLab), 16 the last one, 32 none.
     _C.MODEL.TIMM.OUTPUT_STRIDE = 8
+    # ResNets only: "pytorch" (timm's and torchvision's: a stage's stride on its first 3x3 conv), or "caffe", the
+    # DeepLab-V2 ResNet of AdaptSegNet, ADVENT, DUDA and MCL (the stride on the first 1x1 conv, the stem max-pool with
+    # ceil_mode, every block of a dilated stage dilated); the same weights either way.
+    _C.MODEL.TIMM.STYLE = "pytorch"
     # ResNets only: "" is the 7x7 stem; "deep" the three 3x3 convs of ResNet-v1c (mmseg's "r101v1c").
     _C.MODEL.TIMM.STEM = ""
     # ResNets only: width of the deep stem's first convs (v1c uses 32 -> 32 -> 64).

@@ -126,6 +126,33 @@ def apply_multi_grid(stage: nn.Module, dilation: int, grid) -> None:
         conv.dilation = conv.padding = (dilation * int(factor),) * 2
 
 
+RESNET_STYLES = ("pytorch", "caffe")
+
+
+def apply_caffe_style(model: nn.Module, output_stride: int) -> None:
+    """Make a timm ResNet the DeepLab-V2 "caffe" ResNet of AdaptSegNet, ADVENT, DUDA and MCL (parquets/DUDA
+    ``models/backbones/resnet.py:62-72,136,170-195``; feifei-cv/MCL ``models/deeplabv2.py:57-100,211-229``): a stage's
+    stride on the first block's 1x1 conv instead of its 3x3 conv, the stem max-pool with ``ceil_mode`` (a 320x640
+    input gives 41x81 features at output stride 8 as MCL's logs, not 40x80), and every block of a dilated stage dilated, its first
+    too (timm, like torchvision, gives the first block the previous stage's dilation). Weights are unchanged: a
+    torchvision or timm checkpoint loads as it is."""
+    if hasattr(model, "maxpool") and isinstance(model.maxpool, nn.MaxPool2d):
+        model.maxpool.ceil_mode = True
+    net_stride, dilation = 4, 1  # after the stem and its max-pool; timm's make_blocks rule for the stages' dilations
+    for index, stage in enumerate((model.layer1, model.layer2, model.layer3, model.layer4)):
+        stride = 1 if index == 0 else 2
+        if net_stride >= output_stride:
+            dilation *= stride
+        else:
+            net_stride *= stride
+        blocks = list(stage.children())
+        first = blocks[0]
+        if hasattr(first, "conv3") and first.conv2.stride != (1, 1):  # a bottleneck: the stride to its 1x1 conv
+            first.conv1.stride, first.conv2.stride = first.conv2.stride, (1, 1)
+        for block in blocks:
+            block.conv2.dilation = block.conv2.padding = (dilation, dilation)
+
+
 @BACKBONE_REGISTRY.register()
 def build_dilated_resnet_backbone(cfg: CfgNode, input_shape: ShapeSpec) -> TimmBackbone:
     """A timm ResNet (``MODEL.TIMM.ARCH``) at ``MODEL.TIMM.OUTPUT_STRIDE`` (dilation instead of stride in the
@@ -145,6 +172,10 @@ def build_dilated_resnet_backbone(cfg: CfgNode, input_shape: ShapeSpec) -> TimmB
         # timm also passes device/dtype, which our norms take from the default (the model is moved later).
         kwargs["norm_layer"] = lambda c, **_: get_norm(norm, c)
     model = timm.create_model(t.ARCH, pretrained=False, **kwargs)
+    if t.STYLE not in RESNET_STYLES:
+        raise ValueError(f"MODEL.TIMM.STYLE '{t.STYLE}' is not one of {', '.join(RESNET_STYLES)}")
+    if t.STYLE == "caffe":
+        apply_caffe_style(model, t.OUTPUT_STRIDE)
     if t.MULTI_GRID:
         apply_multi_grid(model.layer4, 32 // t.OUTPUT_STRIDE, t.MULTI_GRID)
     if cfg.MODEL.BACKBONE.PRETRAINED:
