@@ -131,11 +131,11 @@ RESNET_STYLES = ("pytorch", "caffe")
 
 def apply_caffe_style(model: nn.Module, output_stride: int) -> None:
     """Make a timm ResNet the DeepLab-V2 "caffe" ResNet of AdaptSegNet, ADVENT, DUDA and MCL (parquets/DUDA
-    ``models/backbones/resnet.py:62-72,136,170-195``; feifei-cv/MCL ``models/deeplabv2.py:57-100,211-229``): a stage's
-    stride on the first block's 1x1 conv instead of its 3x3 conv, the stem max-pool with ``ceil_mode`` (a 320x640
-    input gives 41x81 features at output stride 8 as MCL's logs, not 40x80), and every block of a dilated stage dilated, its first
-    too (timm, like torchvision, gives the first block the previous stage's dilation). Weights are unchanged: a
-    torchvision or timm checkpoint loads as it is."""
+    ``models/backbones/resnet.py:62-72,136,170-195``; feifei-cv/MCL ``models/deeplabv2.py:57-100,211-229``): a
+    stage's stride on the first block's 1x1 conv instead of its 3x3 conv, the stem max-pool with ``ceil_mode`` (a
+    320x640 input gives 41x81 features at output stride 8, as MCL's, not 40x80), and every block of a dilated stage
+    dilated, its first too (timm, like torchvision, gives the first block the previous stage's dilation). Weights are
+    unchanged: a torchvision or timm checkpoint loads as it is."""
     if hasattr(model, "maxpool") and isinstance(model.maxpool, nn.MaxPool2d):
         model.maxpool.ceil_mode = True
     net_stride, dilation = 4, 1  # after the stem and its max-pool; timm's make_blocks rule for the stages' dilations
