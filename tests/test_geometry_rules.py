@@ -242,6 +242,14 @@ def test_duda_resize_scale_and_crop_equal_the_release(config, source_size, resiz
         g = rule.sample(Scripted([v, 0, 0, 0.9]), source_size)
         assert g.resized_size == (int(scale * resize[0]), int(scale * resize[1]))
         assert g.output_size == (512, 896)
+    # The image itself: PIL's Lanczos (Image.ANTIALIAS, augmentation.py:66,78), the crop (:29-31), the flip (:46).
+    assert rule.interpolation == "lanczos"
+    image = _image(*resize)  # after the release's exact Resize, which is the identity at these sizes
+    g = rule.sample(Scripted([0.3, 7, 11, 0.2]), resize)
+    (new_h, new_w), (y1, x1, th, tw) = g.resized_size, g.crop
+    theirs = Image.fromarray(image).resize((new_w, new_h), Image.LANCZOS).crop((x1, y1, x1 + tw, y1 + th))
+    theirs = np.asarray(theirs.transpose(Image.FLIP_LEFT_RIGHT))
+    assert np.array_equal(apply_geometry(image, g, False, interpolation=rule.interpolation), theirs)
     target = UDADatasetMapper.from_config(cfg, "target", load_label=False).rule
     assert target.base_size((1024, 2048)) == (1024, 2048) and target.mixed_size_cause({(1024, 2048): "c.png"}) is None
 

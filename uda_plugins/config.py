@@ -25,6 +25,9 @@ def _add_resize(node: CN, resize) -> None:
     node.RESIZE_MODE = "keep_ratio"
     # Scaled sides are "round"ed (mmcv's int(x + 0.5)) or "floor"ed (int(x): DUDA, MCL, ILM-ASSL).
     node.SIZE_ROUNDING = "round"
+    # Images are resized "bilinear" (cv2, mmcv's default) or "lanczos" (PIL's, antialiased when shrinking: DUDA's
+    # Image.ANTIALIAS); labels by nearest neighbour.
+    node.INTERPOLATION = "bilinear"
 
 
 def _add_domain_input(node: CN, *, resize, crop, cat_max_ratio: float, flip: float) -> None:

@@ -163,8 +163,8 @@ class UDADatasetMapper:
                 max_redraws=self.class_crop_redraws,
             )
             if self.full_view:
-                full_image = resize_image(image, self.rule.base_size(image.shape[:2]))
-            image = apply_geometry(image, geometry, is_label=False, pad_value=self.pad_image)
+                full_image = resize_image(image, self.rule.base_size(image.shape[:2]), self.rule.interpolation)
+            image = apply_geometry(image, geometry, False, self.pad_image, self.rule.interpolation)
             if not self.load_label:
                 label = None  # read only to place the crop
             if label is not None:
@@ -172,7 +172,7 @@ class UDADatasetMapper:
         else:
             size = self.rule.base_size(image.shape[:2])
             geometry = Geometry(tuple(image.shape[:2]), size, (0, 0, size[0], size[1]), False)
-            image = resize_image(image, size)  # the label stays at full size: that is where we score
+            image = resize_image(image, size, self.rule.interpolation)  # the label stays at full size: we score there
         out = {
             "file_name": dataset_dict["file_name"],
             "image_id": dataset_dict.get("image_id", dataset_dict["file_name"]),

@@ -15,6 +15,9 @@ A :class:`GeometryRule` is how one domain's images are resized, scaled, cropped,
 ``CROP_PAD``                a crop larger than the scaled image is ``none`` (cut to the image: the batch may mix
                             sizes), padded at the ``bottom_right`` (mmseg's ``Pad`` after ``RandomCrop``) or
                             ``center`` ed (ILM-ASSL's ``Crop``, which pads before drawing the offset).
+``INTERPOLATION``           images are resized ``bilinear`` (cv2, mmcv's default) or ``lanczos`` (PIL's, which
+                            widens its kernel when it shrinks, i.e. antialiases: DUDA's ``Image.ANTIALIAS``);
+                            labels always by nearest neighbour.
 ==========================  ===================================================================================
 
 A :class:`Geometry` is plain data (ints and a bool) stored in each mapped dict under ``"geometry"``. Replaying it
@@ -44,6 +47,7 @@ __all__ = [
     "RATIO_SAMPLINGS",
     "SIZE_ROUNDINGS",
     "CROP_PADS",
+    "INTERPOLATIONS",
     "fit_scale",
     "resized_size",
     "sample_geometry",
@@ -54,6 +58,7 @@ __all__ = [
 ]
 
 RESIZE_MODES = ("keep_ratio", "exact")
+INTERPOLATIONS = ("bilinear", "lanczos")
 RATIO_SAMPLINGS = ("uniform", "split_at_one")
 SIZE_ROUNDINGS = ("round", "floor")
 CROP_PADS = ("none", "bottom_right", "center")
@@ -118,6 +123,7 @@ class GeometryRule:
     size_rounding: str = "round"
     crop_size: Tuple[int, int] = (0, 0)
     crop_pad: str = "bottom_right"
+    interpolation: str = "bilinear"
     cat_max_ratio: float = 1.0
     flip_prob: float = 0.0
     key: str = "INPUT"  # the config node it came from, for messages
@@ -128,6 +134,7 @@ class GeometryRule:
             ("RATIO_SAMPLING", self.ratio_sampling, RATIO_SAMPLINGS),
             ("SIZE_ROUNDING", self.size_rounding, SIZE_ROUNDINGS),
             ("CROP_PAD", self.crop_pad, CROP_PADS),
+            ("INTERPOLATION", self.interpolation, INTERPOLATIONS),
         ):
             if value not in allowed:
                 raise ValueError(f"{self.key}.{name} '{value}' is not one of {', '.join(allowed)}")
@@ -148,6 +155,7 @@ class GeometryRule:
             size_rounding=get("SIZE_ROUNDING", "round"),
             crop_size=tuple(int(v) for v in get("CROP_SIZE", (0, 0))),
             crop_pad=get("CROP_PAD", "bottom_right"),
+            interpolation=get("INTERPOLATION", "bilinear"),
             cat_max_ratio=float(get("CROP_CAT_MAX_RATIO", 1.0)),
             flip_prob=float(get("FLIP_PROB", 0.0)),
             key=key,
@@ -264,9 +272,15 @@ class GeometryRule:
         return geometry
 
 
-def resize_image(image: np.ndarray, size: Sequence[int]) -> np.ndarray:
+def resize_image(image: np.ndarray, size: Sequence[int], interpolation: str = "bilinear") -> np.ndarray:
+    """An HxWxC uint8 image resized to ``size`` (h, w): "bilinear" (cv2, no antialiasing) or "lanczos" (PIL's
+    ``Image.LANCZOS``, formerly ``ANTIALIAS``)."""
     if tuple(image.shape[:2]) == tuple(size):
         return image
+    if interpolation == "lanczos":
+        from PIL import Image
+
+        return np.asarray(Image.fromarray(image).resize((int(size[1]), int(size[0])), Image.LANCZOS))
     return cv2.resize(image, (int(size[1]), int(size[0])), interpolation=cv2.INTER_LINEAR)
 
 
@@ -316,12 +330,17 @@ def _padded_crop_numpy(array: np.ndarray, crop: Sequence[int], pad_value) -> np.
     return out
 
 
-def apply_geometry(array: np.ndarray, geometry: Geometry, is_label: bool, pad_value=None) -> np.ndarray:
-    """Replay ``geometry`` on an HxW or HxWxC numpy array (labels: nearest, images: bilinear) covering the original
-    image, at its size or another (a pseudo-label map stored at a lower resolution is resized straight to the
-    geometry's ``resized_size``, as :func:`apply_geometry_tensor` does). A padded crop is filled with
+def apply_geometry(
+    array: np.ndarray, geometry: Geometry, is_label: bool, pad_value=None, interpolation: str = "bilinear"
+) -> np.ndarray:
+    """Replay ``geometry`` on an HxW or HxWxC numpy array (labels: nearest, images: ``interpolation``) covering the
+    original image, at its size or another (a pseudo-label map stored at a lower resolution is resized straight to
+    the geometry's ``resized_size``, as :func:`apply_geometry_tensor` does). A padded crop is filled with
     ``pad_value`` (default: the ignore label for labels, 0 for images; a per-channel sequence for images)."""
-    out = (resize_label if is_label else resize_image)(array, geometry.resized_size)
+    if is_label:
+        out = resize_label(array, geometry.resized_size)
+    else:
+        out = resize_image(array, geometry.resized_size, interpolation)
     if pad_value is None:
         pad_value = IGNORE_LABEL if is_label else 0
     out = _padded_crop_numpy(out, geometry.crop, pad_value)

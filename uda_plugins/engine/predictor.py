@@ -50,7 +50,7 @@ class Predictor:
         inputs = []
         for frame in frames_rgb:
             height, width = frame.shape[:2]
-            image = resize_image(frame, self.resize.base_size((height, width)))
+            image = resize_image(frame, self.resize.base_size((height, width)), self.resize.interpolation)
             tensor = torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))
             inputs.append({"image": tensor, "height": height, "width": width})
         outputs = self.model(inputs)

@@ -50,6 +50,38 @@ Choices (docs/methods.md §5.7):
   selection) and starts the mean teacher from it; the authors load a separately trained warm-up model and a
   downloaded bank instead (``MODEL.WEIGHTS`` and ``UDA.PSEUDO_LABEL_BANK.INITIAL_DIR``). Schedules count from the
   start of self-training.
+
+Differences from the release (docs/release-audit/duda-mcl.md §1; the switch that reproduces the release, or why none):
+
+====  ==========================================================================  =================================
+item  difference                                                                   as released
+====  ==========================================================================  =================================
+D1    none: BatchNorm affine frozen (out of SGD), batch statistics                 ``BATCH_NORM frozen_affine``
+D2    none: the mean teacher's train-mode forwards (crops, whole images) and its   ``TEACHER_FORWARDS as_released``,
+      eval-mode forward; its buffers copied from the student (torch >= 1.13)       ``TEACHER_BUFFERS student``
+D3    none: Dropout2d(0.5) on layer4 before the ASPP                               ``MODEL.SEM_SEG_HEAD.DROPOUT 0.5``
+D4    none: BGR minus the Caffe means                                              ``INPUT.FORMAT BGR``
+D5    none: the DeepLab-V2 "caffe" ResNet; the authors' checkpoints convert        ``MODEL.TIMM.STYLE caffe``,
+      (tools/convert_duda_checkpoint.py). Their FDA warm-up is not released:       the converter
+      the README's warm-up trains this network source-only instead
+D6    none: every image stretched to its dataset's size, sides floored             ``INPUT.*.RESIZE_MODE exact``
+D7    none: the source CE over the labelled pixels                                 ``LOSS_AVERAGE labelled_pixels``
+D8    none: logits carried to the crop, then softmaxed; align_corners=True         ``RESAMPLE_AS_RELEASED True``
+D9    PIL's Lanczos once, from the original size, where the release resizes        ``INPUT.*.INTERPOLATION lanczos``
+      SYNTHIA twice (its stretch to 1820x1024, then the scale)
+D10   none (= D6)                                                                  ``RESIZE_MODE exact``
+D11   the teacher's BatchNorm re-estimated on whole target images, averaged over   no switch
+      processes, before each evaluation; the release uses its training loader's
+      crops, per process, and also evaluates at iteration 600
+D12   the initial bank from IAST's selection ported here (the release's generator  ``INITIAL_DIR`` reads their PNGs
+      is not in its repository)
+D13   the warm-up LR: multiplicative warm-up x poly (at most 2.25% apart, at       no switch
+      iterations 1999-2000; equal from 2001)
+D14   0 (not NaN) for a loss without any labelled pixel                            none (a fix)
+D15   steps the GradScaler skips do not update the mean model, the bank or the     none (a fix)
+      schedules (SOLVER.MAX_SKIPPED_NONFINITE_STEPS)
+D16   documentation corrected                                                      —
+====  ==========================================================================  =================================
 """
 
 from __future__ import annotations
