@@ -164,24 +164,25 @@ def test_ilm_assl_scale_law_and_padding_share():
 
 
 # ------------------------------------------------------------------------------------------------ MCL
-def _mcl_transform(label, img_size, resize, rcrop, draws):
+def _mcl_transform(image, label, img_size, resize, rcrop, draws):
     """feifei-cv/MCL@b91c947: the dataset's force-resize to ``img_size`` (gta5_dataset.py:145-146, PIL BILINEAR /
-    NEAREST), then data/augmentations.py RandomSized(resize) (:422-449), RandomCrop(rcrop) (:45-110) and
-    RandomHorizontallyFlip, with ``random`` scripted by ``draws``: the crop box (y1, y2, x1, x2), the size and the
-    label (the image goes through the same geometry)."""
+    NEAREST), then data/augmentations.py RandomSized(resize) (:422-449, PIL BILINEAR / NEAREST again),
+    RandomCrop(rcrop) (:45-110) and RandomHorizontallyFlip, with ``random`` scripted by ``draws``: the crop box
+    (y1, y2, x1, x2), the size, the image and the label."""
     script = list(draws)
+    img = Image.fromarray(image).resize(img_size, Image.BILINEAR)
     lbl = Image.fromarray(label).resize(img_size, Image.NEAREST)
     prop = 1.0 * lbl.size[0] / lbl.size[1]
     w = int((0.5 + script.pop(0)) * resize)  # random.uniform(0.5, 1.5) * self.size
     h = int(w / prop)
-    lbl = lbl.resize((w, h), Image.NEAREST)
+    img, lbl = img.resize((w, h), Image.BILINEAR), lbl.resize((w, h), Image.NEAREST)
     tw, th = rcrop
     assert not (w < tw or h < th)  # the release's fallback (a resize to the crop) never runs at 2:1
     x1, y1 = script.pop(0), script.pop(0)  # random.randint(0, w - tw), random.randint(0, h - th)
-    lbl = lbl.crop((x1, y1, x1 + tw, y1 + th))
+    img, lbl = img.crop((x1, y1, x1 + tw, y1 + th)), lbl.crop((x1, y1, x1 + tw, y1 + th))
     if script.pop(0) < 0.5:
-        lbl = lbl.transpose(Image.FLIP_LEFT_RIGHT)
-    return (y1, y1 + th, x1, x1 + tw), (h, w), np.array(lbl)
+        img, lbl = img.transpose(Image.FLIP_LEFT_RIGHT), lbl.transpose(Image.FLIP_LEFT_RIGHT)
+    return (y1, y1 + th, x1, x1 + tw), (h, w), np.array(img), np.array(lbl)
 
 
 @pytest.mark.parametrize(
@@ -199,25 +200,51 @@ def _mcl_transform(label, img_size, resize, rcrop, draws):
 def test_mcl_force_resize_random_size_and_crop_equal_the_release(config, img_size, resize, rcrop, size):
     cfg = get_uda_cfg()
     cfg.merge_from_file(os.path.join(REPO, config))
-    label = _blocky_label(*size, block=max(size) // 4)  # regions at least 80 px wide in the crop
+    label = _blocky_label(*size, block=max(size) // 4)
+    image = np.random.default_rng(size[0]).integers(0, 256, size + (3,), dtype=np.uint8)  # every frequency
     for domain in ("source", "target"):
-        rule = UDADatasetMapper.from_config(cfg, domain, load_label=False).rule
+        mapper = UDADatasetMapper.from_config(cfg, domain, load_label=False)
+        rule = mapper.rule
+        assert rule.interpolation == "pil_bilinear" and rule.resample_twice
         draws = [(0.0, 0.0, 0.0, 0.9), (0.3, 0.5, 0.2, 0.1), (0.6137, 0.99, 0.99, 0.7), (0.999, 0.3, 1.0, 0.2)]
-        for u, fx, fy, flip in draws:
+        for u, fx, fy, flip in draws[: 2 if domain == "target" else 4]:
             w = int((0.5 + u) * resize)
             h = int(w / 2.0)
             x1, y1 = int(fx * (w - rcrop[0])), int(fy * (h - rcrop[1]))
-            box, scaled, theirs = _mcl_transform(label, img_size, resize, rcrop, [u, x1, y1, flip])
+            script = [u, x1, y1, flip]
+            box, scaled, their_image, their_label = _mcl_transform(image, label, img_size, resize, rcrop, script)
             # Ours: the factor u + 0.5 on the exact size, floor-rounded; the crop offsets and flip as drawn.
             geometry = rule.sample(Scripted([u, y1, x1, flip]), size)
             assert geometry.resized_size == scaled, (domain, u)
             top, left, ch, cw = geometry.crop
             assert (top, top + ch, left, left + cw) == box and geometry.flip == (flip < 0.5)
-            # PIL's nearest samples pixel centres, cv2's pixel corners, and the release resizes twice: the labels
-            # agree but within a pixel or two of region borders (about 2 / 80 of the rows and of the columns).
-            assert (apply_geometry(label, geometry, is_label=True) == theirs).mean() > 0.95
+            # The same PIL resamplings, one after the other: equal images and labels.
+            ours = apply_geometry(rule.stretched(label, True), geometry, True, interpolation=rule.interpolation)
+            assert np.array_equal(ours, their_label)
+            ours = apply_geometry(rule.stretched(image, False), geometry, False, interpolation=rule.interpolation)
+            assert np.array_equal(ours, their_image)
     test_rule = UDADatasetMapper.from_config(cfg, "test", load_label=False).rule
     assert test_rule.base_size(size) == (img_size[1], img_size[0])  # evaluation inputs force-resized too
+    assert test_rule.interpolation == "pil_bilinear"
+
+
+def test_the_mcl_mapper_resamples_images_and_labels_as_the_release(tmp_path):
+    # The mapper itself, on files: a GTA5-sized frame through the 7-class source rule, against _mcl_transform.
+    cfg = get_uda_cfg()
+    cfg.merge_from_file(os.path.join(REPO, "configs/multi_target/mcl_warmup_gta5_to_cs_map_idd_7cls.yaml"))
+    image = np.random.default_rng(5).integers(0, 256, (1052, 1914, 3), dtype=np.uint8)
+    label = _blocky_label(1052, 1914, block=150, seed=2) % 7
+    Image.fromarray(image).save(tmp_path / "image.png")
+    Image.fromarray(label).save(tmp_path / "label.png")
+    mapper = UDADatasetMapper.from_config(cfg, "source", load_label=True)
+    u, x1, y1, flip = 0.3, 17, 5, 0.2
+    d = mapper(
+        {"file_name": str(tmp_path / "image.png"), "sem_seg_file_name": str(tmp_path / "label.png")},
+        rng=Scripted([u, y1, x1, flip]),
+    )
+    _, _, their_image, their_label = _mcl_transform(image, label, (640, 320), 640, (320, 160), [u, x1, y1, flip])
+    assert np.array_equal(d["image"].numpy().transpose(1, 2, 0), their_image)
+    assert np.array_equal(d["sem_seg"].numpy(), their_label)
 
 
 # ------------------------------------------------------------------------------------------------ DUDA
@@ -242,14 +269,19 @@ def test_duda_resize_scale_and_crop_equal_the_release(config, source_size, resiz
         g = rule.sample(Scripted([v, 0, 0, 0.9]), source_size)
         assert g.resized_size == (int(scale * resize[0]), int(scale * resize[1]))
         assert g.output_size == (512, 896)
-    # The image itself: PIL's Lanczos (Image.ANTIALIAS, augmentation.py:66,78), the crop (:29-31), the flip (:46).
-    assert rule.interpolation == "lanczos"
-    image = _image(*resize)  # after the release's exact Resize, which is the identity at these sizes
-    g = rule.sample(Scripted([0.3, 7, 11, 0.2]), resize)
+    # The image and label themselves: the dataset's Resize (augmentation.py:72-84), then RandomScale (:58-69), both
+    # PIL's Lanczos (Image.ANTIALIAS) for the image and NEAREST for the label, the crop (:29-31), the flip (:46).
+    assert rule.interpolation == "lanczos" and rule.resample_twice
+    image = np.random.default_rng(1).integers(0, 256, source_size + (3,), dtype=np.uint8)
+    label = _blocky_label(*source_size, block=97)
+    g = rule.sample(Scripted([0.3, 7, 11, 0.2]), source_size)
     (new_h, new_w), (y1, x1, th, tw) = g.resized_size, g.crop
-    theirs = Image.fromarray(image).resize((new_w, new_h), Image.LANCZOS).crop((x1, y1, x1 + tw, y1 + th))
-    theirs = np.asarray(theirs.transpose(Image.FLIP_LEFT_RIGHT))
-    assert np.array_equal(apply_geometry(image, g, False, interpolation=rule.interpolation), theirs)
+    for array, is_label, resample in ((image, False, Image.LANCZOS), (label, True, Image.NEAREST)):
+        theirs = Image.fromarray(array).resize((resize[1], resize[0]), resample)
+        theirs = theirs.resize((new_w, new_h), resample).crop((x1, y1, x1 + tw, y1 + th))
+        theirs = np.asarray(theirs.transpose(Image.FLIP_LEFT_RIGHT))
+        ours = apply_geometry(rule.stretched(array, is_label), g, is_label, interpolation=rule.interpolation)
+        assert np.array_equal(ours, theirs), (source_size, is_label)
     target = UDADatasetMapper.from_config(cfg, "target", load_label=False).rule
     assert target.base_size((1024, 2048)) == (1024, 2048) and target.mixed_size_cause({(1024, 2048): "c.png"}) is None
 

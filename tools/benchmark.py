@@ -99,9 +99,9 @@ def peak_tflops(cfg, given: float) -> float:
 
 
 def build_cfg(args, output_dir):
-    cfg, warning = load_cfg(args.config_file, args.opts)
-    if warning:
-        print(warning, file=sys.stderr)
+    cfg, notes = load_cfg(args.config_file, args.opts)
+    for note in notes:
+        print(note, file=sys.stderr)
     if args.synthetic_data:
         cfg.merge_from_list(synthetic_data_overrides(cfg, args.synthetic_data))
     cfg.OUTPUT_DIR = output_dir

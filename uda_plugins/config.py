@@ -25,8 +25,9 @@ def _add_resize(node: CN, resize) -> None:
     node.RESIZE_MODE = "keep_ratio"
     # Scaled sides are "round"ed (mmcv's int(x + 0.5)) or "floor"ed (int(x): DUDA, MCL, ILM-ASSL).
     node.SIZE_ROUNDING = "round"
-    # Images are resized "bilinear" (cv2, mmcv's default) or "lanczos" (PIL's, antialiased when shrinking: DUDA's
-    # Image.ANTIALIAS); labels by nearest neighbour.
+    # Images are resized "bilinear" (cv2, mmcv's default), "lanczos" (PIL's, antialiased when shrinking: DUDA's
+    # Image.ANTIALIAS) or "pil_bilinear" (PIL's BILINEAR, antialiased too: MCL's); labels by nearest neighbour, PIL's
+    # (pixel centres) with a PIL filter, as those releases, cv2's otherwise.
     node.INTERPOLATION = "bilinear"
 
 
@@ -36,6 +37,10 @@ def _add_domain_input(node: CN, *, resize, crop, cat_max_ratio: float, flip: flo
     # or "split_at_one": from (lo, 1) or (1, hi) with probability 1/2 each (ILM-ASSL / U2PL's RandResize).
     node.RATIO_RANGE = (1.0, 1.0)
     node.RATIO_SAMPLING = "uniform"
+    # With RESIZE_MODE exact: resample the image (and label) to RESIZE first, then to the random scale, as the
+    # releases that stretch every image in the dataset and scale it in the augmentation (MCL, DUDA); False resamples
+    # once, from the original size.
+    node.RESAMPLE_TWICE = False
     # Random crop (h, w) after resizing; (0, 0) disables cropping.
     node.CROP_SIZE = crop
     # A crop larger than the scaled image is padded at the "bottom_right" (mmseg's Pad after RandomCrop), or
@@ -366,6 +371,15 @@ def add_uda_config(cfg: CN) -> None:
     # style (source and target side alike); "own_first": the reference's target side (own style first, then the
     # others), which swaps the slots against its source side.
     _C.UDA.MCL.ENSEMBLE_ORDER = "domain"
+    # How the individual, collaborative and ensemble target terms reduce CE x agreement weight over the pixels:
+    # "masked_mean" (sum over the selected pixels / their number) or "batch_broadcast", as released
+    # (models/adaptation_modelv2.py:236,296-304: the (B,1,h,w) mask times the (B,h,w) loss broadcasts to (B,B,h,w),
+    # 2-4x the masked mean at the release's batch of 4; over each process's batch here).
+    _C.UDA.MCL.TARGET_LOSS_REDUCTION = "masked_mean"
+    # Reinhard colour transfer: "float" (L*a*b* in floating point on the device) or "opencv_uint8", as released
+    # (color.py:8-71 via adaptation_modelv2.py:347-355: 8-bit BGR images truncated from x/255*255, OpenCV's 8-bit
+    # L*a*b*, the result truncated to uint8).
+    _C.UDA.MCL.COLOR_TRANSFER = "float"
 
     _C.UDA.PSEUDO_LABEL_BANK = CN()
     # Offline pseudo-label banks (uda_plugins/data/pseudo_label_bank.py) live in OUTPUT_DIR/pseudo_label_bank/<target
@@ -510,6 +524,12 @@ def add_uda_config(cfg: CN) -> None:
     # (whole images; -1 = all, 0 = off), as the authors' mean_update_bn.
     _C.UDA.DUDA.BN_RECALIBRATION_IMAGES = -1
 
+    # ------------------------------------------------------------------ release fidelity
+    # One switch for every listed difference of the config's method from its release (uda_plugins/
+    # release_fidelity.py): "" = each key as set, "as_released" = the release's values, "fixed" = our fixes. A KEY
+    # VALUE on the command line for one of them still wins. Resolved when the config is read (and reset to "").
+    _C.UDA.RELEASE_FIDELITY = ""
+
     # ------------------------------------------------------------------ solver
     # Source images per iteration (global).
     _C.SOLVER.IMS_PER_BATCH_SOURCE = 2
@@ -560,6 +580,11 @@ def add_uda_config(cfg: CN) -> None:
     # model selection on labelled target data, which unsupervised adaptation does not have: off by default,
     # and labelled as such in the file name.
     _C.TEST.SAVE_BEST_ON_TEST = False
+    # Where predictions are scored: "label" = resized to each label's full resolution (the Cityscapes convention
+    # of mmseg and Detectron2); "input" = at the network's input size (INPUT.TEST) against labels resized to it
+    # with PIL's NEAREST, MCL's protocol (train.py:148-160, cityscapes_dataset.py:192-193), under which its
+    # published numbers were measured. With "input", each test set also reports mIoU_full_resolution.
+    _C.TEST.EVAL_RESOLUTION = "label"
 
     # ------------------------------------------------------------------ reproducibility
     # Deterministic kernels: torch.use_deterministic_algorithms (ops without a deterministic kernel warn), cuDNN

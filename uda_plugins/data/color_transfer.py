@@ -5,14 +5,19 @@ an image of another, per image pair, with OpenCV on the CPU: 8-bit BGR -> L*a*b*
 ``(x - mean_content) * std_style / std_content + mean_style``, clipped, back to BGR. This is the same computation on
 (N, 3, H, W) RGB tensors in 0..255 on any device, in floating point: sRGB -> linear -> XYZ (D65, OpenCV's matrix)
 -> L*a*b*, the transfer, clamping L* to [0, 100] and a*, b* to [-128, 127] (OpenCV's 8-bit range), and back. It
-differs from OpenCV's only by OpenCV's 8-bit rounding of the intermediate L*a*b* image (a few grey levels).
+differs from OpenCV's only by OpenCV's 8-bit rounding of the intermediate L*a*b* image and the release's truncating
+casts: measured on the release's images (docs/release-audit, M10), 0.95 grey levels on average, 6 at the 99th
+percentile. :func:`opencv_color_transfer` is the release's own computation (``UDA.MCL.COLOR_TRANSFER
+opencv_uint8``), on the CPU, image by image.
 """
 
 from __future__ import annotations
 
+import cv2
+import numpy as np
 import torch
 
-__all__ = ["rgb_to_lab", "lab_to_rgb", "lab_color_transfer"]
+__all__ = ["rgb_to_lab", "lab_to_rgb", "lab_color_transfer", "opencv_color_transfer"]
 
 _RGB_TO_XYZ = torch.tensor(
     [[0.412453, 0.357580, 0.180423], [0.212671, 0.715160, 0.072169], [0.019334, 0.119193, 0.950227]]
@@ -58,3 +63,33 @@ def lab_color_transfer(content: torch.Tensor, style: torch.Tensor) -> torch.Tens
     out = (c - c_mean) * (s_std / (c_std + 1e-30)) + s_mean
     out = torch.cat([out[:, :1].clamp(0, 100), out[:, 1:].clamp(-128, 127)], dim=1)
     return lab_to_rgb(out)
+
+
+def _release_uint8_bgr(rgb: torch.Tensor) -> np.ndarray:
+    """An RGB 0..255 image (3, H, W) as the release casts its float32 x/255 tensors:
+    ``(np.float64(x) * 255.0).astype(np.uint8)``, which keeps an 8-bit value and truncates any other (RandAugment's
+    views are not always whole levels)."""
+    scaled = (rgb.detach().float().cpu() / 255.0).double().numpy().transpose(1, 2, 0)[:, :, ::-1] * 255.0
+    return np.clip(scaled, 0, 255).astype(np.uint8)
+
+
+def _opencv_transfer(style_bgr: np.ndarray, content_bgr: np.ndarray) -> np.ndarray:
+    """feifei-cv/MCL ``color.py:8-71`` (``color_transfer(source=style, target=content)``) on uint8 BGR images."""
+    style = cv2.cvtColor(style_bgr, cv2.COLOR_BGR2LAB).astype("float32")
+    content = cv2.cvtColor(content_bgr, cv2.COLOR_BGR2LAB).astype("float32")
+    out = []
+    for c in range(3):
+        s, t = style[:, :, c], content[:, :, c]
+        out.append(np.clip((s.std() / (t.std() + 1e-30)) * (t - t.mean()) + s.mean(), 0, 255))
+    return cv2.cvtColor(cv2.merge(out).astype("uint8"), cv2.COLOR_LAB2BGR)
+
+
+def opencv_color_transfer(content: torch.Tensor, style: torch.Tensor) -> torch.Tensor:
+    """:func:`lab_color_transfer` as MCL releases it (``adaptation_modelv2.py:347-355``, ``image_style``): each pair
+    cast to 8-bit BGR, OpenCV's 8-bit L*a*b* transfer, the result truncated to uint8. Returns float RGB in 0..255
+    on ``content``'s device."""
+    styled = [
+        _opencv_transfer(_release_uint8_bgr(s), _release_uint8_bgr(c))[:, :, ::-1].transpose(2, 0, 1)
+        for c, s in zip(content, style)
+    ]
+    return torch.from_numpy(np.ascontiguousarray(np.stack(styled))).float().to(content.device)

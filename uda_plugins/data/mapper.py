@@ -19,7 +19,7 @@ from uda_plugins.d2 import CfgNode
 
 from .datasets.common import read_image, read_label
 from .labels import IGNORE_LABEL, LABEL_MAPS, apply_lut, check_label_values
-from .transforms import Geometry, GeometryRule, apply_geometry, resize_image
+from .transforms import Geometry, GeometryRule, apply_geometry, resize_image, resize_label
 
 __all__ = ["UDADatasetMapper", "crop_pad_image"]
 
@@ -33,6 +33,9 @@ def crop_pad_image(cfg: CfgNode, node: CfgNode) -> tuple:
         raise ValueError(f"CROP_PAD_IMAGE {list(values)} needs one value per channel ({len(cfg.MODEL.PIXEL_MEAN)})")
     values = values[::-1] if cfg.INPUT.FORMAT == "BGR" else values  # images are RGB until the network
     return tuple(int(min(max(round(float(v)), 0), 255)) for v in values)
+
+
+EVAL_RESOLUTIONS = ("label", "input")
 
 
 class UDADatasetMapper:
@@ -55,6 +58,9 @@ class UDADatasetMapper:
         full_view: training samples also carry ``full_image``, the whole image at the rule's base size (without
             the random scale, crop or flip; DUDA's teacher predicts on it; the sample's ``geometry`` maps it to the
             crop).
+        label_at_input: test samples also carry ``sem_seg_at_input``, the label resized to the network's input
+            size with PIL's NEAREST (``TEST.EVAL_RESOLUTION input``: MCL's val loaders, ``cityscapes_dataset.py
+            :192-193``).
 
     Every mapped dict names its rule's config node under ``"input_config"`` (``INPUT.SOURCE`` ...), so that an
     error about its size can say which keys produced it.
@@ -74,6 +80,7 @@ class UDADatasetMapper:
         class_crop_pixels: float = 0.0,
         class_crop_redraws: int = 10,
         full_view: bool = False,
+        label_at_input: bool = False,
     ) -> None:
         if (rule is None) == (input_cfg is None):
             raise TypeError("UDADatasetMapper takes a rule or an input_cfg")
@@ -87,6 +94,7 @@ class UDADatasetMapper:
         self.class_crop_pixels = float(class_crop_pixels)
         self.class_crop_redraws = int(class_crop_redraws)
         self.full_view = full_view
+        self.label_at_input = label_at_input
 
     @classmethod
     def from_config(
@@ -103,6 +111,10 @@ class UDADatasetMapper:
         if domain not in ("source", "target", "test"):
             raise ValueError(f"Unknown domain '{domain}' (source, target or test)")
         key, node = f"INPUT.{domain.upper()}", cfg.INPUT[domain.upper()]
+        if cfg.TEST.EVAL_RESOLUTION not in EVAL_RESOLUTIONS:
+            raise ValueError(
+                f"TEST.EVAL_RESOLUTION must be one of {EVAL_RESOLUTIONS}, not '{cfg.TEST.EVAL_RESOLUTION}'"
+            )
         rcs = cfg.DATALOADER.RCS
         return cls(
             is_train=domain != "test" if is_train is None else is_train,
@@ -115,6 +127,7 @@ class UDADatasetMapper:
             class_crop_pixels=rcs.MIN_PIXELS * rcs.MIN_CROP_RATIO if class_crop_pixels is None else class_crop_pixels,
             class_crop_redraws=rcs.CROP_REDRAWS,
             full_view=full_view,
+            label_at_input=domain == "test" and cfg.TEST.EVAL_RESOLUTION == "input",
         )
 
     def _read(self, dataset_dict: dict, load_label: bool):
@@ -164,11 +177,15 @@ class UDADatasetMapper:
             )
             if self.full_view:
                 full_image = resize_image(image, self.rule.base_size(image.shape[:2]), self.rule.interpolation)
-            image = apply_geometry(image, geometry, False, self.pad_image, self.rule.interpolation)
+            image = apply_geometry(
+                self.rule.stretched(image, False), geometry, False, self.pad_image, self.rule.interpolation
+            )
             if not self.load_label:
                 label = None  # read only to place the crop
             if label is not None:
-                label = apply_geometry(label, geometry, is_label=True, pad_value=self.pad_label)
+                label = apply_geometry(
+                    self.rule.stretched(label, True), geometry, True, self.pad_label, self.rule.interpolation
+                )
         else:
             size = self.rule.base_size(image.shape[:2])
             geometry = Geometry(tuple(image.shape[:2]), size, (0, 0, size[0], size[1]), False)
@@ -184,6 +201,9 @@ class UDADatasetMapper:
         }
         if label is not None:
             out["sem_seg"] = torch.from_numpy(label.astype(np.int64))
+            if self.label_at_input and not self.is_train:
+                at_input = resize_label(label, geometry.resized_size, "pil_bilinear")  # PIL's NEAREST
+                out["sem_seg_at_input"] = torch.from_numpy(at_input.astype(np.int64))
         if self.is_train and self.full_view:
             out["full_image"] = torch.from_numpy(np.ascontiguousarray(full_image.transpose(2, 0, 1)))
         return out

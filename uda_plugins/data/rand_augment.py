@@ -14,10 +14,16 @@ The image is kept in 8 bits between operations, as PIL's is. Geometric operation
 centres, the output pixel (x, y) reads the input at the affine image of (x + 0.5, y + 0.5)), bilinear for images
 with grey outside, nearest for labels.
 
-Deviation (a fix): the reference warps the pseudo-label by replaying the transforms in a fixed order (flip, shears,
-translations, rotation, cutout) with the last value of each kind, through an approximation of PIL's matrices
-(``affine_sample``), so label and image disagree whenever two geometric operations were drawn or a shear met a
-non-square image. Here the label sees exactly the image's transforms, in the image's order, composed into one map.
+Deviation (a fix; MCL's M6 and M13 in docs/release-audit/duda-mcl.md): the reference warps the pseudo-label by
+replaying the transforms in a fixed order (flip, shears, translations, rotation, cutout) with the last value of each
+kind, through its own matrices (``affine_sample``, ``randaugment.py:255-280``). On a 2:1 label its shears and
+rotations match PIL's exactly; its defect is TranslateX, whose offset is normalised by the height instead of the
+width (``theta[0,2] * 2 / H``, ``:274``), so the label moves W/H = 2x as far as the image (measured: 15% class
+agreement with the image's warp), and two geometric operations that do not commute (Rotate then ShearX: 42%) are
+replayed in the wrong order. About 7% of strong views draw TranslateX and 3% two geometric operations. Here the
+label sees exactly the image's transforms, in the image's order, composed into one map (98-100% agreement); no
+switch reproduces the release's warp. The reference's Cutout also covers one more row and column than its box
+(``randaugment.py:54``, PIL's inclusive rectangle; M12): here the box itself.
 
 Random numbers come from torch's global generator (seeded per iteration by the trainer), so a resumed run draws
 the same augmentations.

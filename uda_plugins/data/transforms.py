@@ -15,9 +15,14 @@ A :class:`GeometryRule` is how one domain's images are resized, scaled, cropped,
 ``CROP_PAD``                a crop larger than the scaled image is ``none`` (cut to the image: the batch may mix
                             sizes), padded at the ``bottom_right`` (mmseg's ``Pad`` after ``RandomCrop``) or
                             ``center`` ed (ILM-ASSL's ``Crop``, which pads before drawing the offset).
-``INTERPOLATION``           images are resized ``bilinear`` (cv2, mmcv's default) or ``lanczos`` (PIL's, which
-                            widens its kernel when it shrinks, i.e. antialiases: DUDA's ``Image.ANTIALIAS``);
-                            labels always by nearest neighbour.
+``INTERPOLATION``           images are resized ``bilinear`` (cv2, mmcv's default), ``lanczos`` (PIL's, which
+                            widens its kernel when it shrinks, i.e. antialiases: DUDA's ``Image.ANTIALIAS``) or
+                            ``pil_bilinear`` (PIL's ``BILINEAR``, which antialiases too: MCL's). Labels by nearest
+                            neighbour: cv2's with ``bilinear``, PIL's with a PIL filter, as the releases that use
+                            PIL (PIL samples the source pixel under each output pixel's centre, cv2 the one under
+                            its top-left corner: up to half a source pixel apart).
+``RESAMPLE_TWICE``          with ``exact``: resample to ``RESIZE``, then to the random scale (MCL and DUDA stretch
+                            in the dataset, then scale in the augmentation), instead of once from the original.
 ==========================  ===================================================================================
 
 A :class:`Geometry` is plain data (ints and a bool) stored in each mapped dict under ``"geometry"``. Replaying it
@@ -58,7 +63,8 @@ __all__ = [
 ]
 
 RESIZE_MODES = ("keep_ratio", "exact")
-INTERPOLATIONS = ("bilinear", "lanczos")
+INTERPOLATIONS = ("bilinear", "lanczos", "pil_bilinear")
+PIL_INTERPOLATIONS = ("lanczos", "pil_bilinear")
 RATIO_SAMPLINGS = ("uniform", "split_at_one")
 SIZE_ROUNDINGS = ("round", "floor")
 CROP_PADS = ("none", "bottom_right", "center")
@@ -124,6 +130,7 @@ class GeometryRule:
     crop_size: Tuple[int, int] = (0, 0)
     crop_pad: str = "bottom_right"
     interpolation: str = "bilinear"
+    resample_twice: bool = False
     cat_max_ratio: float = 1.0
     flip_prob: float = 0.0
     key: str = "INPUT"  # the config node it came from, for messages
@@ -156,6 +163,7 @@ class GeometryRule:
             crop_size=tuple(int(v) for v in get("CROP_SIZE", (0, 0))),
             crop_pad=get("CROP_PAD", "bottom_right"),
             interpolation=get("INTERPOLATION", "bilinear"),
+            resample_twice=bool(get("RESAMPLE_TWICE", False)),
             cat_max_ratio=float(get("CROP_CAT_MAX_RATIO", 1.0)),
             flip_prob=float(get("FLIP_PROB", 0.0)),
             key=key,
@@ -174,6 +182,16 @@ class GeometryRule:
     def base_size(self, size: Sequence[int]) -> Tuple[int, int]:
         """The size without the random scale: test images, and the whole views teachers predict on."""
         return self.scaled_size(size, 1.0)
+
+    def stretched(self, array: np.ndarray, is_label: bool) -> np.ndarray:
+        """``array`` (an original image or label) as the geometry's replay starts from it: resampled to the base size
+        first with ``RESAMPLE_TWICE`` (and ``exact``), else as it is."""
+        if not (self.resample_twice and self.resize_mode == "exact"):
+            return array
+        size = self.base_size(array.shape[:2])
+        return (
+            resize_label(array, size, self.interpolation) if is_label else resize_image(array, size, self.interpolation)
+        )
 
     def draw_factor(self, rng: np.random.Generator) -> float:
         lo, hi = self.ratio_range
@@ -255,7 +273,9 @@ class GeometryRule:
             rh, rw = self.scaled_size((h, w), self.draw_factor(rng))
             if self.crops:
                 resized_label = (
-                    resize_label(label, (rh, rw)) if label is not None and self.cat_max_ratio < 1.0 else None
+                    resize_label(label, (rh, rw), self.interpolation)
+                    if label is not None and self.cat_max_ratio < 1.0
+                    else None
                 )
                 for _ in range(10):
                     crop = self._crop_box(rng, rh, rw)
@@ -267,26 +287,39 @@ class GeometryRule:
                 crop = (0, 0, rh, rw)
             flip = bool(rng.uniform() < self.flip_prob)
             geometry = Geometry((h, w), (rh, rw), crop, flip)
-            if attempts == 1 or _class_pixels_in_crop(label, geometry, required_class) > required_pixels:
+            if (
+                attempts == 1
+                or _class_pixels_in_crop(label, geometry, required_class, self.interpolation) > required_pixels
+            ):
                 break
         return geometry
 
 
 def resize_image(image: np.ndarray, size: Sequence[int], interpolation: str = "bilinear") -> np.ndarray:
-    """An HxWxC uint8 image resized to ``size`` (h, w): "bilinear" (cv2, no antialiasing) or "lanczos" (PIL's
-    ``Image.LANCZOS``, formerly ``ANTIALIAS``)."""
+    """An HxWxC uint8 image resized to ``size`` (h, w): "bilinear" (cv2, no antialiasing), "lanczos" (PIL's
+    ``Image.LANCZOS``, formerly ``ANTIALIAS``) or "pil_bilinear" (PIL's ``Image.BILINEAR``)."""
     if tuple(image.shape[:2]) == tuple(size):
         return image
-    if interpolation == "lanczos":
+    if interpolation in PIL_INTERPOLATIONS:
         from PIL import Image
 
-        return np.asarray(Image.fromarray(image).resize((int(size[1]), int(size[0])), Image.LANCZOS))
+        resample = Image.LANCZOS if interpolation == "lanczos" else Image.BILINEAR
+        return np.asarray(Image.fromarray(image).resize((int(size[1]), int(size[0])), resample))
     return cv2.resize(image, (int(size[1]), int(size[0])), interpolation=cv2.INTER_LINEAR)
 
 
-def resize_label(label: np.ndarray, size: Sequence[int]) -> np.ndarray:
+def resize_label(label: np.ndarray, size: Sequence[int], interpolation: str = "bilinear") -> np.ndarray:
+    """An HxW label map resized to ``size`` (h, w) by nearest neighbour: PIL's (pixel centres) when
+    ``interpolation`` is a PIL filter, else cv2's."""
     if tuple(label.shape[:2]) == tuple(size):
         return label
+    if interpolation in PIL_INTERPOLATIONS:
+        from PIL import Image
+
+        as_pil = label if label.dtype == np.uint8 else label.astype(np.int32)
+        return np.asarray(Image.fromarray(as_pil).resize((int(size[1]), int(size[0])), Image.NEAREST)).astype(
+            label.dtype
+        )
     return cv2.resize(label, (int(size[1]), int(size[0])), interpolation=cv2.INTER_NEAREST)
 
 
@@ -302,8 +335,9 @@ def _crop_ok(label_crop: np.ndarray, cat_max_ratio: float, ignore_label: int) ->
     return len(counts) > 1 and counts.max() / counts.sum() < cat_max_ratio
 
 
-def _class_pixels_in_crop(label: np.ndarray, geometry: Geometry, class_id: int) -> int:
-    return int(np.count_nonzero(_inside(resize_label(label, geometry.resized_size), geometry.crop) == class_id))
+def _class_pixels_in_crop(label: np.ndarray, geometry: Geometry, class_id: int, interpolation: str) -> int:
+    resized = resize_label(label, geometry.resized_size, interpolation)
+    return int(np.count_nonzero(_inside(resized, geometry.crop) == class_id))
 
 
 def sample_geometry(rng: np.random.Generator, size: Sequence[int], *, rule: Optional[GeometryRule] = None, **kwargs):
@@ -333,12 +367,13 @@ def _padded_crop_numpy(array: np.ndarray, crop: Sequence[int], pad_value) -> np.
 def apply_geometry(
     array: np.ndarray, geometry: Geometry, is_label: bool, pad_value=None, interpolation: str = "bilinear"
 ) -> np.ndarray:
-    """Replay ``geometry`` on an HxW or HxWxC numpy array (labels: nearest, images: ``interpolation``) covering the
+    """Replay ``geometry`` on an HxW or HxWxC numpy array (images by ``interpolation``, labels by the nearest
+    neighbour that goes with it: :func:`resize_label`) covering the
     original image, at its size or another (a pseudo-label map stored at a lower resolution is resized straight to
     the geometry's ``resized_size``, as :func:`apply_geometry_tensor` does). A padded crop is filled with
     ``pad_value`` (default: the ignore label for labels, 0 for images; a per-channel sequence for images)."""
     if is_label:
-        out = resize_label(array, geometry.resized_size)
+        out = resize_label(array, geometry.resized_size, interpolation)
     else:
         out = resize_image(array, geometry.resized_size, interpolation)
     if pad_value is None:

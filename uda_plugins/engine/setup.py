@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Tuple
+from typing import List, Tuple
 
 import torch
 
 from uda_plugins.config import get_uda_cfg
 from uda_plugins.d2 import BACKEND, CfgNode, comm, default_setup, setup_logger
+from uda_plugins.release_fidelity import apply_release_fidelity
 
 __all__ = [
     "setup_cfg",
@@ -19,6 +20,7 @@ __all__ = [
     "resolve_device",
     "merge_overrides",
     "set_determinism",
+    "log_config_notes",
 ]
 
 logger = logging.getLogger(__name__)
@@ -67,9 +69,10 @@ def set_determinism(cfg: CfgNode) -> None:
     logger.info("DETERMINISTIC: deterministic algorithms where torch has them (torch.use_deterministic_algorithms)")
 
 
-def load_cfg(config_file: str, opts=()) -> Tuple[CfgNode, str]:
-    """``get_uda_cfg`` + ``config_file`` + ``KEY VALUE`` overrides, the device resolved (not frozen); returns the
-    config and the device warning to log ("" if none). What every tool reads a config with."""
+def load_cfg(config_file: str, opts=()) -> Tuple[CfgNode, List[str]]:
+    """``get_uda_cfg`` + ``config_file`` + ``KEY VALUE`` overrides, ``UDA.RELEASE_FIDELITY`` and the device resolved
+    (not frozen); returns the config and the lines to log about what was resolved (the device fallback is a
+    warning, listed first). What every tool reads a config with."""
     if not config_file:
         raise ValueError("--config-file is required (e.g. configs/synthetic/source_only.yaml)")
     if not os.path.isfile(config_file):
@@ -77,15 +80,26 @@ def load_cfg(config_file: str, opts=()) -> Tuple[CfgNode, str]:
     cfg = get_uda_cfg()
     cfg.merge_from_file(config_file)
     merge_overrides(cfg, list(opts or []))
+    fidelity = cfg.UDA.RELEASE_FIDELITY
+    changes = apply_release_fidelity(cfg, list(opts or []))
     register_config_datasets(cfg)
-    return cfg, resolve_device(cfg)
+    warning = resolve_device(cfg)
+    notes = [warning] if warning else []
+    if changes:
+        notes.append(f"UDA.RELEASE_FIDELITY {fidelity}: " + "; ".join(changes))
+    return cfg, notes
+
+
+def log_config_notes(notes: List[str]) -> None:
+    """Log what :func:`load_cfg` resolved: the device fallback as a warning, the rest as information."""
+    for note in notes:
+        (logger.warning if note.startswith("MODEL.DEVICE") else logger.info)(note)
 
 
 def load_frozen_cfg(config_file: str, opts=()) -> CfgNode:
     """:func:`load_cfg`, its device warning logged, frozen: what a tool that only reads the config uses."""
-    cfg, warning = load_cfg(config_file, opts)
-    if warning:
-        logger.warning(warning)
+    cfg, notes = load_cfg(config_file, opts)
+    log_config_notes(notes)
     cfg.freeze()
     return cfg
 
@@ -101,7 +115,7 @@ def register_config_datasets(cfg: CfgNode) -> None:
 def setup_cfg(args) -> CfgNode:
     """``get_uda_cfg`` + ``--config-file`` + trailing ``KEY VALUE`` overrides, frozen; then Detectron2's
     ``default_setup`` (output dir, logs, config.yaml, seeds) and the uda_plugins logger."""
-    cfg, device_warning = load_cfg(args.config_file, args.opts)
+    cfg, notes = load_cfg(args.config_file, args.opts)
     cfg.freeze()
     default_setup(cfg, args)
     set_determinism(cfg)
@@ -110,6 +124,5 @@ def setup_cfg(args) -> CfgNode:
         # Several processes on one CPU: share the cores instead of oversubscribing them.
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // comm.get_local_size()))
     logger.info(f"uda_plugins backend: {BACKEND} (UDA_PLUGINS_BACKEND to force builtin|detectron2)")
-    if device_warning:
-        logger.warning(device_warning)
+    log_config_notes(notes)
     return cfg

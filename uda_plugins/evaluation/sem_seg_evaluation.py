@@ -9,6 +9,11 @@ present, this equals mmseg's convention used by the papers. Class subsets from t
 
 Unlike Detectron2's evaluator it reads the label from the input dict (the test mapper loads it at full
 resolution) instead of re-reading the file, and encodes no per-image prediction JSON.
+
+Where the inputs also carry ``sem_seg_at_input`` (``TEST.EVAL_RESOLUTION input``, MCL's protocol: the prediction at
+the network's input size against the label nearest-resized to it), every metric is computed that way, and
+``mIoU_full_resolution`` (with ``mIoU_<subset>_full_resolution``) gives the full-resolution score beside it; the log
+says which is which.
 """
 
 from __future__ import annotations
@@ -80,49 +85,77 @@ class SemSegEvaluator(DatasetEvaluator):
         self._output_dir = output_dir
         self._num_classes = len(self.class_names)
         self._conf: Optional[torch.Tensor] = None
+        self._conf_at_input: Optional[torch.Tensor] = None
 
     def reset(self) -> None:
-        self._conf = None
+        self._conf = self._conf_at_input = None
+
+    def _confusion(self, logits: torch.Tensor, gt: torch.Tensor, file_name) -> torch.Tensor:
+        n = self._num_classes
+        pred = predicted_classes(logits, dim=0)
+        gt = gt.to(pred.device)
+        if gt.shape != pred.shape:
+            raise ValueError(
+                f"Prediction {tuple(pred.shape)} and label {tuple(gt.shape)} of '{file_name}' differ "
+                f"in size; predictions must be returned at the input's height x width"
+            )
+        valid = gt != self.ignore_label
+        return torch.bincount(gt[valid] * n + pred[valid], minlength=n * n)
 
     def process(self, inputs: List[dict], outputs: List[dict]) -> None:
-        n = self._num_classes
         for inp, out in zip(inputs, outputs):
             if "sem_seg" not in inp:
                 raise KeyError(f"'{inp.get('file_name')}' has no label; cannot evaluate an unlabelled split")
-            logits = out["sem_seg"]
-            pred = predicted_classes(logits, dim=0)
-            gt = inp["sem_seg"].to(pred.device)
-            if gt.shape != pred.shape:
-                raise ValueError(
-                    f"Prediction {tuple(pred.shape)} and label {tuple(gt.shape)} of '{inp.get('file_name')}' differ "
-                    f"in size; predictions must be returned at the input's height x width"
-                )
-            if self._conf is None:
-                self._conf = torch.zeros(n * n, dtype=torch.int64, device=pred.device)
-            valid = gt != self.ignore_label
-            self._conf += torch.bincount(gt[valid] * n + pred[valid], minlength=n * n)
+            conf = self._confusion(out["sem_seg"], inp["sem_seg"], inp.get("file_name"))
+            self._conf = conf if self._conf is None else self._conf + conf
+            if "sem_seg_at_input" in inp:
+                conf = self._confusion(out["sem_seg_at_input"], inp["sem_seg_at_input"], inp.get("file_name"))
+                self._conf_at_input = conf if self._conf_at_input is None else self._conf_at_input + conf
 
-    def evaluate(self):
+    def _gathered(self, conf: Optional[torch.Tensor]) -> Optional[np.ndarray]:
+        """The confusion matrix summed over processes (None off the main process)."""
         n = self._num_classes
-        conf = self._conf.cpu() if self._conf is not None else torch.zeros(n * n, dtype=torch.int64)
+        conf = conf.cpu() if conf is not None else torch.zeros(n * n, dtype=torch.int64)
         if self._distributed:
-            comm.synchronize()
             gathered = comm.gather(conf)
             if not comm.is_main_process():
                 return None
             conf = torch.stack(gathered).sum(0)
-        conf = conf.view(n, n).numpy()
-        res = metrics_from_confusion(conf, self.class_names, self.subsets)
-        self._log_table(res)
-        if self._output_dir:
-            atomic_write_text(
-                os.path.join(self._output_dir, "sem_seg_evaluation.json"),
-                json.dumps({"dataset": self.dataset_name, "metrics": res, "confusion": conf.tolist()}, indent=1),
+        return conf.view(n, n).numpy()
+
+    def evaluate(self):
+        if self._distributed:
+            comm.synchronize()
+        # Every process must take part in both gathers (the protocol is the config's, the same on all).
+        at_input = self._conf_at_input is not None
+        if self._distributed:
+            at_input = any(comm.all_gather(at_input))
+        full = self._gathered(self._conf)
+        conf_at_input = self._gathered(self._conf_at_input) if at_input else None
+        if full is None:
+            return None
+        res = metrics_from_confusion(full, self.class_names, self.subsets)
+        protocol = "at each label's full resolution"
+        if at_input:
+            full_res = res
+            res = metrics_from_confusion(conf_at_input, self.class_names, self.subsets)
+            for key in [k for k in full_res if k.startswith("mIoU")]:
+                res[f"{key}_full_resolution"] = full_res[key]
+            protocol = (
+                "at the network's input size against labels nearest-resized to it (TEST.EVAL_RESOLUTION input); "
+                "mIoU_full_resolution at each label's full resolution"
             )
+        self._log_table(res, protocol)
+        if self._output_dir:
+            record = {"dataset": self.dataset_name, "protocol": protocol, "metrics": res, "confusion": full.tolist()}
+            if at_input:
+                record["confusion"] = conf_at_input.tolist()
+                record["confusion_full_resolution"] = full.tolist()
+            atomic_write_text(os.path.join(self._output_dir, "sem_seg_evaluation.json"), json.dumps(record, indent=1))
         return OrderedDict(sem_seg=res)
 
-    def _log_table(self, res: Dict[str, float]) -> None:
+    def _log_table(self, res: Dict[str, float], protocol: str) -> None:
         rows = [(name, res[f"IoU-{name}"], res[f"ACC-{name}"]) for name in self.class_names]
         table = tabulate(rows, headers=["class", "IoU", "Acc"], floatfmt=".2f", tablefmt="pipe", missingval="-")
         summary = ", ".join(f"{k} {v:.2f}" for k, v in res.items() if "-" not in k)
-        logger.info(f"Per-class results on {self.dataset_name}:\n{table}\n{summary}")
+        logger.info(f"Per-class results on {self.dataset_name}, scored {protocol}:\n{table}\n{summary}")

@@ -67,8 +67,8 @@ D5    none: the DeepLab-V2 "caffe" ResNet; the authors' checkpoints convert     
 D6    none: every image stretched to its dataset's size, sides floored             ``INPUT.*.RESIZE_MODE exact``
 D7    none: the source CE over the labelled pixels                                 ``LOSS_AVERAGE labelled_pixels``
 D8    none: logits carried to the crop, then softmaxed; align_corners=True         ``RESAMPLE_AS_RELEASED True``
-D9    PIL's Lanczos once, from the original size, where the release resizes        ``INPUT.*.INTERPOLATION lanczos``
-      SYNTHIA twice (its stretch to 1820x1024, then the scale)
+D9    none: PIL's Lanczos for images and NEAREST for labels, the stretch and the   ``INTERPOLATION lanczos``,
+      scale one after the other (SYNTHIA: 1280x760 -> 1820x1024 -> the scale)     ``RESAMPLE_TWICE True``
 D10   none (= D6)                                                                  ``RESIZE_MODE exact``
 D11   the teacher's BatchNorm re-estimated on whole target images, averaged over   no switch
       processes, before each evaluation; the release uses its training loader's

@@ -33,26 +33,59 @@ and remade every ``REFRESH_PERIOD`` iterations (:class:`~uda_plugins.hooks.Pseud
    crop); ``o_i = head_i(x^i)``, ``o_ag = agnostic(x^i)``; for every other target j, ``x^i`` re-coloured to the
    strong view of target j gives ``o_j = head_j(x^i->j)``; ``W = mean_j exp(-GAMMA KL(p_i || p_j))`` (detached);
    ``L_ind = CE(o_i)``, ``L_col = sum_j CE(o_j) / (T-1)`` and ``L_ens = CE(ensemble(features of x^i in every
-   style))``, each ``sum(CE * W * valid) / sum(valid)``; ``L_kd = [KL(p_i || p_ag) + KL(p_ens || p_i)] / T`` with
-   the teachers detached; ``L_i = L_kd + L_ind + 1.0 L_col + 0.05 L_ens``.
+   style))``, each ``sum(CE * W * valid) / sum(valid)`` (or the release's broadcast, M1 below);
+   ``L_kd = [KL(p_i || p_ag) + KL(p_ens || p_i)] / T`` with the teachers detached;
+   ``L_i = L_kd + L_ind + 1.0 L_col + 0.05 L_ens``.
 
 Decisions where the reference is ambiguous (docs/methods.md §3.11):
 
-* ensemble channel order: slot k always holds the image in target k's style (``ENSEMBLE_ORDER domain``); the
-  reference's target side puts the own style first, swapping slots against its source side (``own_first``);
+* ensemble channel order: slot k always holds the image in target k's style (``ENSEMBLE_ORDER domain``, the
+  library's default); the reference's target side puts the own style first, swapping slots against its source side
+  (``own_first``, which the paper configs set);
 * evaluation: the agnostic head for every target in self-training (as the reference), the last target head in
   warm-up (the reference validates with head T-1); ``EVAL_HEAD`` names another;
 * distillation is averaged over all elements of the probability maps, classes included (the reference's
   ``(loss_kd * mask).sum() / mask.sum()`` with an always-true mask), i.e. the per-pixel KL divided by C;
   ``DISTILLATION_WEIGHT`` scales it.
 
-Deviations: logits are resized with align_corners=False (the reference: True); one Adam over all discriminators
-(the reference: one each; Adam is per-parameter, so the updates are the same); the discriminators share the
-segmenter's learning-rate schedule; colour transfer and RandAugment run on the device
-(:mod:`~uda_plugins.data.color_transfer`, :mod:`~uda_plugins.data.rand_augment`: the label replays the image's
-exact geometry, which the reference approximates); soft pseudo-labels are float16 (the reference: float32); one
-forward and one backward per iteration (the reference: one backward per target). Each test set is reported with
-the mean over them.
+Each test set is reported with the mean over them; MCL's configs score at the input size as the release
+(``TEST.EVAL_RESOLUTION input``) with ``mIoU_full_resolution`` beside it.
+
+Differences from the release (docs/release-audit/duda-mcl.md §2; the switch that reproduces it, or why none;
+``UDA.RELEASE_FIDELITY`` moves the listed switches together):
+
+====  ==========================================================================  =================================
+item  difference                                                                   as released
+====  ==========================================================================  =================================
+M1    none: the target CE terms' (B,1,h,w) mask times the (B,h,w) loss broadcast   ``TARGET_LOSS_REDUCTION
+      to (B,B,h,w), per process (the release: one GPU, batch 4)                    batch_broadcast``
+M2    none: RGB / 255, no mean or standard deviation                               ``MODEL.PIXEL_MEAN 0``,
+                                                                                   ``PIXEL_STD 255``
+M3    none: every image stretched to 640x320 (1024x512), RandomSized, 320x160      ``INPUT.*.RESIZE_MODE exact``,
+      (512x256) crops; PIL BILINEAR twice, labels PIL NEAREST                      ``RESAMPLE_TWICE``,
+                                                                                   ``INTERPOLATION pil_bilinear``
+M4    none: scored at the input size against PIL-nearest labels                    ``TEST.EVAL_RESOLUTION input``
+M5    none: the DeepLab-V2 "caffe" ResNet-101 (41x81 features for 320x640)         ``MODEL.TIMM.STYLE caffe``
+M6    the strong view's label gets the image's exact warp; the release's replay    no switch (a fix)
+      moves TranslateX labels twice as far and re-orders operations
+M7    none: the ensemble's target-side slots own style first                       ``ENSEMBLE_ORDER own_first``
+M8    soft labels keyed by path, not basename (74 IDD basenames repeat)            no switch (a fix)
+M9    self-training starts from the warm-up's final model, not its best on val     ``MODEL.WEIGHTS`` names any
+      (no target labels are used to choose it)                                     checkpoint
+M10   colour transfer: none (OpenCV 8-bit, truncating casts). Still differ:        ``COLOR_TRANSFER opencv_uint8``
+      logits resized with align_corners=False (the release: True) and soft
+      labels stored as float16 (the release: float32)
+M11   none: the head's initialisation as released (N(0, 0.01) weights, branch     —
+      biases torch's default, the bottleneck's 0)
+M12   Cutout covers its box, not one more row and column                           no switch
+M13   documentation corrected (rand_augment.py)                                    —
+M14   the methods notes' masked mean, input scaling and basenames: this table     —
+====  ==========================================================================  =================================
+
+Other choices: one Adam over all discriminators (the reference: one each; Adam is per-parameter, so the updates are
+the same); the discriminators share the segmenter's learning-rate schedule; colour transfer (float) and RandAugment
+run on the device (:mod:`~uda_plugins.data.color_transfer`, :mod:`~uda_plugins.data.rand_augment`); one forward
+and one backward per iteration (the reference: one backward per target, the same gradients).
 """
 
 from __future__ import annotations
@@ -68,7 +101,7 @@ from torch import nn
 
 from uda_plugins.d2 import META_ARCH_REGISTRY, CfgNode, comm
 from uda_plugins.data.build import DataRequirements, build_full_view_loader, get_dataset_dicts
-from uda_plugins.data.color_transfer import lab_color_transfer
+from uda_plugins.data.color_transfer import lab_color_transfer, opencv_color_transfer
 from uda_plugins.data.pseudo_label_bank import PseudoLabelBank, SoftLabels, commit_in_batches
 from uda_plugins.data.rand_augment import apply_rand_augment, sample_rand_augment, warp_label
 from uda_plugins.modeling import size_groups, stack_images
@@ -90,6 +123,8 @@ __all__ = ["MCL", "target_head_names", "AGNOSTIC", "ENSEMBLE", "target_self_trai
 logger = logging.getLogger(__name__)
 
 STAGES = ("warm_up", "self_training")
+TARGET_LOSS_REDUCTIONS = ("masked_mean", "batch_broadcast")
+COLOR_TRANSFERS = ("float", "opencv_uint8")
 AGNOSTIC, ENSEMBLE = "agnostic", "ensemble"
 
 
@@ -114,12 +149,16 @@ def target_self_training_losses(
     gamma: float,
     rectify: bool,
     ignore: int,
+    reduction: str = "masked_mean",
 ) -> Dict[str, torch.Tensor]:
     """MCL's losses of one target (``CustomModel.step``, the loop body over targets) from logits at the
     pseudo-label's resolution: ``own`` = its head on the strong view, ``agnostic`` = the agnostic head on it,
     ``others`` = each other target's head on the view re-coloured to that target, ``ensemble`` = the ensemble
     head, ``labels`` the selected, warped pseudo-labels. Unweighted terms: individual, collaborative, ensemble,
-    distillation."""
+    distillation. ``reduction`` (``UDA.MCL.TARGET_LOSS_REDUCTION``): "masked_mean", or "batch_broadcast" as
+    released, where every image's loss is weighted by every image's mask: sum_{y,x} [sum_b L W] [sum_b M] / sum M."""
+    if reduction not in TARGET_LOSS_REDUCTIONS:
+        raise ValueError(f"UDA.MCL.TARGET_LOSS_REDUCTION must be one of {TARGET_LOSS_REDUCTIONS}, not '{reduction}'")
     valid = (labels != ignore).float()
     safe = torch.where(labels != ignore, labels, 0)
     own_p = torch.softmax(own.float(), dim=1).detach()
@@ -134,7 +173,10 @@ def target_self_training_losses(
         return F.cross_entropy(logits.float(), safe, reduction="none")
 
     def weighted_mean(loss: torch.Tensor) -> torch.Tensor:
-        return (loss * weight * valid).sum() / valid.sum().clamp(min=1)
+        loss = loss * valid  # the release's CE with ignore_index: 0 where the label is ignored
+        if reduction == "batch_broadcast":  # (B, h, w) x (B, 1, h, w) -> (B, B, h, w), as adaptation_modelv2.py:296
+            return (loss * weight * valid[:, None]).sum() / valid.sum().clamp(min=1)
+        return (loss * weight).sum() / valid.sum().clamp(min=1)
 
     collaborative = weighted_mean(sum(ce(o) for o in others)) / len(others)
     # Two-level distillation: the agnostic head learns from head i, head i from the ensemble head.
@@ -164,6 +206,11 @@ class MCL(UDAMetaArch):
             raise ValueError("MCL uses neither HRDA nor the feature distance (MODEL.HRDA.ENABLED, UDA.FD.LAMBDA)")
         if m.ENSEMBLE_ORDER not in ("domain", "own_first"):
             raise ValueError(f"UDA.MCL.ENSEMBLE_ORDER must be 'domain' or 'own_first', not '{m.ENSEMBLE_ORDER}'")
+        if m.TARGET_LOSS_REDUCTION not in TARGET_LOSS_REDUCTIONS:
+            choices = TARGET_LOSS_REDUCTIONS
+            raise ValueError(f"UDA.MCL.TARGET_LOSS_REDUCTION must be one of {choices}, not '{m.TARGET_LOSS_REDUCTION}'")
+        if m.COLOR_TRANSFER not in COLOR_TRANSFERS:
+            raise ValueError(f"UDA.MCL.COLOR_TRANSFER must be one of {COLOR_TRANSFERS}, not '{m.COLOR_TRANSFER}'")
         self.stage = m.STAGE
         self.num_targets = len(cfg.DATASETS.TARGET_TRAIN)
         super().__init__(cfg)
@@ -205,6 +252,7 @@ class MCL(UDAMetaArch):
         }
         self.rectify, self.gamma = m.RECTIFY, m.GAMMA
         self.own_style_first = m.ENSEMBLE_ORDER == "own_first"
+        self.target_loss_reduction, self.color_transfer = m.TARGET_LOSS_REDUCTION, m.COLOR_TRANSFER
 
     # ------------------------------------------------------------------------------------------ building
     def build_student(self, cfg: CfgNode) -> MultiHeadSegmentor:
@@ -347,6 +395,8 @@ class MCL(UDAMetaArch):
         """``content`` (RGB 0..255) re-coloured to ``style``, pairing image k with style image k mod len(style)."""
         with timed("color_transfer"):
             index = torch.arange(content.shape[0], device=style.device) % style.shape[0]
+            if self.color_transfer == "opencv_uint8":
+                return opencv_color_transfer(content, style[index])
             return lab_color_transfer(content, style[index])
 
     def _ensemble_slots(self, own: int, features: Dict[int, dict]) -> List[dict]:
@@ -409,7 +459,15 @@ class MCL(UDAMetaArch):
                     others.append(upsample_like(student.decode_with(names[j], features[j]), size))
                 ensemble = upsample_like(student.decode_stacked(ENSEMBLE, self._ensemble_slots(i, features)), size)
                 terms = target_self_training_losses(
-                    own, agnostic, others, ensemble, labels, self.gamma, self.rectify, ignore
+                    own,
+                    agnostic,
+                    others,
+                    ensemble,
+                    labels,
+                    self.gamma,
+                    self.rectify,
+                    ignore,
+                    self.target_loss_reduction,
                 )
             for k, v in terms.items():
                 totals[k] = totals[k] + v

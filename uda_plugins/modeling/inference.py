@@ -110,7 +110,8 @@ def segment(
     windows_per_batch: int = 4,
 ) -> List[Dict[str, torch.Tensor]]:
     """Predict every input dict (``image`` uint8 CHW, optional ``height``/``width``) and return logits resized
-    to (height, width)."""
+    to (height, width); a dict that carries ``sem_seg_at_input`` (``TEST.EVAL_RESOLUTION input``) also gets its
+    logits at the input size, under the same key."""
     results = []
     for d in batched_inputs:
         x = net.normalize(d["image"][None])
@@ -120,10 +121,11 @@ def segment(
             logits = slide_inference(net, x, crop, stride, windows_per_batch)
         else:
             raise ValueError(f"Unknown TEST.MODE '{mode}' (whole or slide)")
+        result = {"sem_seg_at_input": logits[0]} if "sem_seg_at_input" in d else {}
         height, width = d.get("height", logits.shape[-2]), d.get("width", logits.shape[-1])
         if (height, width) != tuple(logits.shape[-2:]):
             logits = F.interpolate(logits, size=(height, width), mode="bilinear", align_corners=False)
-        results.append({"sem_seg": logits[0]})
+        results.append({"sem_seg": logits[0], **result})
     return results
 
 

@@ -3,9 +3,12 @@
 ``SEM_SEG_HEAD.EMBED_DIM`` (256) channels with GroupNorm(32) and ReLU, concatenated; a squeeze-and-excitation block
 (reduction 16); a 3x3 conv back to EMBED_DIM with GroupNorm; Dropout2d; a 1x1 conv to the classes without bias.
 
-Initialisation: the reference's ResNet101 constructor finally re-initialises every conv of the network with
-N(0, 0.01), which overrides the head's own kaiming/N(0, 0.001) initialisation; that is what its heads train from,
-so that is done here (biases 0; the SE block's linear layers keep torch's default).
+Initialisation as released (``deeplabv2.py:171-191`` then ``:247-250``): the head's own loop over its branches
+finds only ``nn.Sequential`` members, so it initialises nothing there; its bottleneck loop gives the 3x3 conv a zero
+bias (the SE block's linear layers, inside a module of their own, keep torch's default); then the ResNet101
+constructor sets the weight of every conv of the network to N(0, 0.01). So the weights are N(0, 0.01), the branch
+convs keep torch's default bias U(-1/sqrt(fan_in), 1/sqrt(fan_in)), the bottleneck conv's bias is 0 and the
+classifier has none.
 """
 
 from __future__ import annotations
@@ -60,11 +63,10 @@ class MultiScaleSEHead(nn.Module):
         )
         self.dropout = nn.Dropout2d(h.DROPOUT)
         self.classifier = nn.Conv2d(width, h.NUM_CLASSES, 1, bias=False)
+        nn.init.zeros_(self.bottleneck[1].bias)
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.normal_(m.weight, 0.0, 0.01)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
 
     def forward(self, features: Dict[str, torch.Tensor]) -> torch.Tensor:
         x = features[self.in_feature]

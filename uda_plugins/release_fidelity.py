@@ -1,0 +1,141 @@
+"""One switch between a method's release and our fixes: ``UDA.RELEASE_FIDELITY``.
+
+Each method's known differences from its authors' code that we fix, or that we keep as an option, have a config key
+each (docs/release-audit/ and each method's deviation table). :data:`QUIRKS` lists them per
+``MODEL.META_ARCHITECTURE`` with the value that reproduces the release and the value of our fix.
+``UDA.RELEASE_FIDELITY`` moves a whole config between the two:
+
+* ``""`` (the default): every key as the config file and the command line set it (paper configs set the release's);
+* ``"as_released"``: every listed key of the config's method at the release's value;
+* ``"fixed"``: every listed key at our fix.
+
+A ``KEY VALUE`` given on the command line for one of the listed keys still wins, so one quirk can be kept or fixed
+alone. The resolved values are what the run's ``config.yaml`` records (the umbrella itself is reset to ``""`` there,
+so re-reading the file gives the same run), and the log lists what the umbrella changed.
+
+The table is data, not code, so that tests can check every paper config against it (``tests/test_release_fidelity.py``)
+and the README's table of switches is the same list.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Dict, List, Sequence, Tuple
+
+__all__ = ["Quirk", "QUIRKS", "FIDELITIES", "quirks_of", "apply_release_fidelity"]
+
+FIDELITIES = ("", "as_released", "fixed")
+
+
+@dataclass(frozen=True)
+class Quirk:
+    """A config key whose two values are the release's behaviour and our fix (``item`` names the audit's entry)."""
+
+    key: str
+    released: Any
+    fixed: Any
+    item: str
+    what: str
+
+
+QUIRKS: Dict[str, Tuple[Quirk, ...]] = {
+    "DUDA": (
+        Quirk(
+            "UDA.DUDA.BATCH_NORM",
+            "frozen_affine",
+            "frozen_statistics",
+            "D1",
+            "BatchNorm: the release trains with batch statistics and frozen affine parameters; the fix keeps the "
+            "warm-up's statistics (eval mode) and trains the affine parameters",
+        ),
+        Quirk(
+            "UDA.DUDA.TEACHER_FORWARDS",
+            "as_released",
+            "eval",
+            "D2",
+            "the mean teacher's consistency target from train-mode forwards (batch statistics, dropout); the fix: "
+            "one eval-mode forward",
+        ),
+        Quirk(
+            "UDA.DUDA.TEACHER_BUFFERS",
+            "student",
+            "own",
+            "D2",
+            "the mean teacher's BatchNorm buffers copied from the student at each update (torch >= 1.13); the fix: "
+            "its own",
+        ),
+        Quirk(
+            "UDA.DUDA.RESAMPLE_AS_RELEASED",
+            True,
+            False,
+            "D8",
+            "logits carried to the crop then softmaxed, align_corners=True; the fix: probabilities, "
+            "align_corners=False",
+        ),
+    ),
+    "MCL": (
+        Quirk(
+            "UDA.MCL.TARGET_LOSS_REDUCTION",
+            "batch_broadcast",
+            "masked_mean",
+            "M1",
+            "the target CE terms' (B,h,w) x (B,1,h,w) broadcast, 2-4x the masked mean at batch 4; the fix: the "
+            "masked mean",
+        ),
+        Quirk(
+            "UDA.MCL.ENSEMBLE_ORDER",
+            "own_first",
+            "domain",
+            "M7",
+            "the ensemble head's target-side slots with the own style first, unlike its source side; the fix: "
+            "domain order on both",
+        ),
+        Quirk(
+            "UDA.MCL.COLOR_TRANSFER",
+            "opencv_uint8",
+            "float",
+            "M10",
+            "colour transfer in OpenCV's 8-bit L*a*b* with truncating casts; the fix: in floating point",
+        ),
+    ),
+}
+
+
+def quirks_of(meta_architecture: str) -> Tuple[Quirk, ...]:
+    """The listed quirks of a method (none for a method without any)."""
+    return QUIRKS.get(meta_architecture, ())
+
+
+def _get(cfg, key: str):
+    node = cfg
+    for part in key.split("."):
+        node = node[part]
+    return node
+
+
+def _set(cfg, key: str, value) -> None:
+    *parents, last = key.split(".")
+    node = cfg
+    for part in parents:
+        node = node[part]
+    node[last] = value
+
+
+def apply_release_fidelity(cfg, command_line: Sequence[str] = ()) -> List[str]:
+    """Resolve ``UDA.RELEASE_FIDELITY`` in place (see the module docstring): keys named in ``command_line``
+    (``KEY VALUE ...``) keep their value. Returns one line per key it changed, for the log."""
+    fidelity = cfg.UDA.RELEASE_FIDELITY
+    if fidelity not in FIDELITIES:
+        raise ValueError(f"UDA.RELEASE_FIDELITY must be one of {FIDELITIES[1:]} or '', not '{fidelity}'")
+    if not fidelity:
+        return []
+    pinned = set(command_line[0::2])
+    changes = []
+    for quirk in quirks_of(cfg.MODEL.META_ARCHITECTURE):
+        value = quirk.released if fidelity == "as_released" else quirk.fixed
+        if quirk.key in pinned or _get(cfg, quirk.key) == value:
+            continue
+        changes.append(f"{quirk.key}: {_get(cfg, quirk.key)!r} -> {value!r} ({quirk.item}: {quirk.what})")
+        _set(cfg, quirk.key, value)
+    cfg.UDA.RELEASE_FIDELITY = ""
+    return changes
