@@ -68,3 +68,11 @@ def test_an_unknown_fidelity_names_the_key():
     config = os.path.join(REPO, "configs", "synthetic", "duda.yaml")
     with pytest.raises(ValueError, match="UDA.RELEASE_FIDELITY must be one of"):
         load_cfg(config, ["UDA.RELEASE_FIDELITY", "fix"])
+
+
+def test_the_readme_lists_every_switch_with_both_values():
+    readme = open(os.path.join(REPO, "README.md")).read()
+    for method, quirks in QUIRKS.items():
+        for quirk in quirks:
+            row = f"| {method} | `{quirk.key}` | `{quirk.released}` | `{quirk.fixed}` |"
+            assert row in readme, row
