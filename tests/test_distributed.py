@@ -287,11 +287,15 @@ def _train_checking_buffers(args, report, prefixes):
     trainer.train()
 
 
-def test_stal_state_is_shared_by_every_process(tmp_path):
-    # The class criterion is all-reduced, the CutMix bank and the contrastive queues take every process's updates:
-    # each process holds (and would checkpoint) the same state after every step.
+def test_stal_on_four_processes_with_one_image_each_shares_its_state(tmp_path):
+    # The release's 4 GPUs with one unlabelled image each (A7): SyncBN over the processes in the backbone and the
+    # head, whose ASPP image pooling would otherwise see one value per channel and refuse. The class criterion is
+    # all-reduced, the CutMix bank and the contrastive queues take every process's updates: each process holds (and
+    # would checkpoint) the same state after every step.
     config = os.path.join(CONFIGS, "stal.yaml")
     extra = {
+        "MODEL.BACKBONE.NORM": "SyncBN",
+        "MODEL.SEM_SEG_HEAD.NORM": "SyncBN",
         "DATASETS.TARGET_LABELED_LIST": "random:3",
         "UDA.STAL.OHEM_MIN_KEPT": 200,
         "UDA.STAL.CONTRASTIVE_START_ITER": 1,  # iteration 0 leaves the representation branch without gradients
@@ -301,8 +305,8 @@ def test_stal_state_is_shared_by_every_process(tmp_path):
     out, report = str(tmp_path / "ddp"), str(tmp_path / "buffers")
     args = default_argument_parser().parse_args(["--config-file", config] + _overrides(out, **extra))
     prefixes = ["class_criterion", "cutmix_bank", "queues."]  # the queues: their lengths and one key buffer per class
-    launch(_train_checking_buffers, 2, dist_url="auto", args=(args, report, prefixes))
-    for rank in range(2):
+    launch(_train_checking_buffers, 4, dist_url="auto", args=(args, report, prefixes))  # 4 + 4 images: 1 + 1 each
+    for rank in range(4):
         with open(f"{report}.rank{rank}.json") as f:
             assert json.load(f) == [True] * ITERS
     state = torch.load(os.path.join(out, "model_final.pth"), weights_only=True)["model"]

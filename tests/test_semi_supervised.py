@@ -16,6 +16,7 @@ from uda_plugins.methods.semi_supervised import (
     filter_unlabelled_pseudo_labels,
     label_probability,
     ohem_cross_entropy,
+    paste_with_probability,
     random_half_box,
     update_cutmix_bank,
 )
@@ -146,6 +147,21 @@ def test_copy_paste_pastes_the_query_classes_with_their_pixels():
     out_images, out_labels = copy_paste(images, labels, paste_images, paste_labels, [5, 3])
     assert out_labels[0, 0].tolist() == [7, 5, 5, 3] and out_images[0, :, 0].tolist() == [[0, 1, 1, 1]] * 3
     assert torch.equal(out_labels[1], labels[1]) and torch.equal(out_images[1], images[1])  # an all-zero paste label
+
+
+def test_half_the_labelled_samples_get_a_paste_as_released():
+    # cityscapes_semi_cp.py:179-192 with acp.prob 0.5: a paste sample with probability 1/2, else all zeros.
+    torch.manual_seed(0)
+    paste_labels = torch.full((4000, 2, 2), 5)
+    kept = paste_with_probability(paste_labels, 0.5)
+    pasted = (kept != 0).flatten(1).all(1).float()
+    assert ((kept == 0) | (kept == 5)).all() and ((kept == 0).flatten(1).all(1) | pasted.bool()).all()
+    # 4000 Bernoulli(1/2) draws: a standard deviation of 0.008 for the fraction; 0.04 is five of them.
+    assert abs(pasted.mean().item() - 0.5) < 0.04
+    assert paste_with_probability(paste_labels, 1.0) is paste_labels
+    images, labels = torch.zeros(4000, 3, 2, 2), torch.full((4000, 2, 2), 7)
+    _, out = copy_paste(images, labels, torch.ones_like(images), kept, [5])
+    assert torch.equal((out == 5).flatten(1).all(1).float(), pasted)  # the zeroed ones stay as they were
 
 
 def test_cutmix_box_bank_and_draws():

@@ -72,17 +72,22 @@ def test_loss_divisor_reproduces_the_releases_division_by_its_gpus(tmp_path):
     cfg = _cfg(tmp_path)
     model = build_model(cfg).train()
     batch = next(iter(build_uda_train_loader(cfg, model.data_requirements)))
-    divided = copy.deepcopy(model)
-    divided.loss_divisor = 4.0
     results = []
-    for m in (model, divided):
+    for power in (None, 1, 2):  # the library's default (power 1) and the release's (train.py:770-771: / W / W)
+        m = copy.deepcopy(model)
+        if power is not None:
+            m.loss_divisor, m.contrastive_divisor = 4.0, 4.0**power
         torch.manual_seed(3)
         with EventStorage(0):
             results.append({k: float(v.detach()) for k, v in m(batch).items()})
-    plain, quarter = results
+    plain, quarter, released = results
     for k in ("loss_supervised", "loss_consistency"):
-        assert quarter[k] == pytest.approx(plain[k] / 4, rel=1e-5), k
-    assert quarter["loss_contrastive"] == pytest.approx(plain["loss_contrastive"], rel=1e-5)
+        assert quarter[k] == pytest.approx(plain[k] / 4, rel=1e-5) == released[k], k
+    assert quarter["loss_contrastive"] == pytest.approx(plain["loss_contrastive"] / 4, rel=1e-5)
+    assert released["loss_contrastive"] == pytest.approx(plain["loss_contrastive"] / 16, rel=1e-5)
+    assert plain["loss_contrastive"] > 0
+    built = build_model(_cfg(tmp_path, **{"UDA.STAL.LOSS_DIVISOR": 4.0, "UDA.STAL.CONTRASTIVE_DIVISOR_POWER": 2}))
+    assert (built.loss_divisor, built.contrastive_divisor) == (4.0, 16.0)
 
 
 @pytest.mark.parametrize("contrast_start", [0, 100])

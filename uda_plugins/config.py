@@ -430,6 +430,9 @@ def add_uda_config(cfg: CN) -> None:
     # ADAPTIVE_CLASSES_IGNORED (the release: road, sidewalk, building, vegetation, sky of the 19 classes).
     _C.UDA.STAL.COPY_PASTE_CLASSES = 3
     _C.UDA.STAL.ADAPTIVE_CLASSES_IGNORED = (0, 1, 2, 8, 10)
+    # The probability that a labelled sample gets a paste (the release: 0.5, cityscapes_semi_cp.py:179-192 loads a
+    # paste sample only when random.random() > acp.prob, else an all-zero one that leaves the sample as it is).
+    _C.UDA.STAL.COPY_PASTE_PROB = 1.0
     # Adaptive CutMix of the unlabelled images with a partner showing a hard class: a region of that class larger
     # than CUTMIX_AREA_THRESH of the crop (0.005); the bank marks classes covering CUTMIX_BANK_AREA_THRESH (0.01).
     _C.UDA.STAL.CUTMIX = True
@@ -445,12 +448,15 @@ def add_uda_config(cfg: CN) -> None:
     # ANCHOR_THRESHOLD; negatives, kept in per-class queues of QUEUE_SIZE teacher features (class 0:
     # FIRST_CLASS_QUEUE_SIZE), are pixels above the HIGH_ENTROPY_PERCENT-th percentile not of the class whose
     # teacher ranks it in the top LOW_RANK (labelled) or at LOW_RANK..HIGH_RANK (unlabelled); NUM_QUERIES anchors
-    # and NUM_NEGATIVES negatives each, temperature TEMPERATURE. As released the negatives are empty with one
-    # unlabelled image per GPU and the term is zero (uda_plugins/methods/semi_supervised.py): weight 0 reproduces it.
+    # and NUM_NEGATIVES negatives each, temperature TEMPERATURE (U2PL's paper; the release samples differently, see
+    # uda_plugins/methods/stal.py's deviation table, A2).
     # ILM-ASSL divides its supervised and consistency losses by its number of GPUs before the backward, on top of
     # DDP's gradient averaging (U2PL does not): an effective learning rate / GPUs with weight decay unscaled.
-    # LOSS_DIVISOR reproduces that (the release's configs with 4 GPUs: 4.0); 1.0 = U2PL's losses.
+    # LOSS_DIVISOR reproduces that (the release's configs with 4 GPUs: 4.0); 1.0 = U2PL's losses. The contrastive term
+    # is divided by LOSS_DIVISOR ** CONTRASTIVE_DIVISOR_POWER: the release all-reduces it (not differentiable) and
+    # divides by the GPUs twice (train.py:770-771), power 2; 1 divides it as the other terms.
     _C.UDA.STAL.LOSS_DIVISOR = 1.0
+    _C.UDA.STAL.CONTRASTIVE_DIVISOR_POWER = 1
     _C.UDA.STAL.CONTRASTIVE_WEIGHT = 0.1
     _C.UDA.STAL.CONTRASTIVE_START_ITER = 0
     _C.UDA.STAL.LOW_ENTROPY_PERCENT = 20.0

@@ -98,6 +98,31 @@ QUIRKS: Dict[str, Tuple[Quirk, ...]] = {
             "colour transfer in OpenCV's 8-bit L*a*b* with truncating casts; the fix: in floating point",
         ),
     ),
+    "STAL": (
+        Quirk(
+            "UDA.STAL.ENTROPY_FILTER_AS_RELEASED",
+            True,
+            False,
+            "A5",
+            "the unlabelled pseudo-labels lose their most confident pixels; the fix (U2PL's rule): the most uncertain",
+        ),
+        Quirk(
+            "UDA.STAL.CONTRASTIVE_DIVISOR_POWER",
+            2,
+            1,
+            "A3",
+            "the contrastive term divided by LOSS_DIVISOR twice (all-reduced, then / W / W); the fix: once, like the "
+            "others",
+        ),
+        Quirk(
+            "INPUT.SOURCE.CROP_PAD_LABEL",
+            0,
+            -1,
+            "A1",
+            "padded labelled pixels are road (the release forces ignore_label 0 in its Crop); the fix: ignored",
+        ),
+        Quirk("INPUT.TARGET.CROP_PAD_LABEL", 0, -1, "A1", "the same for the target's crops"),
+    ),
 }
 
 

@@ -147,6 +147,16 @@ def copy_paste(
     return out_images, out_labels
 
 
+def paste_with_probability(paste_labels: torch.Tensor, prob: float) -> torch.Tensor:
+    """Each sample's paste label kept with probability ``prob``, else all zero, which :func:`copy_paste` leaves
+    untouched: the release loads a paste sample only when ``random.random() > acp.prob`` (0.5) and an all-zero one
+    otherwise (``cityscapes_semi_cp.py:179-192,220-226``). Draws from torch's global generator."""
+    if prob >= 1.0:
+        return paste_labels
+    pasted = (torch.rand(len(paste_labels)) < prob).to(paste_labels.device)
+    return torch.where(pasted[:, None, None], paste_labels, torch.zeros_like(paste_labels))
+
+
 def draw_cutmix_source(cutmix_bank: torch.Tensor, class_criterion: torch.Tensor) -> Tuple[int, int]:
     """ACM (``sample_from_bank``): a class with P proportional to ``exp(1 - cc_c)``, then an image of the bank that
     shows it (any image if none does). Returns (image index, class)."""
@@ -343,10 +353,12 @@ def pixel_contrastive_loss(
     anchor; InfoNCE over cosine similarities / ``temperature`` for ``num_queries`` anchors per class, averaged over
     the classes present. ``sampling``: the thresholds, ranks and counts of :func:`draw_contrastive_samples`.
 
-    As released (U2PL's code, which ILM-ASSL copies) the negative mask also requires the pixel *to be* of class c,
-    which no labelled pixel (not of c) and no unlabelled one (c ranked 0, not 3-20) can satisfy, unless the batch
-    has several unlabelled images: ``label_onehot`` scatters every image's classes into the first image's slot. With
-    ILM-ASSL's one unlabelled image per GPU the queues stay empty and the term is zero; its weight 0 reproduces that.
+    As released (U2PL's code, which ILM-ASSL copies) the negative mask also requires the pixel *to be* of class c.
+    That is not the empty set it looks like: the release reads the labels (nearest, from 769 to 193) and the
+    probabilities (bilinear, align_corners=True) at different pixels after a full-resolution CutMix, so a pixel
+    labelled c can rank c 3rd-19th; a replay of the released code pushed 10-57 negatives per step and the term is
+    not zero (docs/release-audit/stal-ilm-assl.md, A2). ``label_onehot`` also scatters every labelled image's
+    classes into the first image's slot (B7). Neither is reproduced here (STAL's deviation table).
     """
     draw = draw_contrastive_samples(rep_teacher, labels, probs, low_mask, high_mask, num_labelled, queues, **sampling)
     return info_nce_loss(rep, draw, temperature)

@@ -22,15 +22,63 @@ unlabelled target images. One iteration (``UDA.STAL``, pieces in :mod:`uda_plugi
    labelled and the mixed unlabelled images;
 6. from ``CONTRASTIVE_START_ITER``, U2PL's pixel contrastive loss on the head's representation (weight 0.1, per-class
    queues of teacher features; :func:`~uda_plugins.methods.semi_supervised.pixel_contrastive_loss`);
-   ``L = (L_sup + L_cons) / LOSS_DIVISOR + 0.1 L_contra``.
+   ``L = (L_sup + L_cons) / LOSS_DIVISOR + 0.1 L_contra / LOSS_DIVISOR ** CONTRASTIVE_DIVISOR_POWER``.
 
-Decisions (docs/methods.md §6.9): the unlabelled filter drops the *uncertain* tail (U2PL's rule) unless
-``ENTROPY_FILTER_AS_RELEASED``; the class criterion and the CutMix bank are averaged / gathered over processes, so
-every process holds the checkpointed state (the reference keeps one per GPU). Deviations: the copy-paste partner is
-the next sample of the labelled batch (the reference loads a second sample), every target image of the batch is
-mixed (the reference: one per GPU; ``IMS_PER_BATCH_TARGET`` = number of GPUs reproduces it), resizing uses
-align_corners=False; the contrastive negatives are pixels *not* of the class (U2PL's paper; as released the queues
-stay empty, ``CONTRASTIVE_WEIGHT 0`` reproduces that).
+Decisions (docs/methods.md §6.9): the class criterion and the CutMix bank are averaged / gathered over processes,
+so every process holds the checkpointed state (the reference keeps one per GPU).
+
+Differences from the release (docs/release-audit/stal-ilm-assl.md; the switch that reproduces it, or why none;
+``UDA.RELEASE_FIDELITY`` moves the listed ones together). The paper configs set every switch as released.
+
+====  ==========================================================================  =================================
+item  difference                                                                   as released
+====  ==========================================================================  =================================
+A1    none: 769x769 crops padded in the centre, padded labels road                ``CROP_PAD center``,
+                                                                                   ``CROP_PAD_LABEL 0``
+A2    the contrastive negatives: U2PL's paper's (pixels not of the class); the    no switch yet: the release's
+      release reads labels (nearest) and probabilities (bilinear,                 sampling is not ported
+      align_corners=True) at different pixels after a full-resolution CutMix,
+      so it pushes 10-57 negatives a step, and ``label_onehot`` puts every
+      labelled image's classes in slot 0 (B7). The term is not zero as released
+A3    none: the contrastive term divided by the GPUs twice                         ``CONTRASTIVE_DIVISOR_POWER 2``
+A4    a paste onto half the labelled samples as released; the partner is the      ``COPY_PASTE_PROB 0.5``; the
+      next labelled sample at the main scale (the release: a second sample at     partner and the raw labels: no
+      0.1-2.0, whose GTA5/SYNTHIA labels are not mapped to trainIds)               switch
+A5    none: the unlabelled filter drops the most confident pixels                 ``ENTROPY_FILTER_AS_RELEASED``
+A6    the whole source set (the release: a 2000-image subset, so 59.6% of the     ``DATASETS.SOURCE_LIST`` from
+      labelled stream is Cityscapes at 1%, about 10.5% with all of GTA5)          tools/convert_ilm_assl_list.py
+A7    none: SyncBN over the processes (4 processes of one image each run)         ``NORM SyncBN``
+B1    the unlabelled stream and the CutMix bank include the labelled targets      no switch
+B2    none (= A1's geometry: a scale from [0.5, 1] or [1, 2])                     ``RATIO_SAMPLING split_at_one``
+B3    none: the source stretched to 2048x1024                                     ``RESIZE_MODE exact``
+B4    SYNTHIA labels resized by nearest neighbour (the release: bilinear on ids)  no switch (a fix)
+B5    the selection score on whole 1024x2048 images with the current teacher or   no switch
+      MODEL.WEIGHTS (the release: 769x769 squashed, the best-on-val teacher)
+B6    documentation: the 5% lists are one round of 120 from the 1% model          —
+B7    see A2                                                                       —
+B8    see A2 (the negative set itself)                                             —
+B9    the class criterion and bank synchronised over processes (the release:      no switch
+      per GPU, rank 0's saved)
+B10   OHEM's minimum and the entropy percentiles per process: one process keeps   4 processes (as A7)
+      100000 of 16 images where the release keeps 100000 of 4 per GPU
+B11   evaluation at full resolution with windows, last checkpoint (the release:   no switch
+      val centre crops, best teacher)
+B12   the equalisation sampling's random field per pixel and image (the release:  no switch
+      one per class, shared by the batch)
+C1    36000 iterations at 4 GPUs (the release: 36800 / 36400 / 35200 at 1 /      ``SOLVER.MAX_ITER``
+      2.2 / 5%)
+C2    the EMA ramp's first update (MIC's form)                                     no switch
+C3    the unlabelled drop percentage decays per iteration (the release: epoch)   no switch
+C4    no update of the representation branch before the contrastive start (the    no switch
+      release: zero gradients with weight decay and momentum)
+C5    timm's max-pool ceil_mode False (equal at 769; differs for 1024-high         no switch
+      whole-image scoring)
+C6    the contrastive queues float16 and checkpointed (the release: float32,      no switch (a fix)
+      empty after a resume)
+C7    documentation corrected (configs/README.md)                                  —
+C8    documentation: 7 SYNTHIA classes disagree with the 19-class model, not 10   —
+C9    resizing with align_corners=False, no conv bias before BN                    no switch
+====  ==========================================================================  =================================
 """
 
 from __future__ import annotations
@@ -65,6 +113,7 @@ from .semi_supervised import (
     info_nce_loss,
     label_probability,
     ohem_cross_entropy,
+    paste_with_probability,
     update_cutmix_bank,
 )
 
@@ -90,11 +139,12 @@ class STAL(SelfTrainingArch):
         self.equalisation_sampling, self.sampling_gamma = s.EQUALISATION_SAMPLING, s.SAMPLING_GAMMA
         self.class_momentum = s.CLASS_MOMENTUM
         self.adaptive_classes = [c for c in range(C) if c not in set(s.ADAPTIVE_CLASSES_IGNORED)]
-        self.copy_paste_draws = s.COPY_PASTE_CLASSES
+        self.copy_paste_draws, self.copy_paste_prob = s.COPY_PASTE_CLASSES, float(s.COPY_PASTE_PROB)
         self.cutmix, self.cutmix_area, self.bank_area = s.CUTMIX, s.CUTMIX_AREA_THRESH, s.CUTMIX_BANK_AREA_THRESH
         self.drop_percent, self.as_released = s.UNLABELED_DROP_PERCENT, s.ENTROPY_FILTER_AS_RELEASED
         self.max_iter = cfg.SOLVER.MAX_ITER
         self.loss_divisor = float(s.LOSS_DIVISOR)
+        self.contrastive_divisor = self.loss_divisor ** int(s.CONTRASTIVE_DIVISOR_POWER)
         self.target_name = cfg.DATASETS.TARGET_TRAIN[0]
         self._target_mapper = UDADatasetMapper.from_config(cfg, "target", load_label=False)
         self._target_dicts = None
@@ -251,7 +301,8 @@ class STAL(SelfTrainingArch):
         with timed("mixing"):
             query = draw_query_classes(self.class_criterion, self.adaptive_classes, self.copy_paste_draws)
             if self.copy_paste_draws > 0 and len(images) > 1:
-                images, labels = copy_paste(images, labels, images.roll(1, 0), labels.roll(1, 0), query)
+                paste_labels = paste_with_probability(labels.roll(1, 0), self.copy_paste_prob)
+                images, labels = copy_paste(images, labels, images.roll(1, 0), paste_labels, query)
         contrast = self.contrastive is not None and iteration >= self.contrastive_start
         # The teacher's forwards in the release's order and modes. Its BatchNorm running statistics (the EMA copies
         # parameters only) come from its training-mode forwards: the labelled batch, then the mixed unlabelled one
@@ -301,7 +352,7 @@ class STAL(SelfTrainingArch):
                 )
             with timed("student_forward"):  # the InfoNCE on the student's representation: a loss, like OHEM
                 loss = info_nce_loss(torch.cat([rep_l, rep_u]), draw, self.temperature)
-            losses["loss_contrastive"] = self.contrastive_weight * loss
+            losses["loss_contrastive"] = self.contrastive_weight * loss / self.contrastive_divisor
         if self.first_micro_batch:
             storage = get_event_storage()
             storage.put_scalar("stal/unlabelled_kept", float((pseudo_u != self.ignore_value).float().mean()))
