@@ -119,3 +119,27 @@ def test_every_config_loads_and_names_registered_things(path):
     for name in cfg.DATASETS.SOURCE_TRAIN + cfg.DATASETS.TARGET_TRAIN + cfg.DATASETS.TEST:
         assert name in DatasetCatalog.list(), name
     assert cfg.OUTPUT_DIR.startswith("output/")
+
+
+def test_no_config_file_repeats_a_key():
+    # A repeated top-level key (a second "MODEL:") makes YAML keep only the last block: a config that silently drops
+    # its network settings. yacs does not catch it; this does, for every shipped config.
+    import glob
+
+    import yaml
+
+    class StrictLoader(yaml.SafeLoader):
+        pass
+
+    def mapping(loader, node, deep=False):
+        keys = [k.value for k, _ in node.value]
+        repeated = {k for k in keys if keys.count(k) > 1}
+        assert not repeated, f"{node.start_mark.name}: {sorted(repeated)} repeated"
+        return loader.construct_mapping(node, deep)
+
+    StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, mapping)
+    files = glob.glob(os.path.join(REPO, "configs", "**", "*.yaml"), recursive=True)
+    assert len(files) > 50
+    for path in files:
+        with open(path) as f:
+            yaml.load(f, StrictLoader)

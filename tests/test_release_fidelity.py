@@ -16,7 +16,8 @@ PAPER_FOLDERS = ("gta5_cityscapes", "synthia_cityscapes", "multi_target")
 
 
 def _paper_configs(meta_architecture):
-    for path in sorted(p for f in PAPER_FOLDERS for p in glob.glob(os.path.join(REPO, "configs", f, "*.yaml"))):
+    paths = [p for f in PAPER_FOLDERS for p in glob.glob(os.path.join(REPO, "configs", f, "*.yaml"))]
+    for path in sorted(p for p in paths if not os.path.basename(p).startswith("Base-")):  # not the partial bases
         cfg = get_uda_cfg()
         cfg.merge_from_file(path)
         if cfg.MODEL.META_ARCHITECTURE == meta_architecture:
@@ -74,5 +75,6 @@ def test_the_readme_lists_every_switch_with_both_values():
     readme = open(os.path.join(REPO, "README.md")).read()
     for method, quirks in QUIRKS.items():
         for quirk in quirks:
-            row = f"| {method} | `{quirk.key}` | `{quirk.released}` | `{quirk.fixed}` |"
-            assert row in readme, row
+            row = f"| `{quirk.key}` | `{quirk.released}` | `{quirk.fixed}` |"
+            lines = [line for line in readme.splitlines() if row in line]
+            assert any(method in line.split("|")[1] for line in lines), (method, row)

@@ -38,7 +38,50 @@ class Quirk:
     what: str
 
 
+_DACS_FAMILY = (
+    Quirk(
+        "UDA.MIX.CLASSES_FROM_BATCH",
+        True,
+        False,
+        "A1",
+        "ClassMix classes drawn from the whole source batch, the ignore label included; the fix: each image's own",
+    ),
+    Quirk(
+        "MODEL.HRDA.REFERENCE_CROP_OFFSETS",
+        True,
+        False,
+        "B1",
+        "HRDA's detail crop never at the last aligned offset; the fix: every aligned offset",
+    ),
+    Quirk(
+        "MODEL.HRDA.LR_LOSS_ON_ATTENDED_LOGITS",
+        True,
+        False,
+        "HRDA",
+        "HRDA's low-resolution loss on the attention-weighted context logits; the fix: on the context logits",
+    ),
+    Quirk(
+        "UDA.GUIDANCE.REFERENCE_WEIGHT_ALIASING",
+        True,
+        False,
+        "G1",
+        "Guidance Training's in-place aliasing of the pseudo-label weights; the fix: w = q mean(f)",
+    ),
+)
+
 QUIRKS: Dict[str, Tuple[Quirk, ...]] = {
+    "DACS": _DACS_FAMILY,
+    "QuadMix": _DACS_FAMILY
+    + (
+        Quirk(
+            "UDA.QUADMIX.REFERENCE_QUIRKS",
+            True,
+            False,
+            "Q",
+            "the source mask may choose the ignore label, the target mask's exclusion by position, pasted objects "
+            "keep the weight beneath; the fix: all three",
+        ),
+    ),
     "DUDA": (
         Quirk(
             "UDA.DUDA.BATCH_NORM",
