@@ -76,7 +76,7 @@ def test_fabricated_datasets_have_the_real_layouts_sizes_and_label_formats(fabri
 # MIC(HRDA) (1024 crops, detail windows, masks) and whose four-way mixing runs from the second iteration; Guidance
 # Training on MIC(HRDA); DUDA on SYNTHIA (its stretch to 1820x1024; warm-up and initial bank chained); STAL (769
 # crops padded; its lists converted); MCL's two stages on three targets with IDD's and Mapillary's aspect ratios.
-# About 2.5 minutes on 2 cores; the README has the command for every config and its last full table.
+# About 2 minutes on 2 cores (batches capped at 4); the README has the command for every config and its last full table.
 CI_CONFIGS = [
     "configs/gta5_cityscapes/daformer_mitb5.yaml",
     "configs/gta5_cityscapes/mic_hrda_gt_dlv2_r101.yaml",
@@ -96,7 +96,10 @@ def test_configs_of_every_method_and_dataset_train_at_real_shapes(tmp_path):
         f'_BASE_: "{base}"\nINPUT:\n  TARGET:\n    RESIZE_MODE: "keep_ratio"\nOUTPUT_DIR: "output/mcl_keep_ratio"\n'
     )
     tool = _tool()
-    checks = tool.check_configs([os.path.join(REPO, c) for c in CI_CONFIGS] + [str(mixing)], 2, str(tmp_path / "w"))
+    configs = [os.path.join(REPO, c) for c in CI_CONFIGS] + [str(mixing)]
+    # Batches of at most 4 images per stream: the shapes and a per-process batch that can mix sizes are kept (STAL's
+    # 16 labelled crops of 769x769 were a third of the check).
+    checks = tool.check_configs(configs, 2, str(tmp_path / "w"), max_batch=4)
     print(tool.table(checks))
     results = {c.config: c.result for c in checks}
     for config in CI_CONFIGS:
@@ -104,3 +107,14 @@ def test_configs_of_every_method_and_dataset_train_at_real_shapes(tmp_path):
     failed = results[os.path.relpath(str(mixing), REPO)]
     assert failed.startswith("fail: train_net.py: error: The target1 stream cannot form batches of 4 images")
     assert "INPUT.TARGET.CROP_PAD is none" in failed
+
+
+def test_the_batch_cap_keeps_smaller_batches_and_is_off_by_default():
+    tool = _tool()
+    from uda_plugins.engine.setup import load_cfg
+
+    stal, _ = load_cfg(os.path.join(REPO, "configs/synthia_cityscapes/stal_dlv3p_r101_1pct.yaml"), [])
+    assert tool.batch_cap_overrides(stal, 4) == {"SOLVER.IMS_PER_BATCH_SOURCE": 4, "SOLVER.IMS_PER_BATCH_TARGET": 4}
+    assert tool.batch_cap_overrides(stal, 0) == {}
+    daformer, _ = load_cfg(os.path.join(REPO, "configs/gta5_cityscapes/daformer_mitb5.yaml"), [])
+    assert tool.batch_cap_overrides(daformer, 4) == {"SOLVER.IMS_PER_BATCH_SOURCE": 2, "SOLVER.IMS_PER_BATCH_TARGET": 2}

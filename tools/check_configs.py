@@ -210,16 +210,28 @@ def _train(config: str, overrides: Dict[str, object], log: str, output_dir: str)
     return Step(argv + _flat({**overrides, "OUTPUT_DIR": output_dir}), log, output_dir)
 
 
-def plan(config: str, iters: int, planned: Dict[str, Check]) -> Check:
+def batch_cap_overrides(cfg, max_batch: int) -> Dict[str, object]:
+    """Global batches of at most ``max_batch`` images per stream (0: the config's): shapes and the per-process
+    batch of 2 or more that shows a mixed-size batch are kept; only the number of images per step falls (STAL's
+    16 labelled 769x769 crops dominate a check)."""
+    if max_batch <= 0:
+        return {}
+    return {
+        key: min(getattr(cfg.SOLVER, key.split(".")[1]), max_batch)
+        for key in ("SOLVER.IMS_PER_BATCH_SOURCE", "SOLVER.IMS_PER_BATCH_TARGET")
+    }
+
+
+def plan(config: str, iters: int, planned: Dict[str, Check], max_batch: int = 0) -> Check:
     """The steps that check ``config`` (its prerequisites first, each trained once per invocation)."""
     cfg, _ = load_cfg(config, [])
-    overrides = {**shrink_overrides(cfg), **short_run_overrides(iters)}
+    overrides = {**shrink_overrides(cfg), **short_run_overrides(iters), **batch_cap_overrides(cfg, max_batch)}
     name = os.path.relpath(config, REPO)
     check = Check(name)
     writer = config_writing(cfg.MODEL.WEIGHTS, config) if cfg.MODEL.WEIGHTS else None
     if writer and os.path.relpath(os.path.abspath(writer), REPO) not in planned:
         # A second stage: its first stage (once per invocation), then this one from the first's final weights.
-        check.steps += plan(os.path.abspath(writer), iters, planned).steps
+        check.steps += plan(os.path.abspath(writer), iters, planned, max_batch).steps
     if cfg.MODEL.META_ARCHITECTURE == "DUDA" and not cfg.MODEL.WEIGHTS:
         # DUDA starts from a warm-up of its own network and an initial bank (the config's comment).
         warmup = cfg.OUTPUT_DIR + "_source_only_warmup"
@@ -288,14 +300,15 @@ def table(checks: List[Check]) -> str:
     return tabulate(rows, headers=["config", "result", "s/it (shrunk network)", "seconds"], tablefmt="github")
 
 
-def check_configs(configs: List[str], iters: int, root: str, progress: bool = True) -> List[Check]:
-    """Fabricate and prepare the datasets in ``root``, then check every config (first stages first)."""
+def check_configs(configs: List[str], iters: int, root: str, progress: bool = True, max_batch: int = 0) -> List[Check]:
+    """Fabricate and prepare the datasets in ``root``, then check every config (first stages first), with global
+    batches capped at ``max_batch`` images per stream when it is > 0."""
     workspace = Workspace(root)
     workspace.prepare()
     planned: Dict[str, Check] = {}
     # First stages before the configs that start from their weights, so that each is trained once.
     configs = sorted(configs, key=lambda c: bool(load_cfg(c, [])[0].MODEL.WEIGHTS))
-    checks = [plan(c, iters, planned) for c in configs]
+    checks = [plan(c, iters, planned, max_batch) for c in configs]
     for check in checks:
         run_check(workspace, check)
         if progress:
@@ -309,6 +322,9 @@ def main(argv=None) -> int:
     parser.add_argument(
         "--iters", type=int, default=4, help="training iterations per config (the step time is recorded from the 4th)"
     )
+    parser.add_argument(
+        "--max-batch", type=int, default=0, help="cap every global batch at this many images (0: the config's)"
+    )
     parser.add_argument("--workdir", default="", help="work folder (default: a temporary one, removed after)")
     parser.add_argument("--keep", action="store_true", help="keep the work folder")
     parser.add_argument("--output", default="", help="also write the table to this Markdown file")
@@ -320,7 +336,7 @@ def main(argv=None) -> int:
         return 1
     root = args.workdir or tempfile.mkdtemp(prefix="uda_config_check_")
     try:
-        checks = check_configs(configs, args.iters, root)
+        checks = check_configs(configs, args.iters, root, max_batch=args.max_batch)
         report = table(checks)
         print(report)
         if args.output:
