@@ -100,8 +100,8 @@ def peak_tflops(cfg, given: float) -> float:
 
 def build_cfg(args, output_dir):
     cfg, notes = load_cfg(args.config_file, args.opts)
-    for note in notes:
-        print(note, file=sys.stderr)
+    for _, message in notes:
+        print(message, file=sys.stderr)
     if args.synthetic_data:
         cfg.merge_from_list(synthetic_data_overrides(cfg, args.synthetic_data))
     cfg.OUTPUT_DIR = output_dir

@@ -69,10 +69,10 @@ def set_determinism(cfg: CfgNode) -> None:
     logger.info("DETERMINISTIC: deterministic algorithms where torch has them (torch.use_deterministic_algorithms)")
 
 
-def load_cfg(config_file: str, opts=()) -> Tuple[CfgNode, List[str]]:
+def load_cfg(config_file: str, opts=()) -> Tuple[CfgNode, List[Tuple[int, str]]]:
     """``get_uda_cfg`` + ``config_file`` + ``KEY VALUE`` overrides, ``UDA.RELEASE_FIDELITY`` and the device resolved
-    (not frozen); returns the config and the lines to log about what was resolved (the device fallback is a
-    warning, listed first). What every tool reads a config with."""
+    (not frozen); returns the config and (logging level, message) pairs about what was resolved: the device
+    fallback (a warning) and what the umbrella changed. What every tool reads a config with."""
     if not config_file:
         raise ValueError("--config-file is required (e.g. configs/synthetic/source_only.yaml)")
     if not os.path.isfile(config_file):
@@ -84,16 +84,16 @@ def load_cfg(config_file: str, opts=()) -> Tuple[CfgNode, List[str]]:
     changes = apply_release_fidelity(cfg, list(opts or []))
     register_config_datasets(cfg)
     warning = resolve_device(cfg)
-    notes = [warning] if warning else []
+    notes = [(logging.WARNING, warning)] if warning else []
     if changes:
-        notes.append(f"UDA.RELEASE_FIDELITY {fidelity}: " + "; ".join(changes))
+        notes.append((logging.INFO, f"UDA.RELEASE_FIDELITY {fidelity}: " + "; ".join(changes)))
     return cfg, notes
 
 
-def log_config_notes(notes: List[str]) -> None:
-    """Log what :func:`load_cfg` resolved: the device fallback as a warning, the rest as information."""
-    for note in notes:
-        (logger.warning if note.startswith("MODEL.DEVICE") else logger.info)(note)
+def log_config_notes(notes: List[Tuple[int, str]]) -> None:
+    """Log what :func:`load_cfg` resolved, each (level, message) at its level."""
+    for level, message in notes:
+        logger.log(level, message)
 
 
 def load_frozen_cfg(config_file: str, opts=()) -> CfgNode:
