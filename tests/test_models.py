@@ -25,6 +25,8 @@ def _cfg(**kv):
     return cfg
 
 
+STAGES = ("res2", "res3", "res4", "res5")
+
 SMALL_RESNET = dict(
     **{"MODEL.TIMM.ARCH": "resnet18", "MODEL.TIMM.CHANNELS": (16, 24, 32, 48), "MODEL.TIMM.LAYERS": (1, 1, 1, 1)}
 )
@@ -102,6 +104,76 @@ def test_daformer_head_structure():
     dw = head.fuse.branches[2][0][0]
     assert dw.groups == dw.in_channels and dw.dilation == (12, 12)
     assert head.fuse.bottleneck[0].kernel_size == (3, 3)
+
+
+def _mmcv_kaiming_std(conv: nn.Conv2d) -> float:
+    # mmcv 1.3.7 kaiming_init(mode='fan_out', nonlinearity='relu', distribution='normal') (cnn/utils/weight_init.py
+    # L60-65): std = gain / sqrt(fan_out), gain sqrt(2), fan_out = out_channels x kernel area (torch's rule for a
+    # conv weight (out, in / groups, kh, kw), which mmcv calls).
+    kh, kw = conv.kernel_size
+    return (2.0 / (conv.out_channels * kh * kw)) ** 0.5
+
+
+def _spread_within(w: torch.Tensor, std: float) -> bool:
+    # A sample std of n N(0, s^2) draws has relative standard error 1/sqrt(2n); 6 of those bound it on any CPU
+    # and any seed (the draws are the generator's, not a summation order's). The smallest tensor here has 4864
+    # entries: 6% either way, while PyTorch's default init is 5x to 13x off (the audit's A2).
+    tolerance = 6 / (2 * w.numel()) ** 0.5
+    return abs(w.std().item() / std - 1) < tolerance
+
+
+@pytest.mark.parametrize("head_name", ["DAFormerHead", "SegFormerHead"])
+def test_decode_heads_are_initialised_like_mmcv(head_name):
+    """A2: at DAFormer's shapes (256 channels per level, dilations 1/6/12/18, 19 classes), every ConvModule conv is
+    kaiming fan_out normal with bias 0, every norm 1/0, and the classifier N(0, 0.01) with bias 0, as mmcv 1.3.7
+    and mmseg's BaseDecodeHead init them (conv_module.py L163-191, decode_head.py L72-73)."""
+    from uda_plugins.modeling.heads.common import ConvNormAct
+
+    torch.manual_seed(0)
+    shapes = {f: ShapeSpec(channels=c, stride=s) for f, c, s in zip(STAGES, (64, 128, 320, 512), (4, 8, 16, 32))}
+    cfg = _cfg(
+        **{
+            "MODEL.SEM_SEG_HEAD.NAME": head_name,
+            "MODEL.SEM_SEG_HEAD.IN_FEATURES": list(STAGES),
+            "MODEL.SEM_SEG_HEAD.EMBED_DIM": 256,
+            "MODEL.SEM_SEG_HEAD.NUM_CLASSES": 19,
+        }
+    )
+    from uda_plugins.d2 import SEM_SEG_HEADS_REGISTRY
+
+    head = SEM_SEG_HEADS_REGISTRY.get(head_name)(cfg, shapes)
+    modules = [m for m in head.modules() if isinstance(m, ConvNormAct)]
+    assert len(modules) == (1 if head_name == "SegFormerHead" else 1 + 2 * 3 + 1)
+    for m in modules:
+        conv, norm = m[0], m[1]
+        assert _spread_within(conv.weight, _mmcv_kaiming_std(conv)), (conv, conv.weight.std())
+        assert conv.bias is None  # a norm follows
+        assert torch.equal(norm.weight, torch.ones_like(norm.weight)) and not norm.bias.any()
+    assert _spread_within(head.classifier.weight, 0.01) and not head.classifier.bias.any()
+    # The per-level embeddings (mmseg's MLP, an nn.Linear) keep torch's default: kaiming-uniform(a=sqrt(5)) on
+    # fan_in, i.e. std 1/sqrt(3 fan_in).
+    for embed in head.embed.values():
+        assert _spread_within(embed.weight, (1 / (3 * embed.in_channels)) ** 0.5)
+
+
+def test_hrda_attention_head_is_initialised_like_mmcv():
+    """HRDAHead builds its scale attention from the decode head's config (hrda_head.py L51-62), so it gets the
+    same init: its classifier (one output per class) N(0, 0.01) with bias 0."""
+    from uda_plugins.modeling.hrda import build_scale_attention_head
+
+    torch.manual_seed(0)
+    shapes = {f: ShapeSpec(channels=c, stride=s) for f, c, s in zip(STAGES, (64, 128, 320, 512), (4, 8, 16, 32))}
+    cfg = _cfg(
+        **{
+            "MODEL.SEM_SEG_HEAD.NAME": "DAFormerHead",
+            "MODEL.SEM_SEG_HEAD.IN_FEATURES": list(STAGES),
+            "MODEL.SEM_SEG_HEAD.NUM_CLASSES": 19,
+        }
+    )
+    attention = build_scale_attention_head(cfg, shapes)
+    assert _spread_within(attention.classifier.weight, 0.01) and not attention.classifier.bias.any()
+    fuse = attention.fuse[0]
+    assert _spread_within(fuse.weight, _mmcv_kaiming_std(fuse))
 
 
 def _u2pl_deeplabv3_plus_parameters(in_planes, num_classes, inner=256, dilations=(12, 24, 36)):

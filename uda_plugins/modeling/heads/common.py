@@ -6,7 +6,7 @@ from torch import nn
 
 from ..norm import get_norm
 
-__all__ = ["ConvNormAct", "DepthwiseSeparableConv"]
+__all__ = ["ConvNormAct", "DepthwiseSeparableConv", "init_like_mmcv_"]
 
 
 class ConvNormAct(nn.Sequential):
@@ -38,3 +38,29 @@ class DepthwiseSeparableConv(nn.Sequential):
             ConvNormAct(in_ch, in_ch, kernel, dilation=dilation, groups=in_ch, norm=norm),
             ConvNormAct(in_ch, out_ch, 1, norm=norm),
         )
+
+
+def init_like_mmcv_(head: nn.Module, classifier: nn.Conv2d) -> None:
+    """Initialise a decode head as mmseg/mmcv 1.3.7 do for DAFormer's, SegFormer's and HRDA's attention heads.
+
+    * every :class:`ConvNormAct` (mmcv's ``ConvModule``): ``kaiming_init`` of the conv, i.e. normal, ``fan_out``,
+      gain of ReLU, bias 0 (mmcv ``cnn/bricks/conv_module.py`` L163, L172-191, ``cnn/utils/weight_init.py``
+      L60-65; mmcv applies ReLU's gain even to a ConvModule without activation), and the norm at weight 1, bias 0;
+    * the classifier (mmseg's ``conv_seg``): N(0, 0.01), bias 0 (``decode_heads/decode_head.py`` L72-73
+      ``init_cfg``, applied by ``model.init_weights()`` in ``tools/train.py``).
+
+    The per-level embeddings (mmseg's ``MLP``, an ``nn.Linear``; here a 1x1 conv) keep PyTorch's default, which is
+    ``nn.Linear``'s too (kaiming-uniform with a = sqrt(5) on ``fan_in``, the same bias bound). PyTorch's default
+    for the convs would give the depthwise 3x3 convs 13x mmcv's spread and the pointwise ones a fifth of it
+    (docs/release-audit/foundations-dacs-daformer-hrda-mic.md, A2)."""
+    for module in head.modules():
+        if isinstance(module, ConvNormAct):
+            conv, norm = module[0], module[1]
+            nn.init.kaiming_normal_(conv.weight, a=0, mode="fan_out", nonlinearity="relu")
+            if conv.bias is not None:
+                nn.init.zeros_(conv.bias)
+            if getattr(norm, "weight", None) is not None:
+                nn.init.ones_(norm.weight)
+                nn.init.zeros_(norm.bias)
+    nn.init.normal_(classifier.weight, 0.0, 0.01)
+    nn.init.zeros_(classifier.bias)

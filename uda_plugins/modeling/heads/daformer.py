@@ -3,7 +3,8 @@ context-aware fusion — parallel depthwise-separable convs with several dilatio
 norm + ReLU, concatenated and fused by a 3x3 conv — then dropout and a 1x1 classifier.
 
 Follows ``DAFormerHead`` with its published decoder_params (``embed_cfg=mlp``, ``fusion_cfg=aspp, sep=True,
-dilations=(1, 6, 12, 18), pool=False``) in lhoyer/MIC ``seg/mmseg/models/decode_heads/daformer_head.py``.
+dilations=(1, 6, 12, 18), pool=False``) in lhoyer/MIC ``seg/mmseg/models/decode_heads/daformer_head.py``, initialised
+as mmcv 1.3.7 initialises it (:func:`~uda_plugins.modeling.heads.common.init_like_mmcv_`).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from torch import nn
 
 from uda_plugins.d2 import SEM_SEG_HEADS_REGISTRY, CfgNode, ShapeSpec
 
-from .common import ConvNormAct, DepthwiseSeparableConv
+from .common import ConvNormAct, DepthwiseSeparableConv, init_like_mmcv_
 from .segformer import upsample_and_concat
 
 __all__ = ["DAFormerHead", "ContextAwareFusion"]
@@ -46,6 +47,7 @@ class DAFormerHead(nn.Module):
         self.dropout = nn.Dropout2d(h.DROPOUT)
         self.classifier = nn.Conv2d(dim, h.NUM_CLASSES, 1)
         self.common_stride = input_shape[self.in_features[0]].stride
+        init_like_mmcv_(self, self.classifier)
 
     def forward(self, features: Dict[str, torch.Tensor]) -> torch.Tensor:
         x = upsample_and_concat([self.embed[f](features[f]) for f in self.in_features])

@@ -1,5 +1,6 @@
 """The SegFormer all-MLP head (Xie et al. 2021): per-level linear embedding, upsampling to the finest level,
-concatenation, a 1x1 fusion conv (norm + ReLU), dropout and a 1x1 classifier. Output stride 4 on MiT."""
+concatenation, a 1x1 fusion conv (norm + ReLU), dropout and a 1x1 classifier. Output stride 4 on MiT. Initialised as
+mmcv 1.3.7 initialises mmseg's ``SegFormerHead`` (:func:`~uda_plugins.modeling.heads.common.init_like_mmcv_`)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from torch import nn
 
 from uda_plugins.d2 import SEM_SEG_HEADS_REGISTRY, CfgNode, ShapeSpec
 
-from .common import ConvNormAct
+from .common import ConvNormAct, init_like_mmcv_
 
 __all__ = ["SegFormerHead", "upsample_and_concat"]
 
@@ -40,6 +41,7 @@ class SegFormerHead(nn.Module):
         self.dropout = nn.Dropout2d(h.DROPOUT)
         self.classifier = nn.Conv2d(dim, h.NUM_CLASSES, 1)
         self.common_stride = input_shape[self.in_features[0]].stride
+        init_like_mmcv_(self, self.classifier)
 
     def forward(self, features: Dict[str, torch.Tensor]) -> torch.Tensor:
         x = upsample_and_concat([self.embed[f](features[f]) for f in self.in_features])
