@@ -115,6 +115,50 @@ def test_fit_scale_and_category_max_ratio():
         pytest.fail("cat_max_ratio never accepted a mixed crop")
 
 
+def _mmseg_random_crop(check, draw):
+    """mmseg RandomCrop.__call__'s loop (lhoyer/MIC seg/mmseg/datasets/pipelines/transforms.py L548-559),
+    transcribed: a first box, then up to 10 checks, each failed one redrawing; the last box is kept unchecked."""
+    crop_bbox = draw()
+    for _ in range(10):
+        if check(crop_bbox):
+            break
+        crop_bbox = draw()
+    return crop_bbox
+
+
+@pytest.mark.parametrize("passes_at", [1, 3, None])
+def test_category_max_ratio_redraws_as_mmseg(monkeypatch, passes_at):
+    """C2: after 10 failed checks mmseg keeps an 11th, unchecked crop (we kept the 10th failed one)."""
+    from uda_plugins.data import transforms
+
+    label = np.zeros((64, 64), dtype=np.uint8)
+    drawn = []
+    real = transforms.GeometryRule._crop_box
+
+    def recording(self, rng, rh, rw):
+        drawn.append(real(self, rng, rh, rw))
+        return drawn[-1]
+
+    checks = []
+
+    def ok(crop, ratio, ignore):
+        checks.append(crop)
+        return passes_at is not None and len(checks) == passes_at
+
+    monkeypatch.setattr(transforms.GeometryRule, "_crop_box", recording)
+    monkeypatch.setattr(transforms, "_crop_ok", ok)
+    g = sample_geometry(np.random.default_rng(0), label.shape, crop_size=(16, 16), cat_max_ratio=0.75, label=label)
+    ours = list(drawn)
+    drawn.clear()
+    checks.clear()
+    rng = np.random.default_rng(0)
+    rule = transforms.GeometryRule(crop_size=(16, 16), cat_max_ratio=0.75)
+    rule.scaled_size(label.shape, rule.draw_factor(rng))
+    release = _mmseg_random_crop(lambda box: ok(box, 0.75, 255), lambda: recording(rule, rng, 64, 64))
+    assert len(ours) == len(drawn) == (passes_at or 11)
+    assert tuple(g.crop) == tuple(release) == tuple(ours[-1])
+
+
 # ------------------------------------------------------------------------------------------------ mapper
 def _fake_cityscapes(root, n=2, size=(16, 32)):
     for split in ("train", "val"):

@@ -374,3 +374,53 @@ def test_segmentor_networks_hold_every_parameter(tiny_cfg):
     for segmentor in segmentors:
         covered = {id(p) for n in segmentor.networks() for p in n.parameters()}
         assert covered == {id(p) for p in segmentor.parameters()}, type(segmentor).__name__
+
+
+def _mmcv_custom_key_groups(named_parameters, base_lr: float, weight_decay: float, custom_keys: dict):
+    """mmcv 1.3.7 DefaultOptimizerConstructor.add_params with paramwise_cfg custom_keys (cnn/optimizer/
+    default_constructor.py L188-206), transcribed: keys sorted alphabetically then by length, longest first; the
+    first key contained in the parameter's name sets its lr_mult and decay_mult; no key: lr and decay as given."""
+    sorted_keys = sorted(sorted(custom_keys.keys()), key=len, reverse=True)
+    groups = {}
+    for name, _ in named_parameters:
+        lr, wd = base_lr, weight_decay
+        for key in sorted_keys:
+            if key in name:
+                lr = base_lr * custom_keys[key].get("lr_mult", 1.0)
+                wd = weight_decay * custom_keys[key].get("decay_mult", 1.0)
+                break
+        groups[name] = (lr, wd)
+    return groups
+
+
+def test_mit_configs_param_groups_follow_mmcvs_custom_key_precedence():
+    """B2: DAFormer/HRDA/MIC's MiT configs set custom_keys head (lr x10), pos_block and norm (decay 0)
+    (configs/mic/gtaHR2csHR_mic_hrda.py L88-94). As released (SOLVER.HEAD_NORMS_DECAYED) every parameter's group is
+    mmcv's: the heads' norms keep the decay, 9,216 parameters for MiT with HRDA's DAFormer and attention heads (the
+    audit's count); the fix gives them the norm decay 0."""
+    from uda_plugins.config import get_uda_cfg
+    from uda_plugins.engine.optim import build_param_groups
+    from uda_plugins.modeling import build_segmentor
+
+    cfg = get_uda_cfg()
+    cfg.merge_from_file(os.path.join(os.path.dirname(__file__), "..", "configs/gta5_cityscapes/hrda_mitb5.yaml"))
+    cfg.merge_from_list(["MODEL.DEVICE", "cpu", "MODEL.BACKBONE.PRETRAINED", "", "MODEL.TIMM.ARCH", "pvt_v2_b0"])
+    model = build_segmentor(cfg)
+    keys = {"head": {"lr_mult": 10.0}, "pos_block": {"decay_mult": 0.0}, "norm": {"decay_mult": 0.0}}
+    release = _mmcv_custom_key_groups(model.named_parameters(), cfg.SOLVER.BASE_LR, cfg.SOLVER.WEIGHT_DECAY, keys)
+    modules = dict(model.named_modules())
+    head_norms = [
+        n
+        for n, p in model.named_parameters()
+        if "head" in n and isinstance(modules[n.rsplit(".", 1)[0]], torch.nn.modules.batchnorm._NormBase)
+    ]
+    assert sum(p.numel() for n, p in model.named_parameters() if n in head_norms) == 9216
+    for as_released in (True, False):
+        cfg.SOLVER.HEAD_NORMS_DECAYED = as_released
+        groups = {}
+        for g in build_param_groups(cfg, model):
+            for p in g["params"]:
+                groups[id(p)] = (g["lr"], g["weight_decay"])
+        ours = {n: groups[id(p)] for n, p in model.named_parameters() if p.requires_grad}
+        differ = [n for n in ours if ours[n] != pytest.approx(release[n])]
+        assert differ == ([] if as_released else head_norms)

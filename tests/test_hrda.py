@@ -144,6 +144,24 @@ def test_loss_weights(tiny_cfg):
     torch.testing.assert_close(model.loss(out, y), fused_and_hr + 0.2 * seg_cross_entropy(attended, y))
 
 
+def test_mic_lambda_on_the_fused_term_as_released(tiny_cfg):
+    """C1: MIC scales ``masked_loss['decode.loss_seg']`` only (masking_consistency_module.py L142-143), which for
+    HRDA is the fused term already scaled by 1 - lr_w - hr_w (hrda_head.py L271); ``decode.hr.loss_seg`` stays."""
+    x, y = _images(), _labels()
+    weight = torch.rand(2, H, W, generator=torch.Generator().manual_seed(3))
+    model = _model(tiny_cfg).eval()  # hr 0.1, lr 0
+    out = model.forward_train(x)
+    box, lam = out.extras["detail_box"], 0.5
+    losses = {  # HRDAHead.losses' dict, then MIC's rescaling
+        "decode.loss_seg": 0.9 * seg_cross_entropy(out.logits, y, weight),
+        "decode.hr.loss_seg": 0.1 * seg_cross_entropy(out.extras["hr_logits"], crop(y, box), crop(weight, box)),
+    }
+    losses["decode.loss_seg"] *= lam
+    torch.testing.assert_close(model.loss(out, y, weight, fused_weight=lam), sum(losses.values()))
+    whole = lam * model.loss(out, y, weight)  # the fix: lambda * L_MIC
+    assert not torch.allclose(whole, sum(losses.values()))
+
+
 # ---------------------------------------------------------------------- both heads: training, inference, checkpoint
 @pytest.mark.parametrize("head,attention", [("DAFormerHead", "SegFormerHead"), ("DeepLabV2Head", "DeepLabV2Head")])
 def test_train_step_reaches_every_part(tiny_cfg, head, attention):

@@ -281,6 +281,13 @@ def add_uda_config(cfg: CN) -> None:
     # Square blocks of this many input pixels are dropped with probability RATIO.
     _C.UDA.MIC.BLOCK_SIZE = 64
     _C.UDA.MIC.RATIO = 0.7
+    # Release quirk (masking_consistency_module.py L119-131): the masked images' strong augmentation is one draw for
+    # the whole batch (one jitter order, one blur sigma) and its blur is drawn even with UDA.STRONG_AUG.BLUR False.
+    # False (our fix): each image its own draw, like ClassMix's, and BLUR applies.
+    _C.UDA.MIC.STRONG_AUG_AS_RELEASED = False
+    # Release quirk (L142-143): LAMBDA scales only 'decode.loss_seg', for HRDA the fused term, not the detail and
+    # context terms. False (our fix, the paper's lambda * L_MIC): the whole loss. Equal at LAMBDA 1.
+    _C.UDA.MIC.LAMBDA_ON_FUSED_LOSS = False
 
     _C.UDA.GUIDANCE = CN()
     # Guidance Training (uda_plugins/methods/guidance.py): weight of the loss of the Guider-reconstructed mixed
@@ -549,6 +556,11 @@ def add_uda_config(cfg: CN) -> None:
     _C.SOLVER.OPTIMIZER_IMPLEMENTATION = "auto"
     # Learning-rate multiplier for parameters whose name contains "head" (mmcv's paramwise rule).
     _C.SOLVER.HEAD_LR_MULTIPLIER = 10.0
+    # Release quirk (DAFormer/HRDA/MIC's MiT configs, custom_keys head/pos_block/norm): mmcv gives a parameter the
+    # first matching key, longest first then alphabetically, so "head" wins over "norm" and the heads' norm layers
+    # are decayed at SOLVER.WEIGHT_DECAY (with the head's learning rate). False (our fix): every norm layer gets
+    # SOLVER.WEIGHT_DECAY_NORM, as the configs' norm key intends.
+    _C.SOLVER.HEAD_NORMS_DECAYED = False
     # Parameters whose name contains any of these get no weight decay (normalisation layers are handled by
     # Detectron2's SOLVER.WEIGHT_DECAY_NORM, 0 by default).
     _C.SOLVER.NO_WEIGHT_DECAY_KEYWORDS = ("pos_block", "token")

@@ -61,6 +61,29 @@ _DACS_FAMILY = (
         "HRDA's low-resolution loss on the attention-weighted context logits; the fix: on the context logits",
     ),
     Quirk(
+        "SOLVER.HEAD_NORMS_DECAYED",
+        True,
+        False,
+        "B2",
+        "the heads' norm layers decayed at SOLVER.WEIGHT_DECAY (mmcv's custom-key precedence: head before norm); the "
+        "fix: SOLVER.WEIGHT_DECAY_NORM for every norm",
+    ),
+    Quirk(
+        "UDA.MIC.STRONG_AUG_AS_RELEASED",
+        True,
+        False,
+        "B4",
+        "MIC's masked images: one jitter order and one blur sigma for the batch, blur drawn even with BLUR off; the "
+        "fix: per image, like ClassMix's",
+    ),
+    Quirk(
+        "UDA.MIC.LAMBDA_ON_FUSED_LOSS",
+        True,
+        False,
+        "C1",
+        "MIC's lambda scales HRDA's fused term only; the fix: the whole MIC loss (equal at lambda 1)",
+    ),
+    Quirk(
         "UDA.GUIDANCE.REFERENCE_WEIGHT_ALIASING",
         True,
         False,

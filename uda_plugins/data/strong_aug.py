@@ -1,15 +1,25 @@
-"""DACS's strong photometric augmentation on device tensors, with parameters drawn first and applied second so a
-draw can be replayed on another image (Guidance Training augments the unmixed target exactly like the mix).
+"""DACS's strong photometric augmentation on device tensors, with parameters drawn first and applied second (so a
+test can replay a draw, and a step can log what it drew).
 
 Follows lhoyer/MIC ``seg/mmseg/models/utils/dacs_transforms.py`` (``color_jitter``, ``gaussian_blur``) and the
-kornia ``ColorJitter`` / ``GaussianBlur2d`` it calls:
+kornia 0.5.8 ``ColorJitter`` / ``GaussianBlur2d`` it calls:
 
 * colour jitter, applied to the whole batch when a U(0, 1) draw exceeds ``skip_prob`` (0.2): per image a
   brightness offset b-1, contrast factor c, saturation factor s (b, c, s ~ U(1 - strength, 1 + strength)) and a
-  hue shift h ~ U(-strength, strength) turns, in a random order shared by the batch, on the image denormalised
-  to [0, 1] and clamped after every step (kornia's semantics);
-* Gaussian blur, applied to the whole batch when a U(0, 1) draw exceeds 0.5: per image sigma ~ U(0.15, 1.15),
-  an odd kernel of about 10% of each image side, reflect padding.
+  hue shift h ~ U(-strength, strength) turns, in a random order, on the image denormalised to [0, 1] and clamped
+  after every step (kornia's semantics);
+* Gaussian blur, applied to the whole batch when a U(0, 1) draw exceeds 0.5: sigma ~ U(0.15, 1.15), an odd kernel
+  of about 10% of each image side, reflect padding.
+
+The release calls ``strong_transform`` in two ways, and ``per_image`` picks which one a draw reproduces:
+
+* ``per_image=True``: once per image, as DACS's ClassMix does (``uda/dacs.py`` L400-409, and QuadMix's
+  ``strongTransform_class_mix``): each call builds its own kornia ``ColorJitter``, which draws the order of the
+  four steps per call (kornia 0.5.8 ``augmentation/random_generator.py`` L106), and draws its own sigma
+  (``dacs_transforms.py`` L73), so both are per image;
+* ``per_image=False``: once over the whole batch, as MIC's masked images (``uda/masking_consistency_module.py``
+  L119-131): one order and one sigma for the batch (the jitter factors stay per image: kornia draws them per
+  sample).
 
 Random numbers come from torch's global generator (seeded per iteration by the trainer), so a resumed run
 draws the same augmentations.
@@ -36,23 +46,9 @@ class StrongAugParams:
     contrast: torch.Tensor
     saturation: torch.Tensor
     hue: torch.Tensor
-    order: torch.Tensor  # permutation of the four jitter steps (0 brightness, 1 contrast, 2 saturation, 3 hue)
+    order: torch.Tensor  # (n, 4): per image, the order of the jitter steps (0 brightness, 1 contrast, 2 sat., 3 hue)
     blur: bool
     sigma: torch.Tensor
-
-    def subset(self, index) -> "StrongAugParams":
-        """The parameters of the images ``index`` selects (replay a batch draw on part of it)."""
-        pick = lambda t: t[index]  # noqa: E731
-        return StrongAugParams(
-            self.jitter,
-            pick(self.brightness),
-            pick(self.contrast),
-            pick(self.saturation),
-            pick(self.hue),
-            self.order,
-            self.blur,
-            pick(self.sigma),
-        )
 
 
 def sample_strong_aug(
@@ -61,18 +57,24 @@ def sample_strong_aug(
     skip_prob: float = 0.2,
     blur: bool = True,
     generator: Optional[torch.Generator] = None,
+    per_image: bool = True,
 ) -> StrongAugParams:
+    """One draw for ``n`` images: the jitter and blur decisions for the batch, the jitter factors per image, and the
+    order of the jitter steps and the blur sigma per image (``per_image``) or one for the batch (see the module
+    docstring). ``blur=False`` never blurs."""
     u = torch.rand(2, generator=generator)
     factors = 1 + strength * (2 * torch.rand(3, n, generator=generator) - 1)
     hue = strength * (2 * torch.rand(n, generator=generator) - 1)
-    sigma = 0.15 + torch.rand(n, generator=generator)
+    draws = n if per_image else 1
+    sigma = (0.15 + torch.rand(draws, generator=generator)).expand(n)
+    order = torch.stack([torch.randperm(4, generator=generator) for _ in range(draws)]).expand(n, 4)
     return StrongAugParams(
         jitter=bool(u[0] > skip_prob),
         brightness=factors[0],
         contrast=factors[1],
         saturation=factors[2],
         hue=hue,
-        order=torch.randperm(4, generator=generator),
+        order=order,
         blur=blur and bool(u[1] > 0.5),
         sigma=sigma,
     )
@@ -99,13 +101,27 @@ def _view(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 
 
 def color_jitter(rgb: torch.Tensor, p: StrongAugParams) -> torch.Tensor:
+    """The jitter of ``p`` on an (N, 3, H, W) RGB batch in [0, 1]; images that share an order are done together."""
+    orders, group = torch.unique(p.order, dim=0, return_inverse=True)
+    if len(orders) == 1:
+        return _jitter_in_order(rgb, orders[0].tolist(), p.brightness, p.contrast, p.saturation, p.hue)
+    out = torch.empty_like(rgb)
+    for g, order in enumerate(orders.tolist()):
+        index = (group == g).nonzero()[:, 0]
+        out[index.to(rgb.device)] = _jitter_in_order(
+            rgb[index.to(rgb.device)], order, p.brightness[index], p.contrast[index], p.saturation[index], p.hue[index]
+        )
+    return out
+
+
+def _jitter_in_order(rgb: torch.Tensor, order, brightness, contrast, saturation, hue) -> torch.Tensor:
     steps = {
-        0: lambda im: (im + _view(p.brightness - 1, im)).clamp(0, 1),
-        1: lambda im: (im * _view(p.contrast, im)).clamp(0, 1),
-        2: lambda im: _adjust_hsv(im, saturation=_view(p.saturation, im)),
-        3: lambda im: _adjust_hsv(im, hue=_view(p.hue, im)),
+        0: lambda im: (im + _view(brightness - 1, im)).clamp(0, 1),
+        1: lambda im: (im * _view(contrast, im)).clamp(0, 1),
+        2: lambda im: _adjust_hsv(im, saturation=_view(saturation, im)),
+        3: lambda im: _adjust_hsv(im, hue=_view(hue, im)),
     }
-    for step in p.order.tolist():
+    for step in order:
         rgb = steps[step](rgb)
     return rgb
 

@@ -258,8 +258,9 @@ class GeometryRule:
         required_pixels: float = 0.0,
         max_redraws: int = 10,
     ) -> Geometry:
-        """Draw a resize and a random scale, a random crop of ``crop_size`` (re-drawn up to 10 times while one class
-        dominates, when ``label`` is given and ``cat_max_ratio`` < 1) and a flip.
+        """Draw a resize and a random scale, a random crop of ``crop_size`` (checked up to 10 times and re-drawn while
+        one class dominates, when ``label`` is given and ``cat_max_ratio`` < 1, so at most 11 draws: mmseg's rule)
+        and a flip.
 
         Rare-class sampling: with ``required_class`` (and ``label``), the whole draw is repeated up to
         ``max_redraws`` more times until the crop holds more than ``required_pixels`` pixels of that class, counted
@@ -277,12 +278,13 @@ class GeometryRule:
                     if label is not None and self.cat_max_ratio < 1.0
                     else None
                 )
-                for _ in range(10):
-                    crop = self._crop_box(rng, rh, rw)
-                    if resized_label is None or _crop_ok(
-                        _inside(resized_label, crop), self.cat_max_ratio, ignore_label
-                    ):
+                crop = self._crop_box(rng, rh, rw)
+                # mmseg's RandomCrop (transforms.py L548-559): up to 10 checks, each failure redrawing, so after 10
+                # failed checks the 11th crop is kept unchecked.
+                for _ in range(10 if resized_label is not None else 0):
+                    if _crop_ok(_inside(resized_label, crop), self.cat_max_ratio, ignore_label):
                         break
+                    crop = self._crop_box(rng, rh, rw)
             else:
                 crop = (0, 0, rh, rw)
             flip = bool(rng.uniform() < self.flip_prob)

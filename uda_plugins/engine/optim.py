@@ -3,7 +3,8 @@
 Parameter groups follow mmcv's ``paramwise_cfg`` as DAFormer/MIC use it: parameters whose name contains
 "head" (or, for a model with ``is_head_parameter(name)``, those it names) get ``SOLVER.HEAD_LR_MULTIPLIER`` x the
 learning rate; normalisation layers get
-``SOLVER.WEIGHT_DECAY_NORM`` (Detectron2's key, 0 by default) and names containing a
+``SOLVER.WEIGHT_DECAY_NORM`` (Detectron2's key, 0 by default; with ``SOLVER.HEAD_NORMS_DECAYED``, as the releases'
+mmcv custom-key precedence does, the heads' norm layers get ``SOLVER.WEIGHT_DECAY``) and names containing a
 ``SOLVER.NO_WEIGHT_DECAY_KEYWORDS`` entry get no decay. Frozen parameters (a teacher) are left out.
 """
 
@@ -39,7 +40,7 @@ def build_param_groups(cfg: CfgNode, model: nn.Module, excluded=frozenset()) -> 
             seen.add(id(p))
             full_name = f"{module_name}.{name}" if module_name else name
             lr = s.BASE_LR * (s.HEAD_LR_MULTIPLIER if is_head(full_name) else 1.0)
-            if isinstance(module, _NORM_TYPES):
+            if isinstance(module, _NORM_TYPES) and not (s.HEAD_NORMS_DECAYED and is_head(full_name)):
                 wd = s.WEIGHT_DECAY_NORM
             elif any(k in full_name for k in s.NO_WEIGHT_DECAY_KEYWORDS):
                 wd = 0.0

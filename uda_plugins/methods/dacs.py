@@ -29,6 +29,35 @@ step): :meth:`DACS.source_and_pseudo_labels` (1, 2), :meth:`DACS.mix_losses` (3,
 
 Per-rank statistics: the quality weight is computed over this rank's target images (the reference is
 single-GPU: over its batch).
+
+Deviations from lhoyer/MIC ``seg/`` (docs/release-audit/foundations-dacs-daformer-hrda-mic.md; each paper config
+runs as released, ``UDA.RELEASE_FIDELITY fixed`` turns every switch to our fix):
+
+== ================================================================ ============================================
+A1 ClassMix classes from the whole source batch, ignore label too    ``UDA.MIX.CLASSES_FROM_BATCH`` (switch)
+A2 decode heads initialised as mmcv 1.3.7                             as released, the default (the release's
+                                                                      design; ``heads/common.py``)
+B1 HRDA's detail crop never at the last aligned offset                ``MODEL.HRDA.REFERENCE_CROP_OFFSETS`` (switch)
+B2 the heads' norms decayed (mmcv's custom keys: head before norm)    ``SOLVER.HEAD_NORMS_DECAYED`` (switch)
+B3 ClassMix's colour-jitter order drawn per image                     as released (one strong_transform per image)
+B4 MIC's masked batch: one jitter order and blur sigma, blur always   ``UDA.MIC.STRONG_AUG_AS_RELEASED`` (switch)
+C1 MIC's lambda on HRDA's fused term only                             ``UDA.MIC.LAMBDA_ON_FUSED_LOSS`` (switch)
+C2 the unchecked 11th crop after 10 failed cat_max_ratio checks       as released (``data/transforms.py``)
+C3 target images with RCS: uniform with replacement                   ours: a per-epoch permutation (uniform too)
+C4 an RCS class no image reaches: the release asserts                 ours: dropped with a warning (a crash fixed)
+C5 feature distance of a batch with no thing cell: NaN logged         ours: 0 (the same zero gradient)
+C6 kornia 0.5.8's rgb_to_hsv eps 1e-6                                 ours: 1e-8 (at most 3e-6 on [0, 1])
+C7 HRDA's LR loss on (1 - att) LR; ``feature_scale='all'``            ``MODEL.HRDA.LR_LOSS_ON_ATTENDED_LOGITS``
+                                                                      (switch); 'all' is not offered (no shipped
+                                                                      config uses either: the LR weight is 0)
+C8 MiT-B0..B4 (MLP ratio 4)                                           the backbones (see timm_backbone.py)
+C9 provenance: exp 81 is MIC on DACS/DAFormer/HRDA                    the configs cite DAFormer exp 1/5, HRDA 41
+C10 the teacher's first copy: parameters only                         ours: parameters and buffers (equal unless
+                                                                      MODEL.WEIGHTS brings trained BN statistics)
+C11 GTA5 frames whose label size differs: rescaled separately        ours: the label resized when prepared
+C12 docs/methods.md's "per-scale decoder", "same augmentation"       the code is followed: one shared head,
+                                                                      fresh draws for MIC
+== ================================================================ ============================================
 """
 
 from __future__ import annotations
@@ -61,6 +90,8 @@ class DACS(SelfTrainingArch):
         self.classes_from_batch = cfg.UDA.MIX.CLASSES_FROM_BATCH
         mic = cfg.UDA.MIC
         self.mic_lambda, self.mic_block, self.mic_ratio = mic.LAMBDA, mic.BLOCK_SIZE, mic.RATIO
+        self.mic_strong_aug_as_released = mic.STRONG_AUG_AS_RELEASED
+        self.mic_lambda_on_fused_loss = mic.LAMBDA_ON_FUSED_LOSS
         self.guidance = None
         if cfg.UDA.GUIDANCE.LAMBDA > 0:
             if self.mix_mode != "class":
@@ -138,11 +169,20 @@ class DACS(SelfTrainingArch):
             return
         n = step.target_images.shape[0]
         with timed("mix_mask_augment"):
-            masked = self.strong_aug(step.target_images, self.sample_strong_aug(n))
+            # As released (masking_consistency_module.py L119-131): one strong_transform over the whole batch (one
+            # jitter order and one blur sigma), its blur drawn whatever DACS's blur flag says. The fix: per image.
+            released = self.mic_strong_aug_as_released
+            params = self.sample_strong_aug(n, per_image=False, blur=True) if released else self.sample_strong_aug(n)
+            masked = self.strong_aug(step.target_images, params)
             masked = masked * block_mask(n, *masked.shape[-2:], self.mic_block, self.mic_ratio, masked.device)
         with timed("student_forward"):
             masked_out = self.student.forward_train(masked)
-            losses["loss_mic"] = self.mic_lambda * self.student.loss(masked_out, step.pseudo_labels, weight)
+            if self.mic_lambda_on_fused_loss:
+                # As released (L142-143): lambda scales 'decode.loss_seg' only, HRDA's detail/context terms not.
+                mic = self.student.loss(masked_out, step.pseudo_labels, weight, fused_weight=self.mic_lambda)
+            else:
+                mic = self.mic_lambda * self.student.loss(masked_out, step.pseudo_labels, weight)
+            losses["loss_mic"] = mic
         if step.visualize:
             self.visualize_panel("mic/masked_pred", [masked, masked_out.logits])
 

@@ -10,7 +10,7 @@ buffer, so ``--resume`` restores it with the teacher.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 
@@ -113,8 +113,11 @@ class SelfTrainingArch(UDAMetaArch):
         return labels, weight, confidence, logits
 
     # ------------------------------------------------------------------------------------- augmentation
-    def sample_strong_aug(self, n: int) -> StrongAugParams:
-        return sample_strong_aug(n, self.aug_strength, self.aug_skip_prob, self.aug_blur)
+    def sample_strong_aug(self, n: int, per_image: bool = True, blur: Optional[bool] = None) -> StrongAugParams:
+        """A draw for ``n`` images (``per_image``: see :mod:`uda_plugins.data.strong_aug`); ``blur`` overrides
+        ``UDA.STRONG_AUG.BLUR``."""
+        blur = self.aug_blur if blur is None else blur
+        return sample_strong_aug(n, self.aug_strength, self.aug_skip_prob, blur, per_image=per_image)
 
     def strong_aug(self, images: torch.Tensor, params: StrongAugParams) -> torch.Tensor:
         student = self.student

@@ -313,15 +313,19 @@ class HRDASegmentor(Segmentor):
         return (y1, y2, x1, x2)
 
     def loss(
-        self, output: SegmentorOutput, labels: torch.Tensor, pixel_weight: Optional[torch.Tensor] = None
+        self,
+        output: SegmentorOutput,
+        labels: torch.Tensor,
+        pixel_weight: Optional[torch.Tensor] = None,
+        fused_weight: float = 1.0,
     ) -> torch.Tensor:
-        """``(1 - lr_w - hr_w) * CE(fused) + hr_w * CE(HR, labels in the box) + lr_w * CE(LR)``
-        (``HRDAHead.losses``)."""
+        """``fused_weight (1 - lr_w - hr_w) CE(fused) + hr_w CE(HR, labels in the box) + lr_w CE(LR)``
+        (``HRDAHead.losses``; ``fused_weight`` scales mmseg's ``decode.loss_seg`` alone, as MIC's lambda does)."""
 
         def ce(logits: torch.Tensor, y: torch.Tensor, w: Optional[torch.Tensor]) -> torch.Tensor:
             return seg_cross_entropy(logits, y, w, self.ignore_value, self.loss_average)
 
-        loss = (1 - self.lr_loss_weight - self.hr_loss_weight) * ce(output.logits, labels, pixel_weight)
+        loss = fused_weight * (1 - self.lr_loss_weight - self.hr_loss_weight) * ce(output.logits, labels, pixel_weight)
         if self.hr_loss_weight > 0:
             box = output.extras["detail_box"]
             weight = None if pixel_weight is None else crop(pixel_weight, box)

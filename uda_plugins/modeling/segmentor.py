@@ -174,10 +174,17 @@ class Segmentor(nn.Module):
         return [self.backbone, self.head]
 
     def loss(
-        self, output: SegmentorOutput, labels: torch.Tensor, pixel_weight: Optional[torch.Tensor] = None
+        self,
+        output: SegmentorOutput,
+        labels: torch.Tensor,
+        pixel_weight: Optional[torch.Tensor] = None,
+        fused_weight: float = 1.0,
     ) -> torch.Tensor:
-        """Cross-entropy of ``output`` against (N, H, W) ``labels`` at the input resolution."""
-        return seg_cross_entropy(output.logits, labels, pixel_weight, self.ignore_value, self.loss_average)
+        """Cross-entropy of ``output`` against (N, H, W) ``labels`` at the input resolution, times
+        ``fused_weight`` (mmseg's ``decode.loss_seg``, the only term of a single-scale network; HRDA has more)."""
+        return fused_weight * seg_cross_entropy(
+            output.logits, labels, pixel_weight, self.ignore_value, self.loss_average
+        )
 
     def predict(self, x: torch.Tensor) -> torch.Tensor:
         """Logits at the input resolution for a normalised batch."""
