@@ -14,6 +14,7 @@ dicts load into ours tensor for tensor, and mit_b0's four outputs match ours on 
 
 import contextlib
 import importlib
+import importlib.util
 import os
 import re
 import sys

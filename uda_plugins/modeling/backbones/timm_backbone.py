@@ -144,8 +144,8 @@ def _check_shapes(model: nn.Module, state_dict: Dict[str, torch.Tensor], path: s
     hint = ""
     if isinstance(model, PyramidVisionTransformerV2) and any(".mlp." in k for k in wrong):
         hint = (
-            " (SegFormer's MiT-B0..B4 checkpoints need MODEL.TIMM.ARCH mit_b0..mit_b4: timm's pvt_v2_b0..b4 have MLP"
-            " ratios 8, 8, 4, 4, MiT has 4)"
+            " (MiT-B0..B4, SegFormer's mit_b*.pth, are MODEL.TIMM.ARCH mit_b0..mit_b4; timm's pvt_v2_b0..b4 differ:"
+            " MLP ratios 8, 8, 4, 4 where MiT has 4)"
         )
     examples = ", ".join(f"{k} {tuple(state_dict[k].shape)} vs {tuple(own[k].shape)}" for k in wrong[:3])
     raise ValueError(
@@ -156,7 +156,7 @@ def _check_shapes(model: nn.Module, state_dict: Dict[str, torch.Tensor], path: s
 
 def load_pretrained(model: nn.Module, path: str) -> None:
     """Load encoder weights from a local file into the (unpruned) timm ``model``; every model parameter must be
-    found, or this fails naming the file and the first missing keys."""
+    found with its shape, or this fails naming the file and the first missing or misshapen keys."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"MODEL.BACKBONE.PRETRAINED file '{path}' does not exist")
     try:
