@@ -19,7 +19,7 @@ from uda_plugins.engine import UDATrainer  # noqa: E402
 SYNTHETIC = os.path.join(REPO, "configs", "synthetic")
 GTA5_CS = os.path.join(REPO, "configs", "gta5_cityscapes")
 # A reference config small enough for a test: MiT-B0 instead of B5, small crops.
-SMALL_MIT = ["MODEL.DEVICE", "cpu", "MODEL.TIMM.ARCH", "pvt_v2_b0", "SOLVER.AMP.ENABLED", "False"]
+SMALL_MIT = ["MODEL.DEVICE", "cpu", "MODEL.TIMM.ARCH", "mit_b0", "SOLVER.AMP.ENABLED", "False"]
 
 
 def _row(out: str, first_cell: str) -> dict:

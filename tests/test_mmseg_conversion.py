@@ -19,7 +19,8 @@ from uda_plugins.config import get_uda_cfg  # noqa: E402
 from uda_plugins.d2 import build_model  # noqa: E402
 from uda_plugins.modeling.mmseg_conversion import convert_mmseg_checkpoint  # noqa: E402
 
-MIT_B0 = dict(dims=[32, 64, 160, 256], depths=[2, 2, 2, 2], sr=[8, 4, 2, 1], mlp=[8, 8, 4, 4])
+# mix_transformer.py:457-470 (class mit_b0): MLP ratio 4 in every stage (timm's pvt_v2_b0 has 8, 8, 4, 4).
+MIT_B0 = dict(dims=[32, 64, 160, 256], depths=[2, 2, 2, 2], sr=[8, 4, 2, 1], mlp=[4, 4, 4, 4])
 
 
 def _bn(prefix, c):
@@ -126,7 +127,7 @@ def test_a_mic_hrda_mitb5_style_checkpoint_fills_every_parameter():
             "MODEL.BACKBONE.PRETRAINED",
             "",
             "MODEL.TIMM.ARCH",
-            "pvt_v2_b0",
+            "mit_b0",
             "MODEL.SEM_SEG_HEAD.EMBED_DIM",
             "32",
             "MODEL.HRDA.ATTENTION_EMBED_DIM",

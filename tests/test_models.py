@@ -11,6 +11,7 @@ from torch import nn
 from uda_plugins.config import get_uda_cfg
 from uda_plugins.d2 import BACKBONE_REGISTRY, ShapeSpec, build_model
 from uda_plugins.modeling import Segmentor, slide_inference, whole_inference
+from uda_plugins.modeling.backbones.timm_backbone import build_mit
 
 
 def _cfg(**kv):
@@ -61,8 +62,8 @@ def test_multi_grid_dilates_the_last_stage_like_u2pl():
         _backbone(cfg)
 
 
-def test_mit_backbone_is_pvt_v2():
-    bb = _backbone(_cfg(**{"MODEL.BACKBONE.NAME": "build_mit_backbone", "MODEL.TIMM.ARCH": "pvt_v2_b0"}))
+def test_mit_backbone_strides_and_widths():
+    bb = _backbone(_cfg(**{"MODEL.BACKBONE.NAME": "build_mit_backbone", "MODEL.TIMM.ARCH": "mit_b0"}))
     shapes = bb.output_shape()
     assert [shapes[f].stride for f in ("res2", "res3", "res4", "res5")] == [4, 8, 16, 32]
     assert [shapes[f].channels for f in ("res2", "res3", "res4", "res5")] == [32, 64, 160, 256]
@@ -274,7 +275,7 @@ def test_pretrained_resnet_from_timm_torchvision_and_mmseg_files(tmp_path):
 
 
 def test_pretrained_mit_from_the_original_segformer_names(tmp_path):
-    reference = timm.create_model("pvt_v2_b0").state_dict()
+    reference = build_mit("mit_b0").state_dict()
 
     def original_name(k):  # timm -> the MiT / PVTv2 release's names
         k = k.replace("patch_embed.", "patch_embed1.")
@@ -288,7 +289,7 @@ def test_pretrained_mit_from_the_original_segformer_names(tmp_path):
     cfg = _cfg(
         **{
             "MODEL.BACKBONE.NAME": "build_mit_backbone",
-            "MODEL.TIMM.ARCH": "pvt_v2_b0",
+            "MODEL.TIMM.ARCH": "mit_b0",
             "MODEL.BACKBONE.PRETRAINED": _save(original, tmp_path / "mit_b0.pth"),
         }
     )

@@ -84,7 +84,7 @@ def shrink_overrides(cfg) -> Dict[str, object]:
     """The smallest network of the config's family, without pretrained files; the data untouched."""
     out: Dict[str, object] = {"MODEL.BACKBONE.PRETRAINED": ""}
     if cfg.MODEL.BACKBONE.NAME == "build_mit_backbone":
-        out["MODEL.TIMM.ARCH"] = "pvt_v2_b0"
+        out["MODEL.TIMM.ARCH"] = "mit_b0"
     else:
         out.update(
             {

@@ -148,7 +148,8 @@ def add_uda_config(cfg: CN) -> None:
     # random initialisation. Nothing is ever downloaded.
     _C.MODEL.BACKBONE.PRETRAINED = ""
     _C.MODEL.TIMM = CN()
-    # The timm architecture: resnet18/34/50/101/152 (dilated ResNets) or pvt_v2_b0..b5 (MiT encoders).
+    # The timm architecture: resnet18/34/50/101/152 (dilated ResNets), mit_b0..mit_b5 (SegFormer's MiT encoders, as
+    # released) or a timm pvt_v2_* (timm's PVTv2: pvt_v2_b5 is MiT-B5, pvt_v2_b0..b4 have wider MLPs than MiT-B0..B4).
     _C.MODEL.TIMM.ARCH = "resnet101"
     # ResNets only: 8 dilates the last two stages (DeepLab), 16 the last one, 32 none.
     _C.MODEL.TIMM.OUTPUT_STRIDE = 8

@@ -1,4 +1,5 @@
-"""timm encoders as Detectron2 Backbones: dilated ResNets (DeepLab) and pvt_v2 (the MiT encoders of SegFormer).
+"""timm encoders as Detectron2 Backbones: dilated ResNets (DeepLab) and MiT (SegFormer's encoder, built on timm's
+``PyramidVisionTransformerV2``).
 
 Both expose four outputs named ``res2..res5`` (shallow to deep) so the heads need not know which encoder they
 sit on. The wrapped module is the plain timm model with its classifier pruned, so its parameter names are timm's
@@ -6,8 +7,12 @@ own: ImageNet weights from timm, torchvision (same ResNet names) or the original
 mmseg/mmcv checkpoints are unwrapped and renamed (:func:`convert_state_dict`). Weights come only from the local
 file in ``MODEL.BACKBONE.PRETRAINED``; nothing is downloaded.
 
-pvt_v2_bN and MiT-BN share depths, widths, heads, MLP ratios and spatial-reduction ratios (both from the
-PVTv2/SegFormer authors), so pvt_v2_b5 is the MiT-B5 encoder of DAFormer.
+``MODEL.TIMM.ARCH mit_b0..mit_b5`` is SegFormer's MiT-B0..B5, the encoder of DAFormer, HRDA and MIC: timm's
+``PyramidVisionTransformerV2`` module with the release's hyper-parameters (:data:`MIT_ARCHS`), so SegFormer's
+``mit_b*.pth`` and the mmseg checkpoints of MiT models load tensor for tensor. ``pvt_v2_b0..b5`` keep meaning timm's
+PVTv2 models, which are *not* MiT-B0..B4: they have MLP ratios (8, 8, 4, 4) where MiT has 4 in every stage (MiT-B0:
+hidden widths 256, 512, 640, 1024 instead of 128, 256, 640, 1024; 3.41M parameters instead of 3.32M). Only
+``pvt_v2_b5`` is MiT-B5 (same modules, same state dict).
 """
 
 from __future__ import annotations
@@ -16,10 +21,13 @@ import importlib
 import logging
 import os
 import re
-from typing import Dict, List
+from functools import partial
+from typing import Dict, List, NamedTuple, Tuple
 
 import timm
 import torch
+from timm.layers import LayerNorm
+from timm.models.pvt_v2 import PyramidVisionTransformerV2
 from torch import nn
 
 from uda_plugins.d2 import BACKBONE_REGISTRY, Backbone, CfgNode, ShapeSpec
@@ -30,6 +38,8 @@ __all__ = [
     "TimmBackbone",
     "build_dilated_resnet_backbone",
     "build_mit_backbone",
+    "build_mit",
+    "MIT_ARCHS",
     "load_pretrained",
     "convert_state_dict",
 ]
@@ -58,6 +68,41 @@ class TimmBackbone(Backbone):
     def forward(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
         feats = self.model.forward_intermediates(x, indices=self.indices, intermediates_only=True)
         return {n: f for n, f in zip(STAGE_NAMES, feats) if n in self._out_features}
+
+
+class MitSpec(NamedTuple):
+    """One MiT size: per-stage depths, widths and heads (what varies between MiT-B0..B5)."""
+
+    depths: Tuple[int, int, int, int]
+    embed_dims: Tuple[int, int, int, int]
+    num_heads: Tuple[int, int, int, int] = (1, 2, 5, 8)
+
+
+# SegFormer's MiT-B0..B5 as released (lhoyer/MIC seg/mmseg/models/backbones/mix_transformer.py:457-550, the classes
+# mit_b0..mit_b5, from NVlabs/SegFormer). Common to all six (MIT_COMMON): MLP ratios 4 in every stage,
+# spatial-reduction ratios (8, 4, 2, 1), qkv bias, block and stage LayerNorms with eps 1e-6 (the patch embeddings'
+# and the spatial reduction's LayerNorms keep PyTorch's 1e-5, mix_transformer.py:78,177, as timm's do).
+MIT_ARCHS: Dict[str, MitSpec] = {
+    "mit_b0": MitSpec(depths=(2, 2, 2, 2), embed_dims=(32, 64, 160, 256)),
+    "mit_b1": MitSpec(depths=(2, 2, 2, 2), embed_dims=(64, 128, 320, 512)),
+    "mit_b2": MitSpec(depths=(3, 4, 6, 3), embed_dims=(64, 128, 320, 512)),
+    "mit_b3": MitSpec(depths=(3, 4, 18, 3), embed_dims=(64, 128, 320, 512)),
+    "mit_b4": MitSpec(depths=(3, 8, 27, 3), embed_dims=(64, 128, 320, 512)),
+    "mit_b5": MitSpec(depths=(3, 6, 40, 3), embed_dims=(64, 128, 320, 512)),
+}
+MIT_COMMON = dict(
+    mlp_ratios=(4, 4, 4, 4), sr_ratios=(8, 4, 2, 1), qkv_bias=True, norm_layer=partial(LayerNorm, eps=1e-6)
+)
+
+
+def build_mit(arch: str, in_chans: int = 3, drop_path_rate: float = 0.0) -> PyramidVisionTransformerV2:
+    """SegFormer's MiT encoder ``arch`` (mit_b0..mit_b5) as a timm ``PyramidVisionTransformerV2`` (timm's module
+    names and methods, so timm's converter and feature API apply). Stochastic depth rises linearly from 0 to
+    ``drop_path_rate`` over all blocks, as in the release (mix_transformer.py:255-257)."""
+    if arch not in MIT_ARCHS:
+        raise ValueError(f"Unknown MiT arch '{arch}'; one of {', '.join(MIT_ARCHS)}")
+    spec = MIT_ARCHS[arch]._asdict()
+    return PyramidVisionTransformerV2(in_chans=in_chans, drop_path_rate=drop_path_rate, **spec, **MIT_COMMON)
 
 
 def _unwrap(checkpoint: dict) -> Dict[str, torch.Tensor]:
@@ -90,9 +135,28 @@ def convert_state_dict(state_dict: Dict[str, torch.Tensor], model: nn.Module) ->
     return {k: v for k, v in out.items() if not re.match(r"^(fc|head|classifier)\.", k)}
 
 
+def _check_shapes(model: nn.Module, state_dict: Dict[str, torch.Tensor], path: str) -> None:
+    """Fail naming the first tensors of ``state_dict`` whose shape differs from ``model``'s."""
+    own = model.state_dict()
+    wrong = [k for k, v in state_dict.items() if k in own and tuple(v.shape) != tuple(own[k].shape)]
+    if not wrong:
+        return
+    hint = ""
+    if isinstance(model, PyramidVisionTransformerV2) and any(".mlp." in k for k in wrong):
+        hint = (
+            " (MiT-B0..B4, SegFormer's mit_b*.pth, are MODEL.TIMM.ARCH mit_b0..mit_b4; timm's pvt_v2_b0..b4 differ:"
+            " MLP ratios 8, 8, 4, 4 where MiT has 4)"
+        )
+    examples = ", ".join(f"{k} {tuple(state_dict[k].shape)} vs {tuple(own[k].shape)}" for k in wrong[:3])
+    raise ValueError(
+        f"'{path}' does not fit {type(model).__name__}: {len(wrong)} tensors have another shape (file vs model),"
+        f" e.g. {examples}{hint}"
+    )
+
+
 def load_pretrained(model: nn.Module, path: str) -> None:
     """Load encoder weights from a local file into the (unpruned) timm ``model``; every model parameter must be
-    found, or this fails naming the file and the first missing keys."""
+    found with its shape, or this fails naming the file and the first missing or misshapen keys."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"MODEL.BACKBONE.PRETRAINED file '{path}' does not exist")
     try:
@@ -107,6 +171,7 @@ def load_pretrained(model: nn.Module, path: str) -> None:
         raise KeyError(
             f"'{path}' does not fit {type(model).__name__}: {len(missing)} parameters are missing, e.g. {missing[:5]}"
         )
+    _check_shapes(model, state_dict, path)
     unexpected = sorted(set(state_dict) - own)
     if unexpected:
         logger.warning(f"Ignoring {len(unexpected)} unexpected keys in '{path}', e.g. {unexpected[:5]}")
@@ -187,14 +252,19 @@ def build_dilated_resnet_backbone(cfg: CfgNode, input_shape: ShapeSpec) -> TimmB
 
 @BACKBONE_REGISTRY.register()
 def build_mit_backbone(cfg: CfgNode, input_shape: ShapeSpec) -> TimmBackbone:
-    """A MiT encoder (timm ``pvt_v2_b0..b5``; strides 4, 8, 16, 32). Its norms are LayerNorms, so
-    ``MODEL.BACKBONE.NORM`` does not apply."""
+    """A MiT encoder (strides 4, 8, 16, 32): ``MODEL.TIMM.ARCH mit_b0..mit_b5`` is SegFormer's MiT-B0..B5
+    (:func:`build_mit`); a timm ``pvt_v2_*`` arch is timm's PVTv2 model of that name (``pvt_v2_b5`` = MiT-B5, the
+    others differ from MiT). Its norms are LayerNorms, so ``MODEL.BACKBONE.NORM`` does not apply."""
     t = cfg.MODEL.TIMM
-    if not t.ARCH.startswith("pvt_v2"):
-        raise ValueError(f"build_mit_backbone needs a timm pvt_v2 arch, not '{t.ARCH}'")
-    model = timm.create_model(
-        t.ARCH, pretrained=False, in_chans=input_shape.channels or 3, drop_path_rate=t.DROP_PATH_RATE
-    )
+    in_chans = input_shape.channels or 3
+    if t.ARCH in MIT_ARCHS:
+        model = build_mit(t.ARCH, in_chans=in_chans, drop_path_rate=t.DROP_PATH_RATE)
+    elif t.ARCH.startswith("pvt_v2"):
+        model = timm.create_model(t.ARCH, pretrained=False, in_chans=in_chans, drop_path_rate=t.DROP_PATH_RATE)
+    else:
+        raise ValueError(
+            f"build_mit_backbone needs MODEL.TIMM.ARCH mit_b0..mit_b5 or a timm pvt_v2 arch, not '{t.ARCH}'"
+        )
     if cfg.MODEL.BACKBONE.PRETRAINED:
         load_pretrained(model, cfg.MODEL.BACKBONE.PRETRAINED)
     return TimmBackbone(model, [0, 1, 2, 3], cfg.MODEL.BACKBONE.OUT_FEATURES)
