@@ -1,6 +1,10 @@
 """Guidance Training: the Guider's masking, its identity start, any feature size, the reference position
-embedding, the weight formula (fixed and as the authors' aliasing computes it), gradients, and that the evaluated
-student carries no Guider."""
+embedding, the weight formula (fixed, as the released code's aliasing computes it, and as the logged run's
+commented-out code computes it, transcribed at the reference's shapes), the renamed switch, the multi-level warning,
+the paper config's optimizer, loading a released checkpoint's Guider, gradients, and that the evaluated student
+carries no Guider."""
+
+import logging
 
 import numpy as np
 import pytest
@@ -104,13 +108,135 @@ def test_weight_formula_fixed_and_with_the_reference_aliasing(tiny_cfg):
     w, mic = gt.weights(mask, views, q)
     torch.testing.assert_close(w[:, 0, 0], 0.8 * (f_ctx + f_det) / 2)
     assert torch.equal(mic, q)  # fixed: MIC keeps the pseudo-label weights
-    gt.reference_aliasing = True
+    gt.weighting = "as_released"
     w, mic = gt.weights(mask, views, q)
     torch.testing.assert_close(w[:, 0, 0], 0.8 * (f_ctx + f_ctx * f_det) / 2)
     torch.testing.assert_close(mic[:, 0, 0], 0.8 * f_ctx * f_det)
     w, mic = gt.weights(mask, views[:1], q)  # one view: q f for both
     torch.testing.assert_close(w[:, 0, 0], 0.8 * f_ctx)
     torch.testing.assert_close(mic, w)
+
+
+# ----------------------------------------------------------------------------- G1 / G2: the weights, transcribed
+def _reference_calibrated_pseudo_weight(pseudo_weight, mask):
+    # Guidance-Training seg/mmseg/models/Guider.py:9-14, verbatim: in place, per image, on the float mask. The logged
+    # code calls a function of this name from its older, unreleased `completor` module; HEAD's is the only body known.
+    for i in range(mask.size(0)):
+        ratio = torch.nonzero(mask[i]).size(0) / mask[i].numel()
+        ratio = 1 - np.exp(-ratio * 5)
+        pseudo_weight[i] = ratio * pseudo_weight[i]
+    return pseudo_weight
+
+
+def _reference_step_weights(q, mix_masks, scales, crop_box, logged):
+    """(guidance weight, MIC weight) of one reference step: dacs.py:387-392 makes the pseudo-weight tensor, :418
+    passes it to forward_train with mask = 1 - cat(mix_masks) (:420), :434 passes the same tensor to MIC."""
+    pseudo_weight = q.clone()
+    mask = 1 - torch.cat(mix_masks, dim=0)
+    if logged:  # hrda_encoder_decoder.py:280-307: the scale loop transforms features only; one call after it (:298)
+        guidance = _reference_calibrated_pseudo_weight(pseudo_weight, mask)
+    else:  # hrda_encoder_decoder.py:251-278 (HEAD)
+        guidance = torch.zeros_like(pseudo_weight)
+        for i, s in enumerate(scales):
+            scaled_mask = torch.nn.functional.interpolate(mask.float(), scale_factor=s, mode="nearest")  # mmseg resize
+            if i >= 1:
+                y1, y2, x1, x2 = crop_box
+                scaled_mask = scaled_mask[:, :, y1:y2, x1:x2]
+            guidance = guidance + _reference_calibrated_pseudo_weight(pseudo_weight, scaled_mask)
+        guidance = guidance / len(scales)
+    return guidance, pseudo_weight
+
+
+def _reference_shaped_step():
+    """The logged run's shapes (log: 1024x1024 crops, batch 2, HRDA scales [0.5, 1] sorted, a 512x512 detail crop
+    at offsets divisible by 8): two ClassMix masks (1 = pasted from the source, (1, 1, H, W) each as get_class_masks
+    returns them) and a pseudo-weight q (N, H, W) with the crop-margin zeros."""
+    g = torch.Generator().manual_seed(0)
+    labels = torch.randint(0, 6, (2, 1, 32, 32), generator=g).repeat_interleave(32, 2).repeat_interleave(32, 3)
+    masks = [(labels[0:1] < 4).float(), (labels[1:2] >= 3).float()]  # 32x32-pixel class regions, 2/3 and 1/2 source
+    masks[0][..., 512:, 512:] = 1  # image 0: its detail crop below is all source -> f_det = 0
+    q = torch.full((2, 1024, 1024), 0.9)
+    q[:, :30], q[:, -30:], q[:, :, :30], q[:, :, -30:] = 0, 0, 0, 0  # crop_pseudo_margins [30, 240, 30, 30] style
+    return masks, q, (512, 1024, 512, 1024)
+
+
+@pytest.mark.parametrize("weighting", ["logged", "as_released"])
+def test_weightings_match_the_reference_at_its_shapes(tiny_cfg, weighting):
+    from uda_plugins.methods.guidance import GuidanceTraining
+    from uda_plugins.modeling.segmentor import build_segmentor
+
+    tiny_cfg.UDA.GUIDANCE.LAMBDA, tiny_cfg.UDA.GUIDANCE.WEIGHTING = 1.0, weighting
+    tiny_cfg.UDA.GUIDANCE.EMBED_DIM, tiny_cfg.UDA.GUIDANCE.NUM_HEADS = 32, 4
+    gt = GuidanceTraining(tiny_cfg, build_segmentor(tiny_cfg))
+    masks, q, box = _reference_shaped_step()
+    reference = _reference_step_weights(q, masks, [0.5, 1.0], box, logged=weighting == "logged")
+    target_mask = (1 - torch.cat(masks)).float()  # what GuidanceTraining.forward makes of the (N, H, W) masks
+    views = [View({}, 0.5), View({}, 1.0, box)]  # HRDA's context and detail views
+    ours = gt.weights(target_mask, views, q)
+    # Weights <= 1; the target fractions are exact in float32 (integer counts over 2^20 pixels), so the only
+    # differences are float32's exp against float64's (a few ulps) and one product rounding: 1e-6 is far above
+    # them and far below the differences between the weightings (> 0.02 here, checked below).
+    for a, b in zip(ours, reference):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+    assert float(reference[1][0].max()) == 0.0 or weighting == "logged"  # HEAD: no target in image 0's detail crop
+    gt.weighting = "mean"  # our fix differs from both by more than the tolerance
+    fixed = gt.weights(target_mask, views, q)
+    assert (fixed[0] - reference[0]).abs().max() > 0.02 and (fixed[1] - reference[1]).abs().max() > 0.02
+
+
+def test_the_logged_weighting_is_one_factor_from_the_whole_image(tiny_cfg):
+    from uda_plugins.methods.guidance import GuidanceTraining
+    from uda_plugins.modeling.segmentor import build_segmentor
+
+    tiny_cfg.UDA.GUIDANCE.LAMBDA, tiny_cfg.UDA.GUIDANCE.WEIGHTING = 1.0, "logged"
+    tiny_cfg.UDA.GUIDANCE.EMBED_DIM, tiny_cfg.UDA.GUIDANCE.NUM_HEADS = 32, 4
+    gt = GuidanceTraining(tiny_cfg, build_segmentor(tiny_cfg))
+    mask = torch.zeros(2, 1, 8, 8)
+    mask[0, :, :, :2] = 1  # 1/4 target in the whole image, 1/2 in the detail box, 1/4 at the context scale
+    mask[1] = 1
+    q = torch.full((2, 8, 8), 0.8)
+    f_full = guidance_factor(torch.tensor([0.25, 1.0]), 5)
+    for views in ([View({}, 1.0)], [View({}, 0.5), View({}, 1.0, (0, 8, 0, 4))]):  # the views do not matter
+        w, mic = gt.weights(mask, views, q)
+        torch.testing.assert_close(w[:, 0, 0], 0.8 * f_full)
+        torch.testing.assert_close(mic, w)
+
+
+def test_the_old_aliasing_key_names_its_replacement_and_a_bad_weighting_fails(tiny_cfg):
+    from uda_plugins.engine.setup import merge_overrides
+    from uda_plugins.methods.guidance import GuidanceTraining
+    from uda_plugins.modeling.segmentor import build_segmentor
+
+    with pytest.raises(KeyError, match="renamed to UDA.GUIDANCE.WEIGHTING.*True is WEIGHTING as_released"):
+        merge_overrides(tiny_cfg.clone(), ["UDA.GUIDANCE.REFERENCE_WEIGHT_ALIASING", "True"])
+    tiny_cfg.UDA.GUIDANCE.WEIGHTING = "aliased"
+    with pytest.raises(ValueError, match="UDA.GUIDANCE.WEIGHTING must be one of"):
+        GuidanceTraining(tiny_cfg, build_segmentor(tiny_cfg))
+
+
+# ----------------------------------------------------------------------------- G4: multi-level heads warn
+def test_a_multi_level_head_warns_once_at_build_and_deeplab_v2_does_not(tiny_cfg, caplog):
+    from uda_plugins.methods.guidance import GuidanceTraining
+    from uda_plugins.modeling.segmentor import build_segmentor
+
+    tiny_cfg.UDA.GUIDANCE.LAMBDA = 1.0
+    tiny_cfg.UDA.GUIDANCE.EMBED_DIM, tiny_cfg.UDA.GUIDANCE.NUM_HEADS = 32, 4
+    logger = logging.getLogger("uda_plugins.methods.guidance")
+    logger.addHandler(caplog.handler)  # whatever an earlier test's setup_logger did to propagation
+    try:
+        with caplog.at_level(logging.WARNING, logger=logger.name):
+            GuidanceTraining(tiny_cfg, build_segmentor(tiny_cfg))  # the synthetic DAFormer head: res2..res5
+            # Deduplicated: the record reaches caplog's handler directly and, where the logger propagates, via root.
+            warnings = list({id(r): r for r in caplog.records if r.name == logger.name}.values())
+            assert all(r.levelno == logging.WARNING for r in warnings)
+            assert len(warnings) == 1 and "reads 4 feature levels (res2, res3, res4, res5)" in warnings[0].message
+            assert "DAFormer-style heads lose accuracy" in warnings[0].message
+            caplog.clear()
+            tiny_cfg.MODEL.SEM_SEG_HEAD.NAME, tiny_cfg.MODEL.SEM_SEG_HEAD.IN_FEATURES = "DeepLabV2Head", ["res5"]
+            GuidanceTraining(tiny_cfg, build_segmentor(tiny_cfg))
+            assert not [r for r in caplog.records if r.name == logger.name]
+    finally:
+        logger.removeHandler(caplog.handler)
 
 
 def _dacs_gt(cfg, hrda=False):

@@ -61,11 +61,12 @@ _DACS_FAMILY = (
         "HRDA's low-resolution loss on the attention-weighted context logits; the fix: on the context logits",
     ),
     Quirk(
-        "UDA.GUIDANCE.REFERENCE_WEIGHT_ALIASING",
-        True,
-        False,
-        "G1",
-        "Guidance Training's in-place aliasing of the pseudo-label weights; the fix: w = q mean(f)",
+        "UDA.GUIDANCE.WEIGHTING",
+        "as_released",
+        "mean",
+        "G2",
+        "Guidance Training's in-place aliasing of the pseudo-label weights (the released code; the logged run's "
+        "older code: WEIGHTING logged); the fix: w = q mean(f)",
     ),
 )
 
