@@ -5,10 +5,12 @@ the paper config's optimizer, loading a released checkpoint's Guider, gradients,
 carries no Guider."""
 
 import logging
+import os
 
 import numpy as np
 import pytest
 import torch
+from conftest import REPO
 
 from uda_plugins.methods.guidance import guidance_factor, view_target_fraction
 from uda_plugins.modeling.guider import Guider, sincos_position_embedding
@@ -237,6 +239,59 @@ def test_a_multi_level_head_warns_once_at_build_and_deeplab_v2_does_not(tiny_cfg
             assert not [r for r in caplog.records if r.name == logger.name]
     finally:
         logger.removeHandler(caplog.handler)
+
+
+# ----------------------------------------------------------------------------- G5: the logged optimizer
+def _paper_gt_model(config):
+    """A GT model from a paper config, its network shrunk (the optimizer's rules depend on names and module types,
+    not on widths)."""
+    from uda_plugins.config import get_uda_cfg
+    from uda_plugins.d2 import build_model
+
+    cfg = get_uda_cfg()
+    cfg.merge_from_file(os.path.join(REPO, "configs", "gta5_cityscapes", config))
+    small = {
+        "MODEL.DEVICE": "cpu",
+        "MODEL.BACKBONE.PRETRAINED": "",
+        "MODEL.TIMM.ARCH": "resnet18",
+        "MODEL.TIMM.STEM_WIDTH": "16",
+        "MODEL.TIMM.CHANNELS": "[32, 48, 96, 128]",
+        "MODEL.TIMM.LAYERS": "[1, 1, 1, 1]",
+        "UDA.GUIDANCE.EMBED_DIM": "32",
+        "UDA.GUIDANCE.NUM_HEADS": "4",
+    }
+    cfg.merge_from_list([x for kv in small.items() for x in kv])
+    return cfg, build_model(cfg)
+
+
+def _lr_and_decay(cfg, model):
+    from uda_plugins.engine.optim import build_param_groups
+
+    by_id = {id(p): (g["lr"], g["weight_decay"]) for g in build_param_groups(cfg, model) for p in g["params"]}
+    return {n: by_id[id(p)] for n, p in model.named_parameters() if id(p) in by_id}
+
+
+def test_the_mic_hrda_gt_paper_config_decays_everything_like_the_logged_optimizer():
+    # log:265-270 (experiments.py exp 81): AdamW, weight_decay 0.01, custom_keys {head: lr_mult 10} only.
+    cfg, model = _paper_gt_model("mic_hrda_gt_dlv2_r101.yaml")
+    groups = _lr_and_decay(cfg, model)
+    guider = [n for n in groups if n.startswith("guidance.guider.")]
+    tokens = [n for n in guider if n.endswith("_token")]
+    norms = [n for n in guider if "norm" in n]
+    assert len(tokens) == 2 and len(norms) == 10  # the two tokens; norm1/norm2 of 2 blocks and decoder_norm, w + b
+    base = cfg.SOLVER.BASE_LR
+    for name, (lr, wd) in groups.items():
+        assert wd == 0.01, name
+        assert lr == pytest.approx(base * (10.0 if "head" in name else 1.0)), name
+    assert all(groups[n] == (base, 0.01) for n in tokens + norms)
+
+
+def test_the_daformer_gt_paper_config_decays_the_guider_tokens_like_its_reference():
+    # seg/configs/daformer/gta2cs_uda_warm_fdthings_rcs_croppl_a999_daformer_dlv2_s0.py:40-46: no "token" key.
+    cfg, model = _paper_gt_model("daformer_gt_dlv2_r101.yaml")
+    groups = _lr_and_decay(cfg, model)
+    for name in ("guidance.guider.aggregation_token", "guidance.guider.projector_token"):
+        assert groups[name] == (cfg.SOLVER.BASE_LR, 0.01), name
 
 
 def _dacs_gt(cfg, hrda=False):
