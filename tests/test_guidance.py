@@ -294,6 +294,115 @@ def test_the_daformer_gt_paper_config_decays_the_guider_tokens_like_its_referenc
         assert groups[name] == (cfg.SOLVER.BASE_LR, 0.01), name
 
 
+# ----------------------------------------------------------------------------- G8: a released checkpoint's Guider
+def _reference_guider_shapes(c, d, p, depth=2, mlp=4):
+    """The parameters of Guidance-Training seg/mmseg/models/Guider.py's Guider(cfg) for a head on c channels,
+    embedding d, patch p, named as its modules are (Aggregation as `attn`, Projector as `projector`; timm's
+    PatchEmbed.proj and Block)."""
+    shapes = {
+        "attn.mask_token": (1, c, 1, 1),  # :111
+        "attn.patch_embed.proj.weight": (d, c, p, p),  # :115
+        "attn.patch_embed.proj.bias": (d,),
+        "attn.pos_embed": (1, 16, d),  # :122, requires_grad=False (a 4x4 grid here)
+        "attn.z1.weight": (c, c, 1, 1),  # :128
+        "attn.z1.bias": (c,),
+        "projector.mask_token": (1, c, 1, 1),  # :62
+        "projector.decoder_norm.weight": (d,),  # :65
+        "projector.decoder_norm.bias": (d,),
+        "projector.decoder_pred.weight": (p * p * c, d),  # :66
+        "projector.decoder_pred.bias": (p * p * c,),
+        "projector.z2.weight": (c, c, 1, 1),  # :71
+        "projector.z2.bias": (c,),
+    }
+    for i in range(depth):  # :116-118
+        b = f"attn.blocks.{i}"
+        for name, shape in [
+            ("norm1.weight", (d,)),
+            ("norm1.bias", (d,)),
+            ("attn.qkv.weight", (3 * d, d)),
+            ("attn.qkv.bias", (3 * d,)),
+            ("attn.proj.weight", (d, d)),
+            ("attn.proj.bias", (d,)),
+            ("norm2.weight", (d,)),
+            ("norm2.bias", (d,)),
+            ("mlp.fc1.weight", (mlp * d, d)),
+            ("mlp.fc1.bias", (mlp * d,)),
+            ("mlp.fc2.weight", (d, mlp * d)),
+            ("mlp.fc2.bias", (d,)),
+        ]:
+            shapes[f"{b}.{name}"] = shape
+    return shapes
+
+
+def _completor_shapes(c, d, p):
+    """The logged run's Completor as its module print names it (log:667-712: one `attn` holding patch_embed,
+    blocks, decoder_norm, decoder_pred, conv1, conv2), plus a token whose name the print cannot show."""
+    head = _reference_guider_shapes(c, d, p)
+    shapes = {"attn." + k.split(".", 1)[1]: v for k, v in head.items() if "mask_token" not in k and "z" not in k}
+    shapes.pop("attn.pos_embed")
+    shapes.update({"attn.conv1.weight": (c, c, 1, 1), "attn.conv1.bias": (c,)})
+    shapes.update({"attn.conv2.weight": (c, c, 1, 1), "attn.conv2.bias": (c,)})
+    shapes["attn.mask_token"] = (1, c, 1, 1)  # a guess at an unprinted parameter: must not be loaded
+    return shapes
+
+
+def _guider_model(tiny_cfg):
+    tiny_cfg.MODEL.SEM_SEG_HEAD.NAME, tiny_cfg.MODEL.SEM_SEG_HEAD.IN_FEATURES = "DeepLabV2Head", ["res5"]
+    model = _dacs_gt(tiny_cfg)
+    assert not model.guidance.guider.level_tokens  # one level, like the reference
+    return model
+
+
+def test_a_released_gt_checkpoint_fills_every_guider_parameter(tiny_cfg):
+    from uda_plugins.modeling.mmseg_conversion import convert_mmseg_checkpoint
+
+    model = _guider_model(tiny_cfg)
+    c, d, p = model.guidance.guider.channels, 32, 2
+    g = torch.Generator().manual_seed(0)
+    source = {}
+    for prefix in ("model.guider.", "ema_model.guider."):  # the reference's teacher carries an unused Guider
+        source.update({prefix + k: torch.randn(s, generator=g) for k, s in _reference_guider_shapes(c, d, p).items()})
+    state, unused = convert_mmseg_checkpoint({"meta": {}, "state_dict": source}, model)
+    own = {k for k in model.state_dict() if k.startswith("guidance.guider.")}
+    assert set(state) == own  # every Guider parameter filled, nothing else
+    assert sorted(unused) == sorted([k for k in source if k.startswith("ema_model.")] + ["model.guider.attn.pos_embed"])
+    renames = {"attn.mask_token": "aggregation_token", "projector.mask_token": "projector_token"}
+    renames.update(
+        {"attn.patch_embed.proj.weight": "patch_embed.weight", "attn.patch_embed.proj.bias": "patch_embed.bias"}
+    )
+    model.load_state_dict(state, strict=False)
+    landed = dict(model.guidance.guider.named_parameters())
+    for key, value in source.items():
+        if not key.startswith("model.") or key.endswith("pos_embed"):
+            continue
+        name = key[len("model.guider.") :]
+        ours = renames.get(name) or name.replace("attn.", "", 1).replace("projector.", "", 1)
+        assert torch.equal(landed[ours], value), key
+    wrong = dict(source)
+    wrong["model.guider.projector.z2.weight"] = torch.zeros(2048, 2048, 1, 1)  # a ResNet-101 Guider
+    with pytest.raises(ValueError, match="guidance.guider.z2.weight"):
+        convert_mmseg_checkpoint({"state_dict": wrong}, model)
+
+
+def test_the_logged_completor_loads_its_printed_layers(tiny_cfg):
+    from uda_plugins.modeling.mmseg_conversion import convert_mmseg_checkpoint
+
+    model = _guider_model(tiny_cfg)
+    c = model.guidance.guider.channels
+    g = torch.Generator().manual_seed(1)
+    source = {"model.completor." + k: torch.randn(s, generator=g) for k, s in _completor_shapes(c, 32, 2).items()}
+    state, unused = convert_mmseg_checkpoint({"state_dict": source}, model)
+    assert unused == ["model.completor.attn.mask_token"]
+    own = {k for k in model.state_dict() if k.startswith("guidance.guider.")}
+    assert own - set(state) == {"guidance.guider.aggregation_token", "guidance.guider.projector_token"}
+    assert torch.equal(state["guidance.guider.z1.weight"], source["model.completor.attn.conv1.weight"])
+    assert torch.equal(state["guidance.guider.z2.bias"], source["model.completor.attn.conv2.bias"])
+    assert torch.equal(state["guidance.guider.decoder_pred.weight"], source["model.completor.attn.decoder_pred.weight"])
+    assert torch.equal(
+        state["guidance.guider.blocks.1.mlp.fc1.weight"], source["model.completor.attn.blocks.1.mlp.fc1.weight"]
+    )
+
+
 def _dacs_gt(cfg, hrda=False):
     from uda_plugins.d2 import build_model
 
