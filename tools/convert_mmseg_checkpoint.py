@@ -9,7 +9,8 @@
 ``--config-file`` must describe the checkpoint's network (backbone, head, HRDA or not, number of classes): the model
 is built from it (without ImageNet weights) and every converted tensor must fit its parameter. The student
 (``model.*``), the EMA teacher (``ema_model.*``) and the feature-distance ImageNet encoder (``imnet_model.*``) are
-converted where the method has them; every student parameter must be found. Key mapping:
+converted where the method has them, and so is a Guidance Training checkpoint's Guider (``model.guider.*``, or the
+logged run's ``model.completor.*``); every student parameter must be found. Key mapping:
 :mod:`uda_plugins.modeling.mmseg_conversion`. The output holds ``{"model": state_dict}``, written atomically.
 """
 
@@ -47,7 +48,8 @@ def convert(config_file: str, source: str, output: str, opts=()) -> dict:
             f"'{source}' does not fill {len(missing)} student parameters of {config_file}'s network, e.g. "
             f"{missing[:4]}: does the config match the checkpoint?"
         )
-    counts = {part: sum(k.startswith(part + ".") for k in state) for part in ("student", "teacher", "feature_distance")}
+    parts = ("student", "teacher", "feature_distance", "guidance")  # guidance: a Guidance Training Guider
+    counts = {part: sum(k.startswith(part + ".") for k in state) for part in parts}
     if "teacher" in {n.split(".")[0] for n in own} and counts["teacher"] and "ema_updates" in own:
         state["ema_updates"] = torch.ones(
             (), dtype=torch.long

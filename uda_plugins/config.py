@@ -305,9 +305,16 @@ def add_uda_config(cfg: CN) -> None:
     _C.UDA.GUIDANCE.NUM_HEADS = 16
     _C.UDA.GUIDANCE.MLP_RATIO = 4.0
     _C.UDA.GUIDANCE.PATCH_SIZE = 4
-    # Reproduce the authors' in-place weight aliasing (HRDA: w = q (f_ctx + f_ctx f_det) / 2, and the MIC loss
-    # weighted by q f_ctx f_det instead of q). Off: w = q mean(f), MIC unchanged.
-    _C.UDA.GUIDANCE.REFERENCE_WEIGHT_ALIASING = False
+    # The guidance loss's pixel weights (and the MIC loss's after it), f = 1 - exp(-EXPONENT r): "mean" (our fix):
+    # w = q mean_views(f), MIC q; "as_released" (the released code's in-place aliasing; HRDA: w = q (f_ctx +
+    # f_ctx f_det) / 2, MIC q f_ctx f_det); "logged" (the older code of the published run, commented out in the
+    # release: w = MIC's = q f(r of the whole mixed image)). What is known of each: methods/guidance.py.
+    _C.UDA.GUIDANCE.WEIGHTING = "mean"
+    _C.register_renamed_key(
+        "UDA.GUIDANCE.REFERENCE_WEIGHT_ALIASING",
+        "UDA.GUIDANCE.WEIGHTING",
+        "True is WEIGHTING as_released, False is WEIGHTING mean",
+    )
 
     _C.UDA.QUADMIX = CN()
     # UDASS / QuadMix (uda_plugins/methods/quad_mix.py, ZHE-SAPI/UDASS ok/dacs_gta.py): from this iteration on,

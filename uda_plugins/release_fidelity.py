@@ -84,11 +84,12 @@ _DACS_FAMILY = (
         "MIC's lambda scales HRDA's fused term only; the fix: the whole MIC loss (equal at lambda 1)",
     ),
     Quirk(
-        "UDA.GUIDANCE.REFERENCE_WEIGHT_ALIASING",
-        True,
-        False,
-        "G1",
-        "Guidance Training's in-place aliasing of the pseudo-label weights; the fix: w = q mean(f)",
+        "UDA.GUIDANCE.WEIGHTING",
+        "as_released",
+        "mean",
+        "G2",
+        "Guidance Training's in-place aliasing of the pseudo-label weights (the released code; the logged run's "
+        "older code: WEIGHTING logged); the fix: w = q mean(f)",
     ),
 )
 

@@ -23,6 +23,27 @@ mmseg                                                                  here
 
 and the prefixes ``model.`` -> ``student.``, ``ema_model.`` -> ``teacher.``, ``imnet_model.backbone.`` ->
 ``feature_distance.encoder.model.``. Every converted tensor must have the shape of the parameter it fills.
+
+Guidance Training checkpoints (Wenlve-Zhou/Guidance-Training) add the student's Guider, which lands in
+``guidance.guider.*`` (:mod:`uda_plugins.methods.guidance`; the teacher's unused copy, ``ema_model.guider.*``, has
+no place here):
+
+==========================================================  ===================================================
+released code (``seg/mmseg/models/Guider.py``), ``guider.``  here, ``guidance.guider.``
+==========================================================  ===================================================
+``attn.mask_token`` / ``projector.mask_token``               ``aggregation_token`` / ``projector_token``
+``attn.patch_embed.proj.*`` (timm PatchEmbed)                ``patch_embed.*``
+``attn.blocks.<i>.*`` (timm Block)                           ``blocks.<i>.*``
+``attn.z1.*`` / ``projector.z2.*``                           ``z1.*`` / ``z2.*``
+``projector.decoder_norm.*`` / ``projector.decoder_pred.*``  ``decoder_norm.*`` / ``decoder_pred.*``
+``attn.pos_embed`` (fixed sin-cos, ``requires_grad=False``)  none: computed for the grid at hand (the same values)
+==========================================================  ===================================================
+
+The logged run's ``completor.attn.*`` (its module print, log:667-712, names ``patch_embed.proj``, ``blocks``,
+``decoder_norm``, ``decoder_pred``, ``conv1``, ``conv2``) maps the same way, ``conv1`` / ``conv2`` to ``z1`` / ``z2``
+by their numbers (HEAD's input conv is ``z1``, its output conv ``z2``); both are 1x1 C->C convs, so their shapes
+cannot confirm it. The Completor's own parameters (mask tokens, position embedding) are not in the print and their names
+are unknown, so they are reported among the unused keys and the tokens keep this model's values.
 """
 
 from __future__ import annotations
@@ -35,7 +56,7 @@ from torch import nn
 
 from .backbones.timm_backbone import _unwrap, convert_state_dict
 
-__all__ = ["convert_mmseg_checkpoint", "convert_head_key"]
+__all__ = ["convert_mmseg_checkpoint", "convert_head_key", "convert_guider_key"]
 
 _PREFIXES = (("model.", "student."), ("ema_model.", "teacher."), ("imnet_model.", "feature_distance.encoder."))
 
@@ -54,6 +75,48 @@ _HEAD_RULES = [
     (r"^conv_seg\.(weight|bias)$", lambda m: f"classifier.{m[1]}"),
     (r"^aspp_modules\.(\d+)\.conv\.(weight|bias)$", lambda m: f"aspp.{m[1]}.{m[2]}"),
 ]
+
+
+# The transformer's layers (patterns after "attn." / "projector."), named alike in the Guider and the Completor.
+_AGGREGATION_LAYERS = [
+    (r"(blocks\.\d+\..+)$", lambda m: m[1]),
+    (r"patch_embed\.proj\.(weight|bias)$", lambda m: f"patch_embed.{m[1]}"),
+]
+_PROJECTOR_LAYERS = [(r"(decoder_norm|decoder_pred)\.(weight|bias)$", lambda m: f"{m[1]}.{m[2]}")]
+_GUIDER_RULES = {
+    "guider.": [  # the released code: Guider.attn (Aggregation) and Guider.projector (Projector)
+        (r"attn\.mask_token$", lambda m: "aggregation_token"),
+        (r"projector\.mask_token$", lambda m: "projector_token"),
+        (r"attn\.z1\.(weight|bias)$", lambda m: f"z1.{m[1]}"),
+        (r"projector\.z2\.(weight|bias)$", lambda m: f"z2.{m[1]}"),
+    ]
+    + [(r"attn\." + p, r) for p, r in _AGGREGATION_LAYERS]
+    + [(r"projector\." + p, r) for p, r in _PROJECTOR_LAYERS],
+    "completor.": [  # the logged run: one Completor.attn holding every printed layer (log:667-712)
+        (r"attn\.conv1\.(weight|bias)$", lambda m: f"z1.{m[1]}"),
+        (r"attn\.conv2\.(weight|bias)$", lambda m: f"z2.{m[1]}"),
+    ]
+    + [(r"attn\." + p, r) for p, r in _AGGREGATION_LAYERS + _PROJECTOR_LAYERS],
+}
+
+
+def convert_guider_key(key: str) -> str:
+    """A Guidance Training segmentor key (``guider.*`` of the released code or ``completor.*`` of the logged run,
+    without the ``model.`` prefix) -> this project's key under the meta-architecture (``guidance.guider.*``), or ""
+    for keys with no counterpart (the fixed position embedding, the Completor's unprinted parameters)."""
+    for prefix, rules in _GUIDER_RULES.items():
+        if key.startswith(prefix):
+            for pattern, rename in rules:
+                m = re.match(pattern, key[len(prefix) :])
+                if m:
+                    return "guidance.guider." + rename(m)
+    return ""
+
+
+def _split_guider(group: Dict[str, torch.Tensor]) -> Tuple[Dict[str, torch.Tensor], Dict[str, torch.Tensor]]:
+    """(the segmentor's own keys, its Guider's) of one ``model.``-like group."""
+    guider = {k: v for k, v in group.items() if k.startswith(tuple(_GUIDER_RULES))}
+    return {k: v for k, v in group.items() if k not in guider}, guider
 
 
 def convert_head_key(key: str) -> str:
@@ -116,6 +179,13 @@ def convert_mmseg_checkpoint(checkpoint: dict, model: nn.Module) -> Tuple[Dict[s
         if network is None:  # e.g. a teacher or an ImageNet encoder this method does not have
             unused += [source + k for k in group]
             continue
+        group, guider = _split_guider(group)
+        for key, value in guider.items():  # only the student's Guider is ours; the teacher has none
+            ours = convert_guider_key(key) if target == "student." and getattr(model, "guidance", None) else ""
+            if ours:
+                converted[ours] = value
+            else:
+                unused.append(source + key)
         part, rest = _convert_segmentor(group, network, target)
         converted.update(part)
         unused += [source + k for k in rest]
