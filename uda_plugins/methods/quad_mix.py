@@ -58,11 +58,20 @@ from torch import nn
 
 from uda_plugins.d2 import META_ARCH_REGISTRY, CfgNode, get_event_storage
 from uda_plugins.data.build import DataRequirements
+from uda_plugins.modeling import stack_images
 from uda_plugins.utils.profiling import timed
 
 from .dacs import DACS
-from .quad_mix_masks import Labelled, paste_objects, quad_mix, source_quad_masks, target_quad_masks
+from .quad_mix_masks import (
+    Labelled,
+    paste_objects,
+    quad_mix,
+    released_paste_normalization,
+    source_quad_masks,
+    target_quad_masks,
+)
 from .self_training import SelfTrainingStep
+from .teacher import copy_parameter_values_
 
 __all__ = ["QuadMix", "BatchCache"]
 
@@ -72,6 +81,7 @@ logger = logging.getLogger(__name__)
 _CACHE_FIELDS = ("source_images", "source_labels", "target_images", "pseudo_labels", "confident", "pseudo_weight")
 # The quad images trained on per target image, in the order of the rare-object stream: T2SS, T2ST.
 _QUAD_IMAGES = ("ss", "st")
+PASTE_NORMALIZATIONS = ("model", "as_released")
 
 
 class BatchCache(nn.Module):
@@ -188,6 +198,15 @@ class QuadMix(DACS):
         self.loss_weight = quad.LOSS_WEIGHT
         self.paste_per_image = quad.PASTE_PER_IMAGE
         self.reference_quirks = quad.REFERENCE_QUIRKS
+        if quad.PASTE_NORMALIZATION not in PASTE_NORMALIZATIONS:
+            raise ValueError(
+                f"UDA.QUADMIX.PASTE_NORMALIZATION must be one of {PASTE_NORMALIZATIONS}, "
+                f"not '{quad.PASTE_NORMALIZATION}'"
+            )
+        self.paste_normalization = quad.PASTE_NORMALIZATION
+        if quad.RESET_TEACHER and quad.RESET_TEACHER_ITER < 0:
+            raise ValueError(f"UDA.QUADMIX.RESET_TEACHER_ITER must be >= 0, not {quad.RESET_TEACHER_ITER}")
+        self.reset_teacher_iter = quad.RESET_TEACHER_ITER if quad.RESET_TEACHER else None
         self.previous = BatchCache(_CACHE_FIELDS, slots=cfg.SOLVER.GRAD_ACCUMULATION_STEPS)
         self._slot = 0  # this forward's micro-batch in the step
 
@@ -227,6 +246,28 @@ class QuadMix(DACS):
                 confident=step.confidence >= self.confidence,
                 pseudo_weight=step.pseudo_weight,
             )
+
+    # ---------------------------------------------------------------------------------------------- teacher
+    @torch.no_grad()
+    def update_teacher(self) -> None:
+        """The EMA update after each step; with ``UDA.QUADMIX.RESET_TEACHER``, after the step before
+        ``RESET_TEACHER_ITER`` the teacher's parameters become the student's instead (counted as an update).
+
+        The release (ZHE-SAPI/UDASS ``ok/dacs_gta.py:511-515``) runs, before the forward of iteration ``it``,
+        ``_init_ema_weights()`` at ``it == local_iter`` (its hard-coded resume iteration, ``:259``) and
+        ``_update_ema(it)`` after it, alpha = min(1 - 1/(it + 1), 0.999). Here the update after step ``t`` is the one
+        the release makes before iteration ``t + 1``; its count is ``t + 1`` for a run from iteration 0, so the
+        reset's next update has the release's alpha, and the reset itself depends only on the iteration and the
+        checkpointed weights, so ``--resume`` across it is exact."""
+        if self.reset_teacher_iter is not None and get_event_storage().iter == self.reset_teacher_iter - 1:
+            self.count_teacher_update()
+            copy_parameter_values_(self.teacher, self.student)
+            logger.info(
+                f"QuadMix: the teacher's parameters are the student's from iteration {self.reset_teacher_iter} on "
+                "(UDA.QUADMIX.RESET_TEACHER)"
+            )
+            return
+        super().update_teacher()
 
     # -------------------------------------------------------------------------------------------- phase B
     @staticmethod
@@ -298,21 +339,45 @@ class QuadMix(DACS):
         self, batch: Dict[str, list], n: int, size: Tuple[int, int]
     ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The loader's rare source objects as (n, 2, P, 3, H, W) images, (n, 2, P, H, W) labels and (n, 2, P)
-        classes: P = ``PASTE_PER_IMAGE`` per quad image (T2SS, T2ST) per target image."""
+        classes: P = ``PASTE_PER_IMAGE`` per quad image (T2SS, T2ST) per target image. The loader serves them in P
+        blocks of 2n, block p holding object p of every quad image (``"paste_slot"``,
+        :class:`~uda_plugins.data.build.SourcePasteStream`)."""
         dicts = batch.get("source_paste")
-        expected = n * len(_QUAD_IMAGES) * self.paste_per_image
+        per_slot = n * len(_QUAD_IMAGES)
+        expected = per_slot * self.paste_per_image
         if not dicts or len(dicts) != expected:
             raise ValueError(
                 f"QuadMix pastes {expected} rare source objects per step from batch['source_paste'], which holds "
                 f"{len(dicts or [])}: train with the loader of QuadMix's data_requirements, or set "
                 "UDA.QUADMIX.PASTE_PER_IMAGE 0"
             )
-        images, labels = self.images_and_labels(dicts)
+        slots = [d.get("paste_slot") for d in dicts]
+        if slots != [p for p in range(self.paste_per_image) for _ in range(per_slot)]:
+            raise ValueError(
+                f"batch['source_paste'] must hold {self.paste_per_image} blocks of {per_slot} objects in the order of "
+                f"their 'paste_slot' (the loader of QuadMix's data_requirements serves them so), not {slots}"
+            )
+        images, labels = self.paste_images(dicts), torch.stack([d["sem_seg"] for d in dicts]).to(self.device)
         if tuple(images.shape[-2:]) != tuple(size):
             raise ValueError(
                 f"The rare source objects are {tuple(images.shape[-2:])} crops, the quad images {tuple(size)}: "
-                "set INPUT.SOURCE.CROP_SIZE and INPUT.TARGET.CROP_SIZE alike"
+                "set INPUT.SOURCE.CROP_SIZE and INPUT.TARGET.CROP_SIZE alike (drawn as released without a crop, the "
+                "objects are UDA.QUADMIX.RARE_RESIZE)"
             )
         classes = torch.tensor([d["rcs_class"] for d in dicts], device=labels.device)
-        shape = (n, len(_QUAD_IMAGES), self.paste_per_image)
-        return images.view(*shape, *images.shape[1:]), labels.view(*shape, *labels.shape[1:]), classes.view(shape)
+        shape = (self.paste_per_image, n, len(_QUAD_IMAGES))
+
+        def per_quad_image(t: torch.Tensor) -> torch.Tensor:
+            return t.reshape(*shape, *t.shape[1:]).movedim(0, 2)
+
+        return per_quad_image(images), per_quad_image(labels), per_quad_image(classes)
+
+    def paste_images(self, dicts: list) -> torch.Tensor:
+        """The objects' images in the network's input space: normalised as every image (``PASTE_NORMALIZATION
+        model``) or as the release's ``rand_mixer`` (``as_released``, :func:`released_paste_normalization`)."""
+        rgb = stack_images(dicts, self.device)
+        if self.paste_normalization == "model":
+            return self.student.normalize(rgb)
+        released = released_paste_normalization(rgb)
+        # The release's network reads RGB; a BGR network gets each value in the channel of the same colour.
+        return released.flip(1) if self.student.input_bgr else released
