@@ -453,7 +453,7 @@ def build_source_paste_stream(cfg: CfgNode, seed: int) -> Optional[DomainStream]
             "QuadMix rare-class pasting as released: %d of the list %s per iteration, shared by every quad image; "
             "objects stretched to %s, cropped to %s, a new image until the crop has > %s pixels of the class",
             quad.PASTE_PER_IMAGE,
-            list(shared.entries),
+            shared.entries.tolist(),
             tuple(rule.resize),
             tuple(rule.crop_size),
             quad.RARE_MIN_PIXELS,

@@ -51,7 +51,8 @@ configs set every switch below to the release (``UDA.RELEASE_FIDELITY fixed`` tu
   of the class that could give a passing crop, which is the release's draw if the file lists every image holding
   the class. Default: each object draws its class (P(c) by multiplicity in the list, the same marginal), passes the
   source pipeline (GTA5 fitted to 2560x1440, flip 0.5, cat_max_ratio 0.75: objects about 1.25x wider and 1.37x
-  taller, SYNTHIA 1.25x and 1.48x, half flipped) and re-draws its crop at most ``DATALOADER.RCS.CROP_REDRAWS`` times on the same image.
+  taller, SYNTHIA 1.25x and 1.48x, half flipped) and re-draws its crop at most ``DATALOADER.RCS.CROP_REDRAWS`` times
+  on the same image.
 * Q5 (kept): any batch size (the reference indexes images 0 and 1): one quad image per target image, source images
   paired ``i mod N_s`` as in DACS; identical at 2 + 2; with N_t > N_s the quad images sharing a source share its mask.
 * Q6 (kept): a previous source label with fewer than ``CLASSES_PER_MASK`` classes gives fewer (the reference's
