@@ -272,9 +272,21 @@ def _quad_overrides(tmp_path, **extra):
 def test_quadmix_trains_across_the_switch_and_resumes_exactly_in_phase_b(tmp_path):
     from test_train_net import _event_tags
 
-    extra = _quad_overrides(tmp_path, **{"SOLVER.MAX_ITER": 7, "SOLVER.CHECKPOINT_PERIOD": 3, "VIS_PERIOD": 1})
+    # With the teacher reset of the release (Q2) before iteration 4: the resumed run below crosses it.
+    extra = _quad_overrides(
+        tmp_path,
+        **{
+            "SOLVER.MAX_ITER": 7,
+            "SOLVER.CHECKPOINT_PERIOD": 3,
+            "VIS_PERIOD": 1,
+            "UDA.QUADMIX.RESET_TEACHER": True,
+            "UDA.QUADMIX.RESET_TEACHER_ITER": 4,
+        },
+    )
     full = str(tmp_path / "full")
     _run(full, extra)
+    with open(os.path.join(full, "log.txt")) as f:
+        assert "the teacher's parameters are the student's from iteration 4 on" in f.read()
     records = [r for r in read_metrics_log(os.path.join(full, "metrics.json")) if "total_loss" in r]
     assert [r["iteration"] for r in records if "loss_mix" in r] == [0, 1]
     assert [r["iteration"] for r in records if "loss_quad_ss" in r and "loss_quad_st" in r] == list(range(2, 7))
@@ -283,7 +295,8 @@ def test_quadmix_trains_across_the_switch_and_resumes_exactly_in_phase_b(tmp_pat
     assert {"quad/s2s_s2t_sourcemask_targetmask", "mix/input_mask_label_weight_pred"} <= images
 
     # SIGKILLed after iteration 4: resumed from the checkpoint of iteration 2, the first of phase B, whose cache
-    # holds iteration 2's batch; the final weights (and cache) equal the uninterrupted run's, bit for bit.
+    # holds iteration 2's batch, and before the teacher reset; the final weights (teacher and cache included) equal
+    # the uninterrupted run's, bit for bit.
     resumed = str(tmp_path / "resumed")
     args = ["--config-file", CONFIG] + tiny_overrides(resumed, **extra)
     killed = subprocess.run([sys.executable, KILLER, "4", *args], capture_output=True, text=True)

@@ -334,7 +334,8 @@ def add_uda_config(cfg: CN) -> None:
     _C.UDA.QUADMIX.RARE_CLASSES = (3, 4, 5, 6, 12, 15, 16, 17, 18)
     # A pasted object comes from a source image with more than this many pixels of its class (label file at its
     # stored resolution), whose crop is re-drawn (DATALOADER.RCS.CROP_REDRAWS times at most) until it holds more
-    # than this many (reference: 50 GTA5 / 10 SYNTHIA on 1024x1024 crops).
+    # than this many (reference: 50 GTA5 / 10 SYNTHIA on 1024x1024 crops; RARE_OBJECTS_AS_RELEASED: a new image
+    # until the crop holds more).
     _C.UDA.QUADMIX.RARE_MIN_PIXELS = 50
     # Rare objects pasted on each T2SS and each T2ST image (reference 2); 0 disables pasting and its loader
     # stream.
@@ -343,6 +344,25 @@ def add_uda_config(cfg: CN) -> None:
     # class; the target mask excludes the source mask's positions in unique(label) instead of its class ids; pasted
     # rare objects keep the pixel weight beneath them instead of 1. False: all three fixed.
     _C.UDA.QUADMIX.REFERENCE_QUIRKS = False
+    # How the pasted rare objects are normalised (Q1): "model", as every other image (MODEL.PIXEL_MEAN/PIXEL_STD), or
+    # "as_released", UDASS's rand_mixer (ok/dacs_gta.py:226-228): the RGB object in BGR order minus the RGB-order
+    # means, divided by 255; low-contrast, channel-swapped objects that the colour jitter then denormalises with the
+    # model's mean and std, as the rest of the image.
+    _C.UDA.QUADMIX.PASTE_NORMALIZATION = "model"
+    # Draw the rare objects as released (Q4, rand_mixer and ok/dacs_gta.py:695-698): PASTE_PER_IMAGE distinct entries
+    # of RARE_CLASSES per iteration, shared by every quad image (object p of each has the p-th class); each object
+    # from a source image holding its class drawn uniformly, stretched to RARE_RESIZE whatever its aspect ratio (PIL
+    # bilinear / nearest), a random crop of INPUT.SOURCE.CROP_SIZE, no flip, and a new image drawn until the crop
+    # holds more than RARE_MIN_PIXELS of the class. False: each object draws its class and passes the source pipeline.
+    _C.UDA.QUADMIX.RARE_OBJECTS_AS_RELEASED = False
+    # (h, w) the rare objects are stretched to when drawn as released (the reference: 1024 x 2048 for both sources).
+    _C.UDA.QUADMIX.RARE_RESIZE = (1024, 2048)
+    # Copy the student's parameters into the teacher so that the step of iteration RESET_TEACHER_ITER sees teacher =
+    # student, then average on (Q2): the authors resume a MIC checkpoint and re-initialise the EMA teacher at the
+    # iteration they hard-code (ok/dacs_gta.py:259, 511-515: 4000 ViT-GTA, 3000 ViT-SYNTHIA, 6000 CNN), the following
+    # updates at alpha = min(1 - 1/(it+1), UDA.TEACHER.ALPHA). False: the teacher carries on.
+    _C.UDA.QUADMIX.RESET_TEACHER = False
+    _C.UDA.QUADMIX.RESET_TEACHER_ITER = 4000
 
     _C.UDA.MCL = CN()
     # MCL (uda_plugins/methods/mcl.py, feifei-cv/MCL@b91c947): one head per DATASETS.TARGET_TRAIN entry on a shared

@@ -101,9 +101,33 @@ QUIRKS: Dict[str, Tuple[Quirk, ...]] = {
             "UDA.QUADMIX.REFERENCE_QUIRKS",
             True,
             False,
-            "Q",
+            "Q3",
             "the source mask may choose the ignore label, the target mask's exclusion by position, pasted objects "
             "keep the weight beneath; the fix: all three",
+        ),
+        Quirk(
+            "UDA.QUADMIX.PASTE_NORMALIZATION",
+            "as_released",
+            "model",
+            "Q1",
+            "pasted rare objects in BGR order minus the RGB-order means, / 255; the fix: normalised as every image",
+        ),
+        Quirk(
+            "UDA.QUADMIX.RESET_TEACHER",
+            True,
+            False,
+            "Q2",
+            "the teacher re-initialised from the student at the authors' resume iteration (RESET_TEACHER_ITER); the "
+            "fix: it carries on",
+        ),
+        Quirk(
+            "UDA.QUADMIX.RARE_OBJECTS_AS_RELEASED",
+            True,
+            False,
+            "Q4",
+            "rare objects of 2 list entries per iteration shared by every quad image, stretched to RARE_RESIZE, "
+            "cropped, not flipped, a new image until the crop holds the class; the fix: each object's own class, the "
+            "source pipeline",
         ),
     ),
     "DUDA": (

@@ -34,8 +34,14 @@ from uda_plugins.d2 import CfgNode, DatasetCatalog, MetadataCatalog, comm
 from .class_stats import ensure_class_stats
 from .image_lists import read_image_list
 from .mapper import UDADatasetMapper
-from .samplers import EpochPermutationSampler, InferenceSampler, RareClassSampler, rank_positions
-from .transforms import Geometry
+from .samplers import (
+    EpochPermutationSampler,
+    InferenceSampler,
+    RareClassSampler,
+    SharedClassObjectSampler,
+    rank_positions,
+)
+from .transforms import Geometry, GeometryRule
 
 __all__ = [
     "DataRequirements",
@@ -48,6 +54,8 @@ __all__ = [
     "build_full_view_loader",
     "build_rare_class_sampler",
     "build_source_paste_stream",
+    "released_object_rule",
+    "SourcePasteStream",
     "source_class_pixels",
     "get_dataset_dicts",
 ]
@@ -57,6 +65,7 @@ logger = logging.getLogger(__name__)
 # Salts that keep the augmentation RNG streams of the domains apart.
 _SOURCE_SALT = 1
 _SOURCE_PASTE_SALT = 50
+_SOURCE_PASTE_CLASS_SALT = 51  # the per-iteration class draw of QuadMix's rare objects as released
 _TARGET_SALT = 100
 
 # QuadMix pastes rare objects into two images per target image (T2SS and T2ST).
@@ -200,6 +209,54 @@ class DomainStream:
                 sample["pseudo_label"], sample["pseudo_label_version"] = torch.from_numpy(label), version
             out.append(sample)
         return out
+
+
+class SourcePasteStream(DomainStream):
+    """QuadMix's rare source objects (:func:`build_source_paste_stream`). An iteration's global batch is ``slots``
+    blocks of equal size, one per object of a quad image: the sample at offset ``o`` of the batch is object
+    ``o // (global_batch / slots)`` of its quad image, recorded as ``"paste_slot"``. Every rank's and micro-batch's
+    share then holds the blocks in order, each of the same size (their strided shares of a block of
+    ``2 * IMS_PER_BATCH_TARGET`` samples), which is how :meth:`~uda_plugins.methods.quad_mix.QuadMix.rare_objects`
+    reads them.
+
+    With ``shared`` (UDA.QUADMIX.RARE_OBJECTS_AS_RELEASED) the classes of the blocks are one draw of the iteration
+    (from an RNG seeded by it) and each sample draws its image and crop with :meth:`SharedClassObjectSampler.draw`;
+    otherwise each sample draws its class with the stream's :class:`RareClassSampler`."""
+
+    def __init__(self, *args, slots: int, shared: Optional[SharedClassObjectSampler] = None, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        if slots < 1 or self.global_batch % slots:
+            raise ValueError(f"A rare-object batch of {self.global_batch} cannot hold {slots} objects per quad image")
+        if shared is not None and shared.num_images != len(self.dataset):
+            raise ValueError(f"Rare-object statistics of {shared.num_images} images, the stream {len(self.dataset)}")
+        self.slots = int(slots)
+        self.shared = shared
+
+    def slot(self, position: int) -> int:
+        return (position % self.global_batch) // (self.global_batch // self.slots)
+
+    def batch(self, iteration: int, rank: int, world_size: int) -> List[dict]:
+        if iteration < self.first_iteration:
+            return []
+        positions = rank_positions(iteration, self.global_batch, rank, world_size)
+        if self.shared is None:
+            out = super().batch(iteration, rank, world_size)
+        else:
+            classes = self.shared.iteration_classes(
+                np.random.default_rng([self.seed, _SOURCE_PASTE_CLASS_SALT, iteration])
+            )
+            out = [self._released_object(p, classes[self.slot(p)]) for p in positions]
+        for sample, position in zip(out, positions):
+            sample["paste_slot"] = self.slot(position)
+        return out
+
+    def _released_object(self, position: int, class_id: int) -> dict:
+        rng = np.random.default_rng([self.seed, self.salt, position])
+        index, geometry = self.shared.draw(rng, class_id, lambda i: self.mapper.read_label(self.dataset[i]))
+        sample = self.mapper(self.dataset[index], rng=rng, geometry=geometry)
+        sample["rcs_class"] = class_id
+        sample["dataset_index"] = index
+        return sample
 
 
 class UDABatchDataset(IterableDataset):
@@ -359,41 +416,95 @@ def build_source_paste_stream(cfg: CfgNode, seed: int) -> Optional[DomainStream]
     """UDASS's rare-class objects as a loader stream (None when ``UDA.QUADMIX.PASTE_PER_IMAGE`` is 0).
 
     The reference (ZHE-SAPI/UDASS ``image_udass/seg/mmseg/models/uda/ok/dacs_gta.py``, ``rand_mixer``) reads, inside
-    the training step, a random source image holding a class drawn from a fixed list, re-cropping until the crop has
-    more than 50 pixels of it. Here the loader serves those samples: ``PASTE_PER_IMAGE`` per quad image (T2SS and
-    T2ST) per target image, i.e. a global batch of ``IMS_PER_BATCH_TARGET * 2 * PASTE_PER_IMAGE``. Each sample draws
-    its class with P(c) proportional to its multiplicity in ``RARE_CLASSES`` and then an image with more than
-    ``RARE_MIN_PIXELS`` pixels of it (:class:`RareClassSampler`, from the cached source class statistics); it goes
-    through the source mapper (``INPUT.SOURCE`` geometry) with its crop re-drawn up to
-    ``DATALOADER.RCS.CROP_REDRAWS`` times until it holds more than ``RARE_MIN_PIXELS`` pixels of the class, and
-    carries the class as ``"rcs_class"``. Its own salt keeps it a function of (seed, position), so ``--resume``
-    continues it exactly. It is empty before ``UDA.QUADMIX.START_ITER``, where nothing is pasted.
+    the training step, a random source image holding a class drawn from a fixed list, drawing new images until the
+    crop has more than 50 pixels of it. Here the loader serves those samples (:class:`SourcePasteStream`):
+    ``PASTE_PER_IMAGE`` per quad image (T2SS and T2ST) per target image, i.e. a global batch of
+    ``IMS_PER_BATCH_TARGET * 2 * PASTE_PER_IMAGE``, each carrying its class as ``"rcs_class"``. By default each
+    sample draws its class with P(c) proportional to its multiplicity in ``RARE_CLASSES`` and then an image with more
+    than ``RARE_MIN_PIXELS`` pixels of it (:class:`RareClassSampler`, from the cached source class statistics); it
+    goes through the source mapper (``INPUT.SOURCE`` geometry) with its crop re-drawn up to
+    ``DATALOADER.RCS.CROP_REDRAWS`` times until it holds more than ``RARE_MIN_PIXELS`` pixels of the class. With
+    ``RARE_OBJECTS_AS_RELEASED`` the draws are the release's (:class:`SharedClassObjectSampler`, geometry
+    :func:`released_object_rule`). Its own salts keep it a function of (seed, position), so ``--resume`` continues it
+    exactly. It is empty before ``UDA.QUADMIX.START_ITER``, where nothing is pasted.
     """
     quad = cfg.UDA.QUADMIX
     if quad.PASTE_PER_IMAGE <= 0:
         return None
     names = _source_names(cfg)
     dicts_per_name = [get_dataset_dicts([name]) for name in names]
+    dicts = [d for per_name in dicts_per_name for d in per_name]
     pixels, class_names = source_class_pixels(cfg, names, dicts_per_name)
-    sampler = RareClassSampler(
-        pixels, cfg.DATALOADER.RCS.TEMPERATURE, quad.RARE_MIN_PIXELS, class_names, class_list=quad.RARE_CLASSES
-    )
-    logger.info(
-        "QuadMix rare-class pasting: %d objects per quad image, classes (> %s pixels per image and crop)\n%s",
-        quad.PASTE_PER_IMAGE,
-        quad.RARE_MIN_PIXELS,
-        sampler.describe(),
-    )
-    mapper = UDADatasetMapper.from_config(cfg, "source", load_label=True, class_crop_pixels=quad.RARE_MIN_PIXELS)
-    return DomainStream(
+    sampler, shared = None, None
+    if quad.RARE_OBJECTS_AS_RELEASED:
+        rule = released_object_rule(cfg)
+        sizes = [(d.get("height"), d.get("width")) for d in dicts]
+        shared = SharedClassObjectSampler(
+            pixels, sizes, quad.RARE_CLASSES, quad.PASTE_PER_IMAGE, rule, quad.RARE_MIN_PIXELS, class_names
+        )
+        mapper = UDADatasetMapper(
+            is_train=True,
+            rule=rule,
+            num_classes=cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES,
+            load_label=True,
+            ignore_label=cfg.MODEL.SEM_SEG_HEAD.IGNORE_VALUE,
+        )
+        logger.info(
+            "QuadMix rare-class pasting as released: %d of the list %s per iteration, shared by every quad image; "
+            "objects stretched to %s, cropped to %s, a new image until the crop has > %s pixels of the class",
+            quad.PASTE_PER_IMAGE,
+            shared.entries.tolist(),
+            tuple(rule.resize),
+            tuple(rule.crop_size),
+            quad.RARE_MIN_PIXELS,
+        )
+    else:
+        sampler = RareClassSampler(
+            pixels, cfg.DATALOADER.RCS.TEMPERATURE, quad.RARE_MIN_PIXELS, class_names, class_list=quad.RARE_CLASSES
+        )
+        logger.info(
+            "QuadMix rare-class pasting: %d objects per quad image, classes (> %s pixels per image and crop)\n%s",
+            quad.PASTE_PER_IMAGE,
+            quad.RARE_MIN_PIXELS,
+            sampler.describe(),
+        )
+        mapper = UDADatasetMapper.from_config(cfg, "source", load_label=True, class_crop_pixels=quad.RARE_MIN_PIXELS)
+    return SourcePasteStream(
         "source_paste",
-        [d for dicts in dicts_per_name for d in dicts],
+        dicts,
         mapper,
         cfg.SOLVER.IMS_PER_BATCH_TARGET * _QUAD_IMAGES_PER_TARGET * quad.PASTE_PER_IMAGE,
         seed,
         _SOURCE_PASTE_SALT,
         rare_class_sampler=sampler,
         first_iteration=quad.START_ITER,
+        slots=quad.PASTE_PER_IMAGE,
+        shared=shared,
+    )
+
+
+def released_object_rule(cfg: CfgNode) -> GeometryRule:
+    """The geometry of a rare object as released (rand_mixer, ``ok/dacs_gta.py:167-171, 199-208``; the same in
+    ``dacs_syn.py``): PIL's ``resize`` to ``UDA.QUADMIX.RARE_RESIZE`` whatever the aspect ratio (BILINEAR for the
+    image, NEAREST for the label), then ``RandomCrop_gta``, a uniform crop of ``INPUT.SOURCE.CROP_SIZE`` (1024x1024 in
+    the release, the size of its training crops) inside it, without flip or category-ratio rule."""
+    resize = tuple(int(v) for v in cfg.UDA.QUADMIX.RARE_RESIZE)
+    crop = tuple(int(v) for v in cfg.INPUT.SOURCE.CROP_SIZE)
+    if len(resize) != 2 or min(resize) <= 0:
+        raise ValueError(f"UDA.QUADMIX.RARE_RESIZE must be (h, w) > 0, not {list(resize)}")
+    if crop[0] > resize[0] or crop[1] > resize[1]:
+        raise ValueError(
+            f"INPUT.SOURCE.CROP_SIZE {list(crop)} is larger than UDA.QUADMIX.RARE_RESIZE {list(resize)}: the rare "
+            "objects as released are crops of the stretched image"
+        )
+    return GeometryRule(
+        resize=resize,
+        resize_mode="exact",
+        crop_size=crop,
+        crop_pad="none",
+        interpolation="pil_bilinear",
+        flip_prob=0.0,
+        key="UDA.QUADMIX (RARE_OBJECTS_AS_RELEASED)",
     )
 
 

@@ -141,30 +141,49 @@ class UDADatasetMapper:
             )
         label = None
         if load_label:
-            label_file = dataset_dict.get("sem_seg_file_name")
-            if label_file is None:
-                raise KeyError(f"Image '{file_name}' has no label ('sem_seg_file_name') but labels were requested")
-            label = read_label(label_file)
-            if dataset_dict.get("label_map"):  # a dataset variant that re-maps the prepared labels
-                label = apply_lut(label, LABEL_MAPS[dataset_dict["label_map"]], label_file)
+            label = self.read_label(dataset_dict)
             if label.shape != image.shape[:2]:
                 raise ValueError(
-                    f"Label '{label_file}' is {label.shape[0]}x{label.shape[1]} but its image '{file_name}' is "
-                    f"{image.shape[0]}x{image.shape[1]}"
+                    f"Label '{dataset_dict['sem_seg_file_name']}' is {label.shape[0]}x{label.shape[1]} but its image "
+                    f"'{file_name}' is {image.shape[0]}x{image.shape[1]}"
                 )
-            check_label_values(label, self.num_classes, label_file, self.ignore_label)
         return image, label
 
+    def read_label(self, dataset_dict: dict) -> np.ndarray:
+        """The label of ``dataset_dict`` at its stored resolution, re-mapped and checked (without reading the image:
+        a sampler that rejects draws by their label reads only that)."""
+        label_file = dataset_dict.get("sem_seg_file_name")
+        if label_file is None:
+            raise KeyError(
+                f"Image '{dataset_dict['file_name']}' has no label ('sem_seg_file_name') but labels were requested"
+            )
+        label = read_label(label_file)
+        if dataset_dict.get("label_map"):  # a dataset variant that re-maps the prepared labels
+            label = apply_lut(label, LABEL_MAPS[dataset_dict["label_map"]], label_file)
+        check_label_values(label, self.num_classes, label_file, self.ignore_label)
+        return label
+
     def __call__(
-        self, dataset_dict: dict, rng: Optional[np.random.Generator] = None, required_class: Optional[int] = None
+        self,
+        dataset_dict: dict,
+        rng: Optional[np.random.Generator] = None,
+        required_class: Optional[int] = None,
+        geometry: Optional[Geometry] = None,
     ) -> dict:
         """``rng`` draws the training geometry; the UDA loader passes one seeded by the sample's position, so a
         sample is the same whatever the number of workers or processes, and after a resume. ``required_class``:
         the class rare-class sampling drew this file for; the crop is re-drawn until it holds enough of it (the
-        label is read for that even when labels are not returned)."""
+        label is read for that even when labels are not returned). ``geometry``: a training geometry drawn before
+        (by a sampler that looked at the label), applied instead of a draw."""
         class_crop = self.is_train and required_class is not None and self.class_crop_pixels > 0
         image, label = self._read(dataset_dict, self.load_label or class_crop)
-        if self.is_train:
+        if self.is_train and geometry is not None:
+            if tuple(geometry.orig_size) != tuple(image.shape[:2]):
+                raise ValueError(
+                    f"A geometry of a {geometry.orig_size[0]}x{geometry.orig_size[1]} image for "
+                    f"'{dataset_dict['file_name']}', which is {image.shape[0]}x{image.shape[1]}"
+                )
+        elif self.is_train:
             rng = rng if rng is not None else np.random.default_rng()
             geometry = self.rule.sample(
                 rng,
@@ -175,6 +194,7 @@ class UDADatasetMapper:
                 required_pixels=self.class_crop_pixels,
                 max_redraws=self.class_crop_redraws,
             )
+        if self.is_train:
             if self.full_view:
                 full_image = resize_image(image, self.rule.base_size(image.shape[:2]), self.rule.interpolation)
             image = apply_geometry(

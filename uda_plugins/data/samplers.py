@@ -10,21 +10,25 @@ epoch, seeded by (seed, epoch)), and the augmentation RNG of a sample is seeded 
 
 :class:`RareClassSampler` replaces the permutation for a source stream with DAFormer's rare-class sampling (or, for
 UDASS's rare-class pasting, with an explicit class list); it draws from the sample's own position-seeded RNG, so it
-keeps all of the above.
+keeps all of the above. :class:`SharedClassObjectSampler` is UDASS's pasting as released: classes drawn once per
+iteration (from an RNG seeded by the iteration) and shared, then per sample an image and a crop from its own RNG.
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Iterator, List, Optional, Sequence, Tuple
+from typing import Callable, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
+
+from .transforms import Geometry, GeometryRule, class_pixels_in_crop
 
 __all__ = [
     "EpochPermutationSampler",
     "InferenceSampler",
     "RareClassSampler",
+    "SharedClassObjectSampler",
     "rcs_class_probs",
     "listed_class_probs",
     "rank_positions",
@@ -165,6 +169,113 @@ class RareClassSampler:
         return "\n".join(
             f"  {self.class_names[c]:<16s} P={self.class_probs[c]:.4f}  images={len(self._images[c])}"
             for c in self.classes
+        )
+
+
+# UDASS's rand_mixer draws images until a crop holds its class, without end; a bound turns a class that no crop can
+# hold into an error instead of a hang (the eligible images hold enough pixels for some crop, so it is never reached
+# on real data unless almost every crop misses).
+RELEASED_OBJECT_MAX_DRAWS = 1000
+
+
+class SharedClassObjectSampler:
+    """UDASS's rare objects as released (ZHE-SAPI/UDASS ``image_udass/seg/mmseg/models/uda/ok/dacs_gta.py``:
+    ``rand_mixer.mix`` :192-230 and the phase-B step :695-698; ``dacs_syn.py`` :205-260, :734-738 with SYNTHIA's
+    list and threshold):
+
+    * per iteration, ``random.sample(class_list, slots)``: ``slots`` distinct *entries* of the list in order (a class
+      listed twice can be drawn twice), shared by every quad image: object ``p`` of each has the ``p``-th class
+      (:meth:`iteration_classes`);
+    * per object, an image drawn uniformly from those holding the class (the release's ``*_ids2path.json``), the
+      geometry ``rule`` (the release: stretched to 2048x1024, a random 1024x1024 crop, no flip), and a *new* image
+      drawn until the crop holds more than ``min_pixels`` pixels of the class (:meth:`draw`).
+
+    An image whose label holds too few pixels of a class for any crop to pass is left out of that class's draw: with
+    nearest resampling a stored pixel becomes at most ceil(RH/h) x ceil(RW/w) pixels of the (RH, RW) resized label,
+    so the release would always reject it, and leaving it out changes no accepted draw (it only saves reading it). A
+    listed class no image can give is dropped from the list with a warning (the release would loop for ever).
+
+    Args:
+        pixels: (num_images, num_classes) class pixel counts of the labels at their stored resolution.
+        sizes: the stored (h, w) of each image, or None where unknown (then every image with a pixel is eligible).
+        class_list: ``UDA.QUADMIX.RARE_CLASSES``; slots: ``PASTE_PER_IMAGE``.
+        rule: the geometry of an object; min_pixels: ``RARE_MIN_PIXELS``.
+    """
+
+    def __init__(
+        self,
+        pixels: np.ndarray,
+        sizes: Sequence[Optional[Tuple[int, int]]],
+        class_list: Sequence[int],
+        slots: int,
+        rule: GeometryRule,
+        min_pixels: float,
+        class_names: Optional[Sequence[str]] = None,
+    ) -> None:
+        pixels = np.asarray(pixels)
+        if pixels.ndim != 2 or pixels.shape[0] != len(sizes):
+            raise ValueError(f"Pixel counts {pixels.shape} for {len(sizes)} image sizes")
+        num_classes = pixels.shape[1]
+        names = list(class_names) if class_names else [str(c) for c in range(num_classes)]
+        listed_class_probs(class_list, num_classes)  # checks the ids
+        growth = np.array([self._growth(rule, size) for size in sizes], dtype=np.float64)
+        self._images = {}
+        for c in sorted(set(int(c) for c in class_list)):
+            counts = pixels[:, c].astype(np.float64)
+            self._images[c] = np.flatnonzero((counts > 0) & (counts * growth > min_pixels))
+        dropped = sorted(c for c, images in self._images.items() if len(images) == 0)
+        if dropped:
+            logger.warning(
+                "QuadMix rare objects as released: no source image can give a crop with more than %s pixels of %s; "
+                "these classes are dropped from the list",
+                min_pixels,
+                ", ".join(names[c] for c in dropped),
+            )
+        self.entries = np.array([int(c) for c in class_list if int(c) not in dropped], dtype=np.int64)
+        if slots < 1 or len(self.entries) < slots:
+            raise ValueError(
+                f"QuadMix rare objects as released draw {slots} distinct entries of UDA.QUADMIX.RARE_CLASSES per "
+                f"iteration, and {len(self.entries)} entries can be drawn (UDA.QUADMIX.PASTE_PER_IMAGE)"
+            )
+        self.slots = int(slots)
+        self.rule = rule
+        self.min_pixels = float(min_pixels)
+        self.num_images = pixels.shape[0]
+
+    @staticmethod
+    def _growth(rule: GeometryRule, size: Optional[Tuple[int, int]]) -> float:
+        """The most pixels of the resized label one stored pixel can become (nearest resampling)."""
+        if not size or not size[0] or not size[1]:
+            return float("inf")
+        rh, rw = rule.scaled_size(size, rule.ratio_range[1])
+        return float(np.ceil(rh / size[0]) * np.ceil(rw / size[1]))
+
+    def images_with_class(self, class_id: int) -> np.ndarray:
+        """The dataset indices an object of ``class_id`` is drawn from."""
+        return self._images[class_id]
+
+    def iteration_classes(self, rng: np.random.Generator) -> List[int]:
+        """The classes of the objects 0, 1, ... of every quad image of an iteration (``rng``: seeded by it):
+        ``random.sample(class_list, slots)``, each ordered choice of distinct entries equally likely."""
+        picks = rng.choice(len(self.entries), size=self.slots, replace=False)
+        return [int(self.entries[i]) for i in picks]
+
+    def draw(
+        self, rng: np.random.Generator, class_id: int, read_label: Callable[[int], np.ndarray]
+    ) -> Tuple[int, Geometry]:
+        """(dataset index, geometry) of one object of ``class_id``: an image uniformly, a geometry of ``rule``, again
+        with a new image until the crop holds more than ``min_pixels`` pixels of the class (``read_label(index)``:
+        the image's label at its stored resolution; ``rng``: the sample's position-seeded generator)."""
+        images = self._images[class_id]
+        for _ in range(RELEASED_OBJECT_MAX_DRAWS):
+            index = int(images[rng.integers(len(images))])
+            label = read_label(index)
+            geometry = self.rule.sample(rng, label.shape[:2])
+            if class_pixels_in_crop(label, geometry, class_id, self.rule.interpolation) > self.min_pixels:
+                return index, geometry
+        raise RuntimeError(
+            f"QuadMix rare objects as released: {RELEASED_OBJECT_MAX_DRAWS} crops of images holding class {class_id} "
+            f"had at most {self.min_pixels} pixels of it (UDA.QUADMIX.RARE_MIN_PIXELS, RARE_RESIZE)"
         )
 
 

@@ -60,6 +60,7 @@ __all__ = [
     "apply_geometry_tensor",
     "resize_image",
     "resize_label",
+    "class_pixels_in_crop",
 ]
 
 RESIZE_MODES = ("keep_ratio", "exact")
@@ -291,7 +292,7 @@ class GeometryRule:
             geometry = Geometry((h, w), (rh, rw), crop, flip)
             if (
                 attempts == 1
-                or _class_pixels_in_crop(label, geometry, required_class, self.interpolation) > required_pixels
+                or class_pixels_in_crop(label, geometry, required_class, self.interpolation) > required_pixels
             ):
                 break
         return geometry
@@ -337,7 +338,8 @@ def _crop_ok(label_crop: np.ndarray, cat_max_ratio: float, ignore_label: int) ->
     return len(counts) > 1 and counts.max() / counts.sum() < cat_max_ratio
 
 
-def _class_pixels_in_crop(label: np.ndarray, geometry: Geometry, class_id: int, interpolation: str) -> int:
+def class_pixels_in_crop(label: np.ndarray, geometry: Geometry, class_id: int, interpolation: str) -> int:
+    """The pixels of ``class_id`` in the crop ``geometry`` makes of ``label`` (an original label), before any flip."""
     resized = resize_label(label, geometry.resized_size, interpolation)
     return int(np.count_nonzero(_inside(resized, geometry.crop) == class_id))
 

@@ -24,24 +24,51 @@ mixing "within an explicit feature space"; ``ok/dacs_*.py`` and its segmentors m
 features of the mixed images are learned through the ordinary segmentation loss), and no feature-level mixing or
 feature consistency term exists in the released code, so none is added here.
 
-Deviations from the reference, and why:
+Deviations from the reference, by the audit's items (docs/release-audit/guidance-training-quadmix.md §2); the paper
+configs set every switch below to the release (``UDA.RELEASE_FIDELITY fixed`` turns all of them to our side):
 
-* Fixed by default, reproducible with ``UDA.QUADMIX.REFERENCE_QUIRKS`` (docs/methods.md §4.7): the ignore label is
-  never a source-mask class; the target mask excludes the source mask's class ids (the reference: their positions
-  in ``unique(y_s')``); pasted objects get weight 1 (the reference: the weight beneath them).
-* Any batch size (the reference indexes images 0 and 1): one quad image per target image, source images paired
-  ``i mod N_s`` as in DACS.
-* Rare objects come from the data loader (``batch["source_paste"]``, :func:`~uda_plugins.data.build.
-  build_source_paste_stream`), not from disk reads in the step: each object draws its class independently with
-  P(c) proportional to its multiplicity in ``RARE_CLASSES`` (the reference draws 2 list entries per iteration,
-  shared by all images and both quad images: the same marginal frequency per object); it passes the source
-  pipeline's geometry (the reference: resize to 2048x1024, random 1024x1024 crop, no flip) and its crop is re-drawn
-  at most ``DATALOADER.RCS.CROP_REDRAWS`` times (the reference loops until the crop has > 50 pixels of the class).
+* Q1 (reproducible: ``UDA.QUADMIX.PASTE_NORMALIZATION as_released``): ``rand_mixer`` hands the network the pasted
+  object in BGR order minus the RGB-order means, / 255 (``ok/dacs_gta.py:225-228``): faint, channel-swapped objects,
+  which the colour jitter then denormalises with the model's mean and std as the rest of the image (reproduced: the
+  object values sit inside (0, 1) after that denormalisation, so the jitter's clamp never acts). Default ``model``:
+  normalised as every image.
+* Q2 (reproducible: ``UDA.QUADMIX.RESET_TEACHER``, ``RESET_TEACHER_ITER``): the authors resume a MIC checkpoint and
+  hard-code the iteration (4000 ViT-GTA, 3000 ViT-SYNTHIA, 6000 CNN), where ``_init_ema_weights`` copies the
+  student's parameters into the teacher (``:259, 511-515``); the switch does that at the same iteration of a run that
+  trains MIC from iteration 0 (:meth:`QuadMix.update_teacher`), and the next alpha is the release's. Not reproduced:
+  their README's "start from iteration 0" with ``local_iter`` still hard-coded (QuadMix would start 2000 to 6000
+  iterations early), a path they did not run. Default: the teacher carries on.
+* Q3 (reproducible: ``UDA.QUADMIX.REFERENCE_QUIRKS``, docs/methods.md §4.7): the ignore label can be a source-mask
+  class; the target mask excludes the source mask's *positions* in ``unique(y_s')``; pasted objects keep the weight
+  beneath them. Default: all three fixed.
+* Q4 (reproducible: ``UDA.QUADMIX.RARE_OBJECTS_AS_RELEASED``, ``RARE_RESIZE``): rare objects come from the data
+  loader (``batch["source_paste"]``, :func:`~uda_plugins.data.build.build_source_paste_stream`), not from disk reads
+  in the step. As released: ``random.sample(RARE_CLASSES, PASTE_PER_IMAGE)`` per iteration, shared by every quad
+  image; each object from an image holding its class drawn uniformly, stretched to 2048x1024, a random 1024 crop, no
+  flip, a new image until the crop holds > ``RARE_MIN_PIXELS`` (:class:`~uda_plugins.data.samplers.
+  SharedClassObjectSampler`). What no switch can settle: the release draws from ``data/*_ids2path.json``, whose
+  inclusion rule is unknown (the GTA5 file is not in the repository); the switch draws from every image with a pixel
+  of the class that could give a passing crop, which is the release's draw if the file lists every image holding
+  the class. Default: each object draws its class (P(c) by multiplicity in the list, the same marginal), passes the
+  source pipeline (GTA5 fitted to 2560x1440, flip 0.5, cat_max_ratio 0.75: objects about 1.25x wider and 1.37x
+  taller, SYNTHIA 1.25x and 1.48x, half flipped) and re-draws its crop at most ``DATALOADER.RCS.CROP_REDRAWS`` times
+  on the same image.
+* Q5 (kept): any batch size (the reference indexes images 0 and 1): one quad image per target image, source images
+  paired ``i mod N_s`` as in DACS; identical at 2 + 2; with N_t > N_s the quad images sharing a source share its mask.
+* Q6 (kept): a previous source label with fewer than ``CLASSES_PER_MASK`` classes gives fewer (the reference's
+  ``np.random.choice(n, 2)`` raises).
+* Q7 (reproducible: ``UDA.MIX.CLASSES_FROM_BATCH``): phase A's ClassMix draws from the whole source batch in the
+  release.
+* Q8 (kept): the previous batch is checkpointed (the reference's plain attributes are not, and a resume in phase B
+  would fail on its 640-px templates); see :class:`BatchCache` and the per-rank note below.
+* Q9 (as released): the DeepLab-V2 configs use the authors' seed 0, the MiT-B5 ones seed 1.
+* Q10 (documented in configs/README.md): the reference evaluates and keeps a checkpoint every 500 iterations, so its
+  numbers may be the best of 80 on val; the configs evaluate every 4000 (``TEST.EVAL_PERIOD 500`` to match).
+* Q11 (open, outside this package): docs/methods.md §4.7 omits Q1 and the weight 1 beneath some pasted objects.
+* Q12 (nothing to reproduce): the release writes debug PNGs at iterations 11000-11019 and fails without their folder.
 * One strong-augmentation draw for both quad batches (on/off shared, factors per image), as the reference's
   per-iteration ``strong_parameters``; losses summed and back-propagated once (the same gradients as its separate
   backward calls).
-* The teacher carries on at ``START_ITER``: the reference resumes a MIC checkpoint, hard-codes the iteration and
-  re-initialises the EMA teacher from the student there (quirk 5), an artefact of how it was run.
 * Guidance Training is not combined with QuadMix (it reconstructs ClassMix, which phase B does not have).
 * Per rank, each process mixes its own previous batch. With several processes the checkpoint holds rank 0's cache
   (checkpoints are written by rank 0): after a resume in phase B every rank mixes rank 0's previous batch once.
@@ -58,11 +85,20 @@ from torch import nn
 
 from uda_plugins.d2 import META_ARCH_REGISTRY, CfgNode, get_event_storage
 from uda_plugins.data.build import DataRequirements
+from uda_plugins.modeling import stack_images
 from uda_plugins.utils.profiling import timed
 
 from .dacs import DACS
-from .quad_mix_masks import Labelled, paste_objects, quad_mix, source_quad_masks, target_quad_masks
+from .quad_mix_masks import (
+    Labelled,
+    paste_objects,
+    quad_mix,
+    released_paste_normalization,
+    source_quad_masks,
+    target_quad_masks,
+)
 from .self_training import SelfTrainingStep
+from .teacher import copy_parameter_values_
 
 __all__ = ["QuadMix", "BatchCache"]
 
@@ -72,6 +108,7 @@ logger = logging.getLogger(__name__)
 _CACHE_FIELDS = ("source_images", "source_labels", "target_images", "pseudo_labels", "confident", "pseudo_weight")
 # The quad images trained on per target image, in the order of the rare-object stream: T2SS, T2ST.
 _QUAD_IMAGES = ("ss", "st")
+PASTE_NORMALIZATIONS = ("model", "as_released")
 
 
 class BatchCache(nn.Module):
@@ -188,6 +225,15 @@ class QuadMix(DACS):
         self.loss_weight = quad.LOSS_WEIGHT
         self.paste_per_image = quad.PASTE_PER_IMAGE
         self.reference_quirks = quad.REFERENCE_QUIRKS
+        if quad.PASTE_NORMALIZATION not in PASTE_NORMALIZATIONS:
+            raise ValueError(
+                f"UDA.QUADMIX.PASTE_NORMALIZATION must be one of {PASTE_NORMALIZATIONS}, "
+                f"not '{quad.PASTE_NORMALIZATION}'"
+            )
+        self.paste_normalization = quad.PASTE_NORMALIZATION
+        if quad.RESET_TEACHER and quad.RESET_TEACHER_ITER < 0:
+            raise ValueError(f"UDA.QUADMIX.RESET_TEACHER_ITER must be >= 0, not {quad.RESET_TEACHER_ITER}")
+        self.reset_teacher_iter = quad.RESET_TEACHER_ITER if quad.RESET_TEACHER else None
         self.previous = BatchCache(_CACHE_FIELDS, slots=cfg.SOLVER.GRAD_ACCUMULATION_STEPS)
         self._slot = 0  # this forward's micro-batch in the step
 
@@ -227,6 +273,28 @@ class QuadMix(DACS):
                 confident=step.confidence >= self.confidence,
                 pseudo_weight=step.pseudo_weight,
             )
+
+    # ---------------------------------------------------------------------------------------------- teacher
+    @torch.no_grad()
+    def update_teacher(self) -> None:
+        """The EMA update after each step; with ``UDA.QUADMIX.RESET_TEACHER``, after the step before
+        ``RESET_TEACHER_ITER`` the teacher's parameters become the student's instead (counted as an update).
+
+        The release (ZHE-SAPI/UDASS ``ok/dacs_gta.py:511-515``) runs, before the forward of iteration ``it``,
+        ``_init_ema_weights()`` at ``it == local_iter`` (its hard-coded resume iteration, ``:259``) and
+        ``_update_ema(it)`` after it, alpha = min(1 - 1/(it + 1), 0.999). Here the update after step ``t`` is the one
+        the release makes before iteration ``t + 1``; its count is ``t + 1`` for a run from iteration 0, so the
+        reset's next update has the release's alpha, and the reset itself depends only on the iteration and the
+        checkpointed weights, so ``--resume`` across it is exact."""
+        if self.reset_teacher_iter is not None and get_event_storage().iter == self.reset_teacher_iter - 1:
+            self.count_teacher_update()
+            copy_parameter_values_(self.teacher, self.student)
+            logger.info(
+                f"QuadMix: the teacher's parameters are the student's from iteration {self.reset_teacher_iter} on "
+                "(UDA.QUADMIX.RESET_TEACHER)"
+            )
+            return
+        super().update_teacher()
 
     # -------------------------------------------------------------------------------------------- phase B
     @staticmethod
@@ -298,21 +366,45 @@ class QuadMix(DACS):
         self, batch: Dict[str, list], n: int, size: Tuple[int, int]
     ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The loader's rare source objects as (n, 2, P, 3, H, W) images, (n, 2, P, H, W) labels and (n, 2, P)
-        classes: P = ``PASTE_PER_IMAGE`` per quad image (T2SS, T2ST) per target image."""
+        classes: P = ``PASTE_PER_IMAGE`` per quad image (T2SS, T2ST) per target image. The loader serves them in P
+        blocks of 2n, block p holding object p of every quad image (``"paste_slot"``,
+        :class:`~uda_plugins.data.build.SourcePasteStream`)."""
         dicts = batch.get("source_paste")
-        expected = n * len(_QUAD_IMAGES) * self.paste_per_image
+        per_slot = n * len(_QUAD_IMAGES)
+        expected = per_slot * self.paste_per_image
         if not dicts or len(dicts) != expected:
             raise ValueError(
                 f"QuadMix pastes {expected} rare source objects per step from batch['source_paste'], which holds "
                 f"{len(dicts or [])}: train with the loader of QuadMix's data_requirements, or set "
                 "UDA.QUADMIX.PASTE_PER_IMAGE 0"
             )
-        images, labels = self.images_and_labels(dicts)
+        slots = [d.get("paste_slot") for d in dicts]
+        if slots != [p for p in range(self.paste_per_image) for _ in range(per_slot)]:
+            raise ValueError(
+                f"batch['source_paste'] must hold {self.paste_per_image} blocks of {per_slot} objects in the order of "
+                f"their 'paste_slot' (the loader of QuadMix's data_requirements serves them so), not {slots}"
+            )
+        images, labels = self.paste_images(dicts), torch.stack([d["sem_seg"] for d in dicts]).to(self.device)
         if tuple(images.shape[-2:]) != tuple(size):
             raise ValueError(
                 f"The rare source objects are {tuple(images.shape[-2:])} crops, the quad images {tuple(size)}: "
-                "set INPUT.SOURCE.CROP_SIZE and INPUT.TARGET.CROP_SIZE alike"
+                "set INPUT.SOURCE.CROP_SIZE and INPUT.TARGET.CROP_SIZE alike (drawn as released without a crop, the "
+                "objects are UDA.QUADMIX.RARE_RESIZE)"
             )
         classes = torch.tensor([d["rcs_class"] for d in dicts], device=labels.device)
-        shape = (n, len(_QUAD_IMAGES), self.paste_per_image)
-        return images.view(*shape, *images.shape[1:]), labels.view(*shape, *labels.shape[1:]), classes.view(shape)
+        shape = (self.paste_per_image, n, len(_QUAD_IMAGES))
+
+        def per_quad_image(t: torch.Tensor) -> torch.Tensor:
+            return t.reshape(*shape, *t.shape[1:]).movedim(0, 2)
+
+        return per_quad_image(images), per_quad_image(labels), per_quad_image(classes)
+
+    def paste_images(self, dicts: list) -> torch.Tensor:
+        """The objects' images in the network's input space: normalised as every image (``PASTE_NORMALIZATION
+        model``) or as the release's ``rand_mixer`` (``as_released``, :func:`released_paste_normalization`)."""
+        rgb = stack_images(dicts, self.device)
+        if self.paste_normalization == "model":
+            return self.student.normalize(rgb)
+        released = released_paste_normalization(rgb)
+        # The release's network reads RGB; a BGR network gets each value in the channel of the same colour.
+        return released.flip(1) if self.student.input_bgr else released

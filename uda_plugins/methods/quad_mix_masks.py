@@ -34,7 +34,13 @@ __all__ = [
     "mix_labelled",
     "quad_mix",
     "paste_objects",
+    "released_paste_normalization",
+    "RAND_MIXER_MEAN",
 ]
+
+# The means rand_mixer subtracts (ZHE-SAPI/UDASS image_udass/seg/mmseg/models/uda/ok/dacs_gta.py:47, IMG_MEAN), in RGB
+# order although it subtracts them from BGR images.
+RAND_MIXER_MEAN = (123.675, 116.28, 103.53)
 
 
 class Labelled(NamedTuple):
@@ -145,3 +151,14 @@ def paste_objects(
         if not keep_weight:
             weight = weight.masked_fill(where, 1.0)
     return Labelled(image, label, weight)
+
+
+def released_paste_normalization(rgb: torch.Tensor) -> torch.Tensor:
+    """A pasted object's (N, 3, H, W) RGB image in 0..255 as the release's ``rand_mixer`` hands it to the network
+    (``ok/dacs_gta.py:225-228``, the same in ``dacs_syn.py``, ``dacs_gta_cnn.py``, ``dacs_syn_cnn.py``):
+    ``img[:, :, ::-1]`` (to BGR), ``- IMG_MEAN`` (the RGB-order means), ``/ 255``, in float32. The network reads
+    channel 0 as red, so red (255, 0, 0) arrives as (-0.485, -0.456, 0.594), where the model's normalisation gives
+    (2.25, -2.04, -1.80): channel-swapped objects of about a quarter of the contrast. The colour jitter after the
+    paste denormalises the whole image with the model's mean and std, objects included, as the release's does."""
+    mean = torch.tensor(RAND_MIXER_MEAN, dtype=torch.float32, device=rgb.device).view(1, 3, 1, 1)
+    return (rgb.float().flip(1) - mean) / 255.0

@@ -84,13 +84,17 @@ class SelfTrainingArch(UDAMetaArch):
 
     @torch.no_grad()
     def update_teacher(self) -> None:
+        ema_update_(self.teacher, self.student, ema_alpha(self.count_teacher_update(), self.ema_alpha))
+
+    def count_teacher_update(self) -> int:
+        """Count one more teacher update and return the count (1-based), which sets the EMA factor."""
         # The EMA factor needs the count on the host: read the buffer once (after construction or a load), then
         # count on the host too, so a step on the GPU does not wait for a device->host copy.
         if self._host_ema_updates is None:
             self._host_ema_updates = int(self.ema_updates)
         self._host_ema_updates += 1
         self.ema_updates += 1
-        ema_update_(self.teacher, self.student, ema_alpha(self._host_ema_updates, self.ema_alpha))
+        return self._host_ema_updates
 
     def _forget_host_ema_updates(self, *args, **kwargs) -> None:
         self._host_ema_updates = None  # the buffer is being loaded: re-read it at the next update

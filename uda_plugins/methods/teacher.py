@@ -15,7 +15,14 @@ import copy
 import torch
 from torch import nn
 
-__all__ = ["make_teacher", "ema_alpha", "ema_update_", "copy_parameters_", "set_stochastic_layers_eval"]
+__all__ = [
+    "make_teacher",
+    "ema_alpha",
+    "ema_update_",
+    "copy_parameters_",
+    "copy_parameter_values_",
+    "set_stochastic_layers_eval",
+]
 
 
 def make_teacher(student: nn.Module) -> nn.Module:
@@ -44,6 +51,19 @@ def ema_update_(teacher: nn.Module, student: nn.Module, alpha: float) -> None:
 def copy_parameters_(teacher: nn.Module, student: nn.Module) -> None:
     """teacher := student (parameters and buffers)."""
     teacher.load_state_dict(student.state_dict())
+
+
+@torch.no_grad()
+def copy_parameter_values_(teacher: nn.Module, student: nn.Module) -> None:
+    """The teacher's parameters := the student's; its buffers (BatchNorm statistics) stay its own. This is lhoyer/MIC
+    ``_init_ema_weights`` (over ``parameters()`` only), which UDASS calls again at its hard-coded resume iteration
+    (ZHE-SAPI/UDASS ``image_udass/seg/mmseg/models/uda/ok/dacs_gta.py:315-325, 511-512``)."""
+    t = list(teacher.parameters())
+    s = [p.detach() for p in student.parameters()]
+    if len(t) != len(s):
+        raise RuntimeError("Teacher and student have different parameter lists")
+    for mine, theirs in zip(t, s):
+        mine.copy_(theirs)
 
 
 def set_stochastic_layers_eval(module: nn.Module) -> None:
