@@ -19,20 +19,30 @@ release from its own modules with the values of its config (``seg/configs/_base_
 * stochastic depth and the head's dropout are off: they are random draws the two frameworks make in different
   orders, inside the network, and the teacher has them off anyway.
 
-Random draws: ours first, recorded; the release's are answered from them (``ReleaseDraws``). Compared: the
-pseudo-labels and their weights, the images, labels and pixel weights each student forward gets, every loss, the
-gradient of every student parameter after the backward, and every BatchNorm buffer of student and teacher after the
-step (which counts the forwards, the teacher's train-mode ones included).
+Random draws: ours first, recorded; the release's are answered from them (``ReleaseDraws``); the jitter and blur
+decisions are forced on so that every augmentation path runs. Compared: the pseudo-labels and their weights, the
+images, labels and pixel weights each student forward gets, every loss, the gradient of every student parameter
+after the backward, and every BatchNorm buffer of student and teacher after the step (the counters count the
+forwards, the teacher's train-mode ones included).
+
+Known differences (audit items) that have no as-released switch yet are strict expected failures of the tests they
+show in, found by feature detection (``Step.expect``), so each turns into an ordinary passing test when its switch
+lands: B3 (one jitter order for the ClassMix batch), B4 (a blur sigma per MIC image), C1 (MIC's lambda on HRDA's
+detail loss too, seen at lambda 0.5) and C6 (``rgb_to_hsv``'s eps). The ``isolated`` cases take C6 and B4 out of our
+step (kornia's eps, one sigma for MIC's batch) to show that nothing else differs.
 
 Tolerances. The networks match exactly (models audit), except that timm's MiT attention uses the fused
 ``scaled_dot_product_attention``, which rounds differently from the release's explicit ``softmax(q k^T) v``
-(~1e-7 relative per attention layer, measured in the audit; 0 with timm's unfused path). Everything else is the same
-float32 arithmetic in the same order or differs by reassociation (our summed losses with one backward vs the
-release's backward per loss; our batched colour jitter vs kornia's per call). So every comparison is bounded by a
-small multiple of float32's epsilon (1.19e-7) times the size of what is compared: ``RTOL`` for values, looser for
-gradients, which sum many rounded products (see the constants). Discrete results (pseudo-labels, ClassMix labels,
-counts) must be equal. A semantic difference — a wrong mask, weight, loss average or missing term — changes these
-at the 1e-2..1e0 relative level.
+(~1e-7 relative per attention layer, measured in the audit). Everything else is the same float32 arithmetic, or the
+same up to reassociation (our summed losses with one backward vs the release's backward per loss; our batched colour
+jitter vs kornia's call per image). So each comparison is bounded by a small multiple of float32's epsilon
+(1.19e-7) relative to the size of what is compared: ``RTOL`` = 100 eps = 1.2e-5 of the largest magnitude of each
+tensor (of each parameter's gradient, or of its layer's weight gradient for a bias; see the gradient test). Measured
+(isolated): inputs <= 1.9e-6, losses <= 1.9e-7, gradients <= 3.1e-6, BatchNorm buffers <= 2.2e-7; as shipped with
+C6 the jittered images differ by 3.6e-6 and the gradients by up to 6.9e-4 (test A). Discrete results
+(pseudo-labels, mixed labels, counters) must be equal. A semantic difference (a mask, a weight, a loss term) shows
+at 1e-2..1e0: B4 moves the masked images by 0.29, C1 the MIC loss by 0.12, mmseg's loss average replaced by the
+labelled-pixel mean the source loss by 0.05.
 """
 
 from __future__ import annotations
@@ -74,10 +84,9 @@ from uda_plugins.modeling import hrda as hrda_module  # noqa: E402
 torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
 
 EPS32 = torch.finfo(torch.float32).eps
-# Values (images, losses, weights, buffers): a few hundred roundings at most on each path.
-RTOL = 100 * EPS32  # 1.2e-5 of the largest magnitude
-# Gradients: sums over every pixel and batch element of products of rounded terms; relative to the largest entry
-# of each parameter's gradient.
+# Values (images, losses, weights, buffers) relative to their largest magnitude: rounding only (module docstring).
+RTOL = 100 * EPS32
+# Gradients relative to their scale (test_gradients_of_every_student_parameter): the same bound, measured 3.1e-6.
 GRAD_RTOL = 100 * EPS32
 MEAN = [123.675, 116.28, 103.53]  # img_norm_cfg (seg/configs/_base_/datasets/uda_gta_to_cityscapes_512x512.py)
 STD = [58.395, 57.12, 57.375]
