@@ -25,11 +25,12 @@ images, labels and pixel weights each student forward gets, every loss, the grad
 after the backward, and every BatchNorm buffer of student and teacher after the step (the counters count the
 forwards, the teacher's train-mode ones included).
 
-Known differences (audit items) that have no as-released switch yet are strict expected failures of the tests they
-show in, found by feature detection (``Step.expect``), so each turns into an ordinary passing test when its switch
-lands: B3 (one jitter order for the ClassMix batch), B4 (a blur sigma per MIC image), C1 (MIC's lambda on HRDA's
-detail loss too, seen at lambda 0.5) and C6 (``rgb_to_hsv``'s eps). The ``isolated`` cases take C6 and B4 out of our
-step (kornia's eps, one sigma for MIC's batch) to show that nothing else differs.
+Known differences (audit items) that have no as-released switch yet are expected failures of the tests they show
+in, found by feature detection (``Step.expect``; strict, except C6, whose effect depends on the draws), so each
+turns into an ordinary passing test when its switch lands: B3 (one jitter order for the ClassMix batch), B4 (a blur
+sigma per MIC image), C1 (MIC's lambda on HRDA's detail loss too, seen at lambda 0.5) and C6 (``rgb_to_hsv``'s
+eps). The ``isolated`` cases take C6 and B4 out of our step (kornia's eps, one sigma for MIC's batch) to show that
+nothing else differs.
 
 Tolerances. The networks match exactly (models audit), except that timm's MiT attention uses the fused
 ``scaled_dot_product_attention``, which rounds differently from the release's explicit ``softmax(q k^T) v``
@@ -480,15 +481,20 @@ class Step:
             known["C6"] = (
                 {"gradients"},
                 f"rgb_to_hsv eps {_our_hsv_eps()} vs kornia 0.5.8's {_kornia_hsv_eps()} (hsv.py:7) moves the "
-                "jittered images by ~1e-5 and, through the confident (large-logit) network, the gradients by ~1e-3",
+                "jittered images by ~4e-6 and, through the confident (large-logit) network, the gradients by up to "
+                "~1e-3 for some draws (6.9e-4 measured in test A; 6e-6 for others)",
             )
         return known
 
     def expect(self, request, what: str) -> None:
-        """Mark the calling test as an expected failure (strict) if a known difference shows in ``what``."""
-        items = [f"{item}: {why}" for item, (shows, why) in self.known.items() if what in shows]
+        """Mark the calling test as an expected failure if a known difference shows in ``what`` (strict, except for
+        C6 alone)."""
+        items = [(item, why) for item, (shows, why) in self.known.items() if what in shows]
         if items:
-            request.applymarker(pytest.mark.xfail(reason="; ".join(items), strict=True))
+            # C6's effect depends on the draws (a pixel near a grey or a hue edge): it may or may not show.
+            strict = any(item != "C6" for item, _ in items)
+            reason = "; ".join(f"{item}: {why}" for item, why in items)
+            request.applymarker(pytest.mark.xfail(reason=reason, strict=strict))
 
     def run_release(self) -> "Step":
         self.log_vars, self.release_rec = run_release(self.uda, self.release_batch, self.draws, self.monkeypatch)
