@@ -135,8 +135,9 @@ def _adjust_hsv(rgb: torch.Tensor, saturation=None, hue=None) -> torch.Tensor:
     return _hsv_to_rgb(h, s, v)
 
 
-def _rgb_to_hsv(rgb: torch.Tensor, eps: float = 1e-8):
-    """kornia's rgb_to_hsv: hue in radians [0, 2pi), saturation and value in [0, 1]."""
+def _rgb_to_hsv(rgb: torch.Tensor, eps: float = 1e-6):
+    """kornia 0.5.8's rgb_to_hsv (``color/hsv.py`` L7, its eps 1e-6; later kornia uses 1e-8): hue in radians
+    [0, 2pi), saturation and value in [0, 1]."""
     r, g, b = rgb.unbind(1)
     maxc, argmax = rgb.max(1)
     minc = rgb.amin(1)

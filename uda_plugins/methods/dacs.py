@@ -46,7 +46,7 @@ C2 the unchecked 11th crop after 10 failed cat_max_ratio checks       as release
 C3 target images with RCS: uniform with replacement                   ours: a per-epoch permutation (uniform too)
 C4 an RCS class no image reaches: the release asserts                 ours: dropped with a warning (a crash fixed)
 C5 feature distance of a batch with no thing cell: NaN logged         ours: 0 (the same zero gradient)
-C6 kornia 0.5.8's rgb_to_hsv eps 1e-6                                 ours: 1e-8 (at most 3e-6 on [0, 1])
+C6 kornia 0.5.8's rgb_to_hsv eps 1e-6                                 as released
 C7 HRDA's LR loss on (1 - att) LR; ``feature_scale='all'``            ``MODEL.HRDA.LR_LOSS_ON_ATTENDED_LOGITS``
                                                                       (switch); 'all' is not offered (no shipped
                                                                       config uses either: the LR weight is 0)
