@@ -558,13 +558,18 @@ def draw_contrastive_samples_as_released(
         return None
     # A pixel of slot 0 can be of several classes: each class's mean teacher feature over its own low-mask pixels.
     prototypes = (low_pixels.T.to(rep_t.dtype) @ rep_t) / prototype_counts.clamp(min=1)[:, None].to(rep_t.dtype)
-    anchor_pixels = ((probs > class_threshold) & low_valid).transpose(0, 1).reshape(C, -1)
+    # Every (class, pixel) anchor pair at once, grouped by class and in pixel order within each (one host sync).
+    anchor_classes, anchor_candidates = torch.nonzero(
+        ((probs > class_threshold) & low_valid).transpose(0, 1).reshape(C, -1), as_tuple=True
+    )
+    anchor_counts = torch.bincount(anchor_classes, minlength=C).tolist()
+    anchor_starts = np.cumsum([0] + anchor_counts[:-1]).tolist()
     lengths = queues.length.tolist()
     anchors, prototype_classes, negatives = [], [], []
-    for i, queue_class in enumerate(present):
-        candidates = torch.nonzero(anchor_pixels[i]).flatten()  # class i's anchors, in pixel order
-        if len(candidates) and lengths[queue_class]:
-            anchors.append(candidates[torch.randint(len(candidates), (num_queries,)).to(candidates.device)])
+    for i, queue_class in enumerate(present):  # class i's anchors and prototype, the i-th present class's queue
+        if anchor_counts[i] and lengths[queue_class]:
+            drawn = anchor_starts[i] + torch.randint(anchor_counts[i], (num_queries,))
+            anchors.append(anchor_candidates.index_select(0, drawn.to(anchor_candidates.device)))
             drawn = torch.randint(lengths[queue_class], (num_queries * num_negatives,))
             negatives.append(_unit_keys(queues, queue_class, drawn, rep_t.dtype).reshape(num_queries, -1, D))
             prototype_classes.append(i)
