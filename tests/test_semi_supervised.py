@@ -212,6 +212,9 @@ def _reference_contrastive(
 ):
     # compute_contra_memobank_loss (no momentum prototype, conf_weight False) with dequeue_and_enqueue, transcribed for
     # one process. negatives_of_other_classes=True is U2PL's paper (and this project); False is the released line.
+    # One change from the release: each present class's anchors and prototype are its own (c = valid_classes[i]),
+    # the pairing the paper means and the library's default; loss_helper.py:173-200 indexes them by i (U2PL issue
+    # #111), as tests/test_stal_contrastive_as_released.py transcribes it.
     cfg = dict(
         current_class_threshold=0.3,
         current_class_negative_threshold=1.0,
@@ -291,7 +294,7 @@ def _contrastive_inputs(num_unlabelled, seed=0):
     return rep, rep_teacher, labels, probs, low, high, onehot
 
 
-def test_pixel_contrastive_loss_is_u2pls_paper_and_the_release_is_zero_with_one_unlabelled_image():
+def test_pixel_contrastive_loss_is_u2pls_paper_and_the_released_mask_is_empty_at_equal_pixels():
     from uda_plugins.methods.semi_supervised import ContrastQueues, pixel_contrastive_loss
 
     rep, rep_teacher, labels, probs, low, high, onehot = _contrastive_inputs(num_unlabelled=1)
@@ -312,7 +315,9 @@ def test_pixel_contrastive_loss_is_u2pls_paper_and_the_release_is_zero_with_one_
     assert ours > 0 and torch.allclose(ours, expected)
     for c in range(5):
         assert torch.equal(queues.get(c), memobank[c][0])
-    # The released mask (negatives must be of the class) leaves every queue empty with one unlabelled image.
+    # The released mask (negatives must be of the class) leaves every queue empty when the labels and probabilities
+    # are read at the same pixels, as here. The release reads them at different pixels, where it does not (A2;
+    # UDA.STAL.CONTRASTIVE_AS_RELEASED, tests/test_stal_contrastive_as_released.py).
     loss, released = reference(negatives_of_other_classes=False)
     assert loss == 0 and all(len(q[0]) == 0 for q in released)
 

@@ -104,3 +104,39 @@ def test_teacher_forwards_follow_the_release_order_and_modes(tmp_path, contrast_
         model(batch)
     n_source, n_target = len(batch["source"]), len(batch["target"][0])
     assert calls == [(True, n_source), (False, n_target), (False, n_target), (True, n_target)]
+
+
+def test_contrastive_as_released_draws_the_releases_samples(tmp_path, monkeypatch):
+    # UDA.STAL.CONTRASTIVE_AS_RELEASED routes the step's contrastive inputs through the release's resampling
+    # (align_corners=True) and sampling (tests/test_stal_contrastive_as_released.py checks both against the release):
+    # its negatives must be of their own class, so far fewer are pushed than by U2PL's paper rule (none here).
+    import copy
+
+    import uda_plugins.methods.stal as stal
+
+    calls = []
+
+    def spy(name):
+        real = getattr(stal, name)
+        monkeypatch.setattr(stal, name, lambda *a, **k: calls.append((name, k.get("align_corners"))) or real(*a, **k))
+
+    spy("contrastive_inputs")
+    spy("draw_contrastive_samples")
+    spy("draw_contrastive_samples_as_released")
+    cfg = _cfg(tmp_path, **{"UDA.STAL.CONTRASTIVE_AS_RELEASED": True})
+    model = build_model(cfg).train()
+    assert model.contrastive_as_released
+    batch = next(iter(build_uda_train_loader(cfg, model.data_requirements)))
+    pushed = {}
+    for as_released in (True, False):
+        m = copy.deepcopy(model)
+        m.contrastive_as_released = as_released
+        calls.clear()
+        torch.manual_seed(0)
+        with EventStorage(0):
+            losses = m(batch)
+        assert torch.isfinite(losses["loss_contrastive"])
+        draw = "draw_contrastive_samples_as_released" if as_released else "draw_contrastive_samples"
+        assert calls == [("contrastive_inputs", as_released), (draw, None)]
+        pushed[as_released] = int(m.queues.length.sum())
+    assert pushed[False] > 100 * max(pushed[True], 1)

@@ -483,8 +483,12 @@ def add_uda_config(cfg: CN) -> None:
     # ANCHOR_THRESHOLD; negatives, kept in per-class queues of QUEUE_SIZE teacher features (class 0:
     # FIRST_CLASS_QUEUE_SIZE), are pixels above the HIGH_ENTROPY_PERCENT-th percentile not of the class whose
     # teacher ranks it in the top LOW_RANK (labelled) or at LOW_RANK..HIGH_RANK (unlabelled); NUM_QUERIES anchors
-    # and NUM_NEGATIVES negatives each, temperature TEMPERATURE (U2PL's paper; the release samples differently, see
-    # uda_plugins/methods/stal.py's deviation table, A2).
+    # and NUM_NEGATIVES negatives each, temperature TEMPERATURE (U2PL's paper). CONTRASTIVE_AS_RELEASED samples as
+    # ILM-ASSL's code (A2, B7, B8 of uda_plugins/methods/stal.py's deviation table): probabilities resized with
+    # align_corners=True, so they and the nearest labels come from different pixels; negatives of class c must be
+    # labelled c (none on labelled images); only the first image of the labelled (and of the unlabelled) part has
+    # labels, the union of its part's (label_onehot's slot 0); the i-th present class's queue paired with class i's
+    # anchors.
     # ILM-ASSL divides its supervised and consistency losses by its number of GPUs before the backward, on top of
     # DDP's gradient averaging (U2PL does not): an effective learning rate / GPUs with weight decay unscaled.
     # LOSS_DIVISOR reproduces that (the release's configs with 4 GPUs: 4.0); 1.0 = U2PL's losses. The contrastive term
@@ -502,6 +506,7 @@ def add_uda_config(cfg: CN) -> None:
     _C.UDA.STAL.NUM_QUERIES = 256
     _C.UDA.STAL.NUM_NEGATIVES = 50
     _C.UDA.STAL.TEMPERATURE = 0.5
+    _C.UDA.STAL.CONTRASTIVE_AS_RELEASED = False
     _C.UDA.STAL.QUEUE_SIZE = 30000
     _C.UDA.STAL.FIRST_CLASS_QUEUE_SIZE = 50000
 

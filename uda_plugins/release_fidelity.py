@@ -206,6 +206,14 @@ QUIRKS: Dict[str, Tuple[Quirk, ...]] = {
             "others",
         ),
         Quirk(
+            "UDA.STAL.CONTRASTIVE_AS_RELEASED",
+            True,
+            False,
+            "A2",
+            "the contrastive samples as the release draws them (labels and probabilities read at different pixels, "
+            "negatives of their own class, label_onehot's slot 0, queues paired by position); the fix: U2PL's paper",
+        ),
+        Quirk(
             "INPUT.SOURCE.CROP_PAD_LABEL",
             0,
             -1,

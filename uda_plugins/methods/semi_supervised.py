@@ -10,7 +10,9 @@ pseudo-label filter). Random draws use torch's global generator (seeded per iter
 
 Where the released code assumes square crops (``area = h ** 2``), areas here are h * w. The adaptive
 equalisation sampling draws one random number per pixel of every image (the reference draws one map per class and
-shares it across the batch).
+shares it across the batch). The contrastive term samples as U2PL's paper defines it
+(:func:`draw_contrastive_samples`) or as the released code does (:func:`draw_contrastive_samples_as_released`, with
+:func:`contrastive_inputs` ``align_corners=True`` and :func:`release_label_onehot`).
 """
 
 from __future__ import annotations
@@ -44,6 +46,9 @@ __all__ = [
     "ContrastQueues",
     "ContrastiveDraw",
     "draw_contrastive_samples",
+    "draw_contrastive_samples_as_released",
+    "release_label_onehot",
+    "contrastive_inputs",
     "info_nce_loss",
     "pixel_contrastive_loss",
 ]
@@ -338,6 +343,7 @@ def pixel_contrastive_loss(
     num_labelled: int,
     queues: ContrastQueues,
     temperature: float = 0.5,
+    as_released: bool = False,
     **sampling,
 ) -> torch.Tensor:
     """U2PL's pixel contrastive loss (``compute_contra_memobank_loss`` without momentum prototypes) at the
@@ -353,14 +359,12 @@ def pixel_contrastive_loss(
     anchor; InfoNCE over cosine similarities / ``temperature`` for ``num_queries`` anchors per class, averaged over
     the classes present. ``sampling``: the thresholds, ranks and counts of :func:`draw_contrastive_samples`.
 
-    As released (U2PL's code, which ILM-ASSL copies) the negative mask also requires the pixel *to be* of class c.
-    That is not the empty set it looks like: the release reads the labels (nearest, from 769 to 193) and the
-    probabilities (bilinear, align_corners=True) at different pixels after a full-resolution CutMix, so a pixel
-    labelled c can rank c 3rd-19th; a replay of the released code pushed 10-57 negatives per step and the term is
-    not zero (docs/release-audit/stal-ilm-assl.md, A2). ``label_onehot`` also scatters every labelled image's
-    classes into the first image's slot (B7). Neither is reproduced here (STAL's deviation table).
+    ``as_released``: the release's sampling instead (:func:`draw_contrastive_samples_as_released`: negatives must *be*
+    of the class, ``label_onehot``'s batch slot 0, the release's pairing of anchors and queues); its inputs formed as
+    the release forms them by :func:`contrastive_inputs` with ``align_corners=True``.
     """
-    draw = draw_contrastive_samples(rep_teacher, labels, probs, low_mask, high_mask, num_labelled, queues, **sampling)
+    draw_samples = draw_contrastive_samples_as_released if as_released else draw_contrastive_samples
+    draw = draw_samples(rep_teacher, labels, probs, low_mask, high_mask, num_labelled, queues, **sampling)
     return info_nce_loss(rep, draw, temperature)
 
 
@@ -426,6 +430,155 @@ def draw_contrastive_samples(
         negatives=[
             _unit_keys(queues, c, drawn, rep_t.dtype).reshape(num_queries, -1, D) for c, drawn in negatives.items()
         ],
+        num_present=len(present),
+    )
+
+
+def release_label_onehot(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """(B, C, h, w) bool: U2PL's ``label_onehot`` as ILM-ASSL releases it (``core/utils/utils.py:48-57``) for (B, h, w)
+    class ids (ignore = any id >= ``num_classes``). Its ``scatter_(0, inputs.unsqueeze(1), 1.0)`` into a (C, B, h, w)
+    tensor with a (B, 1, h, w) index writes every image's class into **batch slot 0**: slot 0 holds the union of the
+    batch's classes at each pixel (an ignored pixel of another image counts as class 0, the id it is set to before the
+    scatter), is cleared where image 0 is ignored, and every other slot is empty. With one image it is the one-hot."""
+    ignored = labels >= num_classes
+    slot_0 = torch.zeros(num_classes, *labels.shape[1:], dtype=torch.bool, device=labels.device)
+    slot_0.scatter_(0, labels.masked_fill(ignored, 0).long(), True)  # slot_0[labels[b, y, x], y, x] for every b
+    slot_0[:, ignored[0]] = False
+    onehot = torch.zeros(len(labels), *slot_0.shape, dtype=torch.bool, device=labels.device)
+    onehot[0] = slot_0
+    return onehot
+
+
+@torch.no_grad()
+def contrastive_inputs(
+    labels: torch.Tensor,
+    pseudo_labels: torch.Tensor,
+    teacher_logits: Sequence[torch.Tensor],
+    entropy: torch.Tensor,
+    size: Tuple[int, int],
+    low_percent: float = 20.0,
+    high_percent: float = 80.0,
+    align_corners: bool = False,
+    ignore: int = 255,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The contrastive term's (labels, probabilities, low mask, high mask) at the representation's ``size``, formed
+    from the step's full-resolution tensors as ILM-ASSL's ``train.py:574-582, 684-731`` forms them: the labelled
+    images' ``labels`` then the unlabelled ``pseudo_labels`` resized by nearest neighbour (PyTorch's ``nearest``: row i
+    reads row floor(i * in / out)); the teacher's ``teacher_logits`` (the labelled, then the unlabelled images,
+    CutMixed at full resolution) resized bilinearly, then softmaxed; the anchor (low) and negative (high) candidate
+    masks, nearest: every labelled pixel, and the kept unlabelled pixels at most / at least the ``low_percent`` /
+    ``high_percent``-th percentile of their full-resolution ``entropy``.
+
+    ``align_corners`` True is the release's: from 769 to 193 it reads the probabilities at full-resolution pixel 4i
+    while the nearest labels come from pixel floor(3.984 i), up to 3 pixels away, so a pixel labelled c can rank c low
+    (the release's negatives, :func:`draw_contrastive_samples_as_released`). False (ours) centres the bilinear samples.
+    """
+    kept_u = pseudo_labels != ignore
+    low_u = (entropy <= percentile(entropy, low_percent)) & kept_u
+    high_u = (entropy >= percentile(entropy, high_percent)) & kept_u
+    kept_l = labels != ignore
+
+    def small(x: torch.Tensor) -> torch.Tensor:
+        return F.interpolate(x[:, None].float(), size=size, mode="nearest")[:, 0]
+
+    all_labels = small(torch.cat([labels, pseudo_labels])).long()
+    low, high = small(torch.cat([kept_l, low_u])).bool(), small(torch.cat([kept_l, high_u])).bool()
+    # Each part resized on its own (their full-size concatenation would copy every logit), as one-channel maps:
+    # the CPU kernel converts a many-channel input to channels-last first, five times the cost of the resize.
+    small_logits = [
+        F.interpolate(x.flatten(0, 1)[:, None], size=size, mode="bilinear", align_corners=align_corners).view(
+            *x.shape[:2], *size
+        )
+        for x in teacher_logits
+    ]
+    return all_labels, torch.softmax(torch.cat(small_logits), 1), low, high
+
+
+def _class_ranks(probs: torch.Tensor) -> torch.Tensor:
+    """(B, C, h, w): each class's rank at each pixel (0 = most probable) in the order of the release's descending
+    ``torch.sort(prob, 1, True)`` (``loss_helper.py:76-83``), ties included."""
+    order = torch.sort(probs, 1, True)[1]
+    ranks = torch.arange(probs.shape[1], device=probs.device).view(1, -1, 1, 1).expand_as(order)
+    return torch.empty_like(order).scatter_(1, order, ranks)
+
+
+@torch.no_grad()
+def draw_contrastive_samples_as_released(
+    rep_teacher: torch.Tensor,
+    labels: torch.Tensor,
+    probs: torch.Tensor,
+    low_mask: torch.Tensor,
+    high_mask: torch.Tensor,
+    num_labelled: int,
+    queues: ContrastQueues,
+    class_threshold: float = 0.3,
+    negative_threshold: float = 1.0,
+    low_rank: int = 3,
+    high_rank: int = 20,
+    num_queries: int = 256,
+    num_negatives: int = 50,
+) -> Optional[ContrastiveDraw]:
+    """:func:`draw_contrastive_samples` as ILM-ASSL (U2PL's code) samples, ``core/utils/loss_helper.py:61-200`` with
+    the one-hots of ``train.py:722-731``. Three differences from U2PL's paper (ours):
+
+    * the labels are one-hots by :func:`release_label_onehot` of the labelled and of the unlabelled images: only the
+      first image of each part has classes, the union of its part's (B7);
+    * a negative of class c must *be* of c (``high_valid_pixel`` is the one-hot times the high mask): for an
+      unlabelled pixel that the teacher ranks c at ``low_rank``..``high_rank`` - 1, which only happens where the
+      labels and probabilities come from different pixels (:func:`contrastive_inputs`); a labelled negative also
+      needs ``label_l[:, c] == 0`` and never exists (B8; U2PL issues #171, #27);
+    * the i-th class with low-mask pixels (``valid_classes[i]``) gives the negatives' queue, but the anchors and the
+      prototype come from class **i** (``seg_feat_low_entropy_list[i]``, ``seg_proto[i]``, loss_helper.py:173-200):
+      the same class only while the classes present are 0..i (U2PL issue #111, acknowledged, not fixed). The loss
+      is still averaged over the number of classes present.
+
+    The random draws are the release's, in its order: per i, its anchors, then its negatives (CPU generator)."""
+    C, D = probs.shape[1], rep_teacher.shape[1]
+    onehot = torch.cat([release_label_onehot(labels[:num_labelled], C), release_label_onehot(labels[num_labelled:], C)])
+    low_valid = onehot & low_mask.bool()[:, None]
+    high_valid = onehot & high_mask.bool()[:, None]
+    ranks = _class_ranks(probs)
+    class_mask = torch.cat(
+        [
+            (ranks[:num_labelled] < low_rank) & ~onehot[:num_labelled],
+            (ranks[num_labelled:] >= low_rank) & (ranks[num_labelled:] < high_rank),
+        ]
+    )
+    negative = (probs < negative_threshold) & high_valid & class_mask
+
+    def per_pixel(x: torch.Tensor) -> torch.Tensor:  # (N pixels in (image, y, x) order, C), as mask indexing reads
+        return x.permute(0, 2, 3, 1).reshape(-1, x.shape[1])
+
+    rep_t = per_pixel(rep_teacher.detach())
+    _push_negatives(queues, per_pixel(negative), rep_t)
+    low_pixels = per_pixel(low_valid)
+    prototype_counts = low_pixels.sum(0)
+    present = torch.nonzero(prototype_counts).flatten().tolist()
+    if len(present) <= 1:  # loss_helper.py:155-161
+        return None
+    # A pixel of slot 0 can be of several classes: each class's mean teacher feature over its own low-mask pixels.
+    prototypes = (low_pixels.T.to(rep_t.dtype) @ rep_t) / prototype_counts.clamp(min=1)[:, None].to(rep_t.dtype)
+    # Every (class, pixel) anchor pair at once, grouped by class and in pixel order within each (one host sync).
+    anchor_classes, anchor_candidates = torch.nonzero(
+        ((probs > class_threshold) & low_valid).transpose(0, 1).reshape(C, -1), as_tuple=True
+    )
+    anchor_counts = torch.bincount(anchor_classes, minlength=C).tolist()
+    anchor_starts = np.cumsum([0] + anchor_counts[:-1]).tolist()
+    lengths = queues.length.tolist()
+    anchors, prototype_classes, negatives = [], [], []
+    for i, queue_class in enumerate(present):  # class i's anchors and prototype, the i-th present class's queue
+        if anchor_counts[i] and lengths[queue_class]:
+            drawn = anchor_starts[i] + torch.randint(anchor_counts[i], (num_queries,))
+            anchors.append(anchor_candidates.index_select(0, drawn.to(anchor_candidates.device)))
+            drawn = torch.randint(lengths[queue_class], (num_queries * num_negatives,))
+            negatives.append(_unit_keys(queues, queue_class, drawn, rep_t.dtype).reshape(num_queries, -1, D))
+            prototype_classes.append(i)
+    if not anchors:
+        return None
+    return ContrastiveDraw(
+        anchor_pixels=torch.cat(anchors),
+        prototypes=F.normalize(prototypes[prototype_classes], dim=-1, eps=1e-8),
+        negatives=negatives,
         num_present=len(present),
     )
 

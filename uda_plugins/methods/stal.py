@@ -21,7 +21,8 @@ unlabelled target images. One iteration (``UDA.STAL``, pieces in :mod:`uda_plugi
    ``L_cons`` = the teacher's labels weighted by its confidence squared with adaptive equalisation sampling, on the
    labelled and the mixed unlabelled images;
 6. from ``CONTRASTIVE_START_ITER``, U2PL's pixel contrastive loss on the head's representation (weight 0.1, per-class
-   queues of teacher features; :func:`~uda_plugins.methods.semi_supervised.pixel_contrastive_loss`);
+   queues of teacher features; :func:`~uda_plugins.methods.semi_supervised.pixel_contrastive_loss`), its samples as
+   U2PL's paper defines them or, ``CONTRASTIVE_AS_RELEASED``, as its code draws them (A2, B7, B8);
    ``L = (L_sup + L_cons) / LOSS_DIVISOR + 0.1 L_contra / LOSS_DIVISOR ** CONTRASTIVE_DIVISOR_POWER``.
 
 Decisions (docs/methods.md §6.9): the class criterion and the CutMix bank are averaged / gathered over processes,
@@ -35,11 +36,13 @@ item  difference                                                                
 ====  ==========================================================================  =================================
 A1    none: 769x769 crops padded in the centre, padded labels road                ``CROP_PAD center``,
                                                                                    ``CROP_PAD_LABEL 0``
-A2    the contrastive negatives: U2PL's paper's (pixels not of the class); the    no switch yet: the release's
-      release reads labels (nearest) and probabilities (bilinear,                 sampling is not ported
-      align_corners=True) at different pixels after a full-resolution CutMix,
-      so it pushes 10-57 negatives a step, and ``label_onehot`` puts every
-      labelled image's classes in slot 0 (B7). The term is not zero as released
+A2    none: the contrastive samples as released: the labels (nearest) and the     ``CONTRASTIVE_AS_RELEASED``
+      teacher's probabilities (bilinear, align_corners=True) resized from 769 to
+      193 are read up to 3 pixels apart, after the CutMix at full resolution, so
+      the release's rule (B8) finds a few negatives a step (the audit's replay:
+      10-57; the tests' synthetic steps: 50-62); class i's anchors and prototype
+      meet the queue of the i-th class present (U2PL issue #111). The fix
+      (U2PL's paper): align_corners=False, B8's negatives, each class its queue
 A3    none: the contrastive term divided by the GPUs twice                         ``CONTRASTIVE_DIVISOR_POWER 2``
 A4    a paste onto half the labelled samples as released; the partner is the      ``COPY_PASTE_PROB 0.5``; the
       next labelled sample at the main scale (the release: a second sample at     partner and the raw labels: no
@@ -55,8 +58,14 @@ B4    SYNTHIA labels resized by nearest neighbour (the release: bilinear on ids)
 B5    the selection score on whole 1024x2048 images with the current teacher or   no switch
       MODEL.WEIGHTS (the release: 769x769 squashed, the best-on-val teacher)
 B6    documentation: the 5% lists are one round of 120 from the 1% model          —
-B7    see A2                                                                       —
-B8    see A2 (the negative set itself)                                             —
+B7    none: ``label_onehot``'s batch slot 0: only the first labelled image has    ``CONTRASTIVE_AS_RELEASED``
+      labels (anchors, prototype pixels), the union of the labelled batch's (and
+      the first unlabelled image, of the unlabelled part's). The release's
+      per-GPU batch is 4 + 1 (4 processes, as A7); one process: unions of 16, 4
+B8    none: a negative of class c must be labelled c and ranked 4th-20th by the   ``CONTRASTIVE_AS_RELEASED``
+      teacher (no labelled pixel can be one; U2PL issues #171, #27). The fix
+      (U2PL's paper): pixels not of c that rank c in the top 3 (labelled) or
+      4th-20th (unlabelled), about 4x10^5 a step against the release's dozens
 B9    the class criterion and bank synchronised over processes (the release:      no switch
       per GPU, rank 0's saved)
 B10   OHEM's minimum and the entropy percentiles per process: one process keeps   4 processes (as A7)
@@ -77,7 +86,8 @@ C6    the contrastive queues float16 and checkpointed (the release: float32,    
       empty after a resume)
 C7    documentation corrected (configs/README.md)                                  —
 C8    documentation: 7 SYNTHIA classes disagree with the 19-class model, not 10   —
-C9    resizing with align_corners=False, no conv bias before BN                    no switch
+C9    resizing with align_corners=False, no conv bias before BN (A2's switch     no switch
+      resamples these full-resolution logits as the release resamples its own)
 ====  ==========================================================================  =================================
 """
 
@@ -87,7 +97,6 @@ from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from uda_plugins.d2 import META_ARCH_REGISTRY, CfgNode, comm, get_event_storage
 from uda_plugins.data.build import DataRequirements, get_dataset_dicts
@@ -97,16 +106,17 @@ from uda_plugins.modeling.heads.deeplabv3plus import AuxiliaryHead
 from uda_plugins.modeling.losses import upsample_like
 from uda_plugins.utils.profiling import timed
 
-from .offline_pseudo_labels import percentile
 from .self_training import SelfTrainingArch
 from .semi_supervised import (
     ContrastiveDraw,
     ContrastQueues,
     class_confidence,
     confidence_weighted_consistency,
+    contrastive_inputs,
     copy_paste,
     cutmix_box,
     draw_contrastive_samples,
+    draw_contrastive_samples_as_released,
     draw_cutmix_source,
     draw_query_classes,
     filter_unlabelled_pseudo_labels,
@@ -174,6 +184,7 @@ class STAL(SelfTrainingArch):
                 num_negatives=s.NUM_NEGATIVES,
             )
             self.temperature = s.TEMPERATURE
+            self.contrastive_as_released = s.CONTRASTIVE_AS_RELEASED
             self.entropy_percents = (s.LOW_ENTROPY_PERCENT, s.HIGH_ENTROPY_PERCENT)
             capacities = [s.FIRST_CLASS_QUEUE_SIZE] + [s.QUEUE_SIZE] * (C - 1)
             self.queues = ContrastQueues(capacities, dim=self.student.head.representation_dim)
@@ -214,31 +225,20 @@ class STAL(SelfTrainingArch):
         self, teacher_reps, labels, pseudo_u, teacher_logits: List[torch.Tensor], entropy_u
     ) -> Optional[ContrastiveDraw]:
         """The samples of U2PL's contrastive term on the labelled then the mixed unlabelled images, at the
-        representation size (pushes this step's negatives into the queues)."""
-        low_p, high_p = self.entropy_percents
-        kept_u = pseudo_u != self.ignore_value
-        low_u = (entropy_u <= percentile(entropy_u, low_p)) & kept_u
-        high_u = (entropy_u >= percentile(entropy_u, high_p)) & kept_u
-        kept_l = labels != self.ignore_value
-        size = teacher_reps.shape[-2:]
-
-        def small(x: torch.Tensor) -> torch.Tensor:
-            return F.interpolate(x[:, None].float(), size=size, mode="nearest")[:, 0]
-
-        all_labels = small(torch.cat([labels, pseudo_u])).long()
-        low, high = small(torch.cat([kept_l, low_u])).bool(), small(torch.cat([kept_l, high_u])).bool()
-        # Each part resized on its own (their full-size concatenation would copy every logit), as one-channel maps:
-        # the CPU kernel converts a many-channel input to channels-last first, five times the cost of the resize.
-        small_logits = [
-            F.interpolate(x.flatten(0, 1)[:, None], size=size, mode="bilinear", align_corners=False).view(
-                *x.shape[:2], *size
-            )
-            for x in teacher_logits
-        ]
-        probs = torch.softmax(torch.cat(small_logits), 1)
-        return draw_contrastive_samples(
-            teacher_reps, all_labels, probs, low, high, len(labels), self.queues, **self.contrastive
+        representation size (pushes this step's negatives into the queues); with ``CONTRASTIVE_AS_RELEASED``,
+        formed and drawn as the release does (A2)."""
+        inputs = contrastive_inputs(
+            labels,
+            pseudo_u,
+            teacher_logits,
+            entropy_u,
+            teacher_reps.shape[-2:],
+            *self.entropy_percents,
+            align_corners=self.contrastive_as_released,
+            ignore=self.ignore_value,
         )
+        draw = draw_contrastive_samples_as_released if self.contrastive_as_released else draw_contrastive_samples
+        return draw(teacher_reps, *inputs, len(labels), self.queues, **self.contrastive)
 
     def _partner(self, index: int) -> torch.Tensor:
         """A training crop (RGB 0..255) of target image ``index``, drawn with the step's seeded RNG."""
