@@ -83,6 +83,10 @@ def add_uda_config(cfg: CN) -> None:
     # ILM-ASSL's labeled_gtav2000.txt) or "random:<n>" (n at random, seeded by SEED); "" = all of them.
     _C.DATASETS.SOURCE_LIST = ""
     _C.DATASETS.TARGET_LABELED_ENTRIES = -1
+    # The unlabelled stream of DATASETS.TARGET_TRAIN[0] (and what draws from it: STAL's CutMix partners) leaves out
+    # the images of DATASETS.TARGET_LABELED_LIST, as ILM-ASSL's unlabeled.txt is the complement of its labeled.txt;
+    # False: every target image is also an unlabelled one.
+    _C.DATASETS.TARGET_EXCLUDE_LABELED = False
 
     # ------------------------------------------------------------------ rare-class sampling (DAFormer)
     _C.DATALOADER.RCS = CN()

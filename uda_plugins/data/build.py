@@ -135,6 +135,10 @@ class DomainStream:
 
     Before iteration ``first_iteration`` the stream yields empty batches (a stream only one phase of a method
     reads costs no I/O in the other); positions stay those of the iteration, so this changes no sample.
+
+    With ``indices`` the stream draws only those images of ``dicts`` (a target stream without the labelled target
+    images: ``DATASETS.TARGET_EXCLUDE_LABELED``); ``dataset_index`` and a label bank still index all of ``dicts``,
+    so state kept per image of the dataset (a CutMix bank, a pseudo-label bank) does not depend on the subset.
     """
 
     def __init__(
@@ -147,8 +151,17 @@ class DomainStream:
         salt: int,
         rare_class_sampler: Optional[RareClassSampler] = None,
         first_iteration: int = 0,
+        indices: Optional[Sequence[int]] = None,
     ) -> None:
         self.name = name
+        self.num_images = len(dicts)
+        self.indices = None if indices is None else [int(i) for i in indices]
+        if self.indices is not None:
+            if not self.indices:
+                raise ValueError(f"The {name} stream draws from no image")
+            if rare_class_sampler is not None:
+                raise ValueError(f"The {name} stream: rare-class sampling draws from every image, not a subset")
+            dicts = [dicts[i] for i in self.indices]
         self.dataset = SerializedList(dicts)
         self.mapper = mapper
         self.global_batch = global_batch
@@ -184,11 +197,15 @@ class DomainStream:
             )
 
     def attach_label_bank(self, bank) -> None:
-        if len(bank) != len(self.dataset):
+        if len(bank) != self.num_images:
             raise ValueError(
-                f"A pseudo-label bank of {len(bank)} images for the stream '{self.name}' of {len(self.dataset)}"
+                f"A pseudo-label bank of {len(bank)} images for the stream '{self.name}' of {self.num_images}"
             )
         self.label_bank = bank
+
+    def image_index(self, index: int) -> int:
+        """The index in the dataset (all of ``dicts``) of the stream's image ``index``."""
+        return index if self.indices is None else self.indices[index]
 
     def batch(self, iteration: int, rank: int, world_size: int) -> List[dict]:
         out = []
@@ -203,7 +220,8 @@ class DomainStream:
                 index, class_id = self.rare_class_sampler.sample(rng)
                 sample = self.mapper(self.dataset[index], rng=rng, required_class=class_id)
                 sample["rcs_class"] = class_id
-            sample["dataset_index"] = int(index)
+            index = self.image_index(int(index))
+            sample["dataset_index"] = index
             if self.label_bank is not None and int(self.label_bank.versions[index]) >= 0:
                 label, version = self.label_bank.read_crop(index, Geometry.from_dict(sample["geometry"]))
                 sample["pseudo_label"], sample["pseudo_label_version"] = torch.from_numpy(label), version
@@ -329,9 +347,13 @@ class UDATrainLoader:
                 stream.attach_label_bank(bank)
 
     def serve_banks_of(self, model) -> None:
-        """Serve the pseudo-label banks of ``model`` (a meta-architecture), when it keeps any."""
+        """Serve the pseudo-label banks of ``model`` (a meta-architecture), when it keeps any, and tell a model that
+        draws target images itself (``use_target_pools``: STAL's CutMix partners) which images each target stream
+        draws (None: all)."""
         if hasattr(model, "pseudo_label_banks"):
             self.attach_target_label_banks(model.pseudo_label_banks())
+        if hasattr(model, "use_target_pools"):
+            model.use_target_pools([stream.indices for stream in self.dataset.targets])
 
     def set_start_iter(self, start_iter: int) -> None:
         self.dataset.start_iter = int(start_iter)
@@ -518,6 +540,22 @@ def image_subset(spec: str, dicts: Sequence[dict], seed: int) -> List[int]:
     return read_image_list(spec, dicts)
 
 
+def labelled_target_indices(cfg: CfgNode, dicts: Sequence[dict], seed: int) -> List[int]:
+    """The indices in ``dicts`` (``DATASETS.TARGET_TRAIN[0]``'s) of the images ``DATASETS.TARGET_LABELED_LIST`` names
+    (``random:<n>`` drawn with the data ``seed``)."""
+    return image_subset(cfg.DATASETS.TARGET_LABELED_LIST, dicts, seed)
+
+
+def unlabelled_target_indices(cfg: CfgNode, dicts: Sequence[dict], seed: int) -> Optional[List[int]]:
+    """The images of the first target stream with ``DATASETS.TARGET_EXCLUDE_LABELED``: those of ``dicts`` not in
+    ``DATASETS.TARGET_LABELED_LIST`` (ILM-ASSL's ``unlabeled.txt``, the complement of its ``labeled.txt``:
+    ``cityscapes_semi_cp.py:320-326``); None (all of them) without the flag or a list."""
+    if not (cfg.DATASETS.TARGET_EXCLUDE_LABELED and cfg.DATASETS.TARGET_LABELED_LIST):
+        return None
+    labelled = set(labelled_target_indices(cfg, dicts, seed))
+    return [i for i in range(len(dicts)) if i not in labelled]
+
+
 def labelled_target_entries(cfg: CfgNode, seed: int) -> List[dict]:
     """The labelled target images of ``DATASETS.TARGET_LABELED_LIST`` (``random:<n>`` drawn with the data
     ``seed``), cycled to ``TARGET_LABELED_ENTRIES`` dataset dicts (with their ground truth) for the source stream."""
@@ -525,7 +563,7 @@ def labelled_target_entries(cfg: CfgNode, seed: int) -> List[dict]:
         raise ValueError("DATASETS.TARGET_LABELED_LIST names images of DATASETS.TARGET_TRAIN[0], which is empty")
     name = cfg.DATASETS.TARGET_TRAIN[0]
     dicts = get_dataset_dicts([name])
-    chosen = [dicts[i] for i in image_subset(cfg.DATASETS.TARGET_LABELED_LIST, dicts, seed)]
+    chosen = [dicts[i] for i in labelled_target_indices(cfg, dicts, seed)]
     if not chosen:
         raise ValueError(f"DATASETS.TARGET_LABELED_LIST '{cfg.DATASETS.TARGET_LABELED_LIST}' names no image")
     unlabelled = [d["file_name"] for d in chosen if not d.get("sem_seg_file_name")]
@@ -577,16 +615,18 @@ def build_uda_train_loader(cfg: CfgNode, requirements: DataRequirements, seed: O
         if not cfg.DATASETS.TARGET_TRAIN:
             raise ValueError("This method needs target data but DATASETS.TARGET_TRAIN is empty")
         for k, name in enumerate(cfg.DATASETS.TARGET_TRAIN):
+            dicts = get_dataset_dicts([name])
             targets.append(
                 DomainStream(
                     f"target{k}",
-                    get_dataset_dicts([name]),
+                    dicts,
                     UDADatasetMapper.from_config(
                         cfg, "target", load_label=requirements.target_labels, full_view=requirements.target_full_image
                     ),
                     cfg.SOLVER.IMS_PER_BATCH_TARGET,
                     seed,
                     _TARGET_SALT + k,
+                    indices=unlabelled_target_indices(cfg, dicts, seed) if k == 0 else None,
                 )
             )
     extras = {}

@@ -157,15 +157,24 @@ def paste_with_probability(paste_labels: torch.Tensor, prob: float) -> torch.Ten
     return torch.where(pasted[:, None, None], paste_labels, torch.zeros_like(paste_labels))
 
 
-def draw_cutmix_source(cutmix_bank: torch.Tensor, class_criterion: torch.Tensor) -> Tuple[int, int]:
+def draw_cutmix_source(
+    cutmix_bank: torch.Tensor, class_criterion: torch.Tensor, pool: Optional[torch.Tensor] = None
+) -> Tuple[int, int]:
     """ACM (``sample_from_bank``): a class with P proportional to ``exp(1 - cc_c)``, then an image of the bank that
-    shows it (any image if none does). Returns (image index, class)."""
+    shows it (any image if none does). ``pool`` (a bool mask over the bank's images, None = all): the images a
+    partner may be, as the release's bank holds only its unlabelled images. Returns (image index, class)."""
     p = torch.softmax(1 - class_criterion.detach().float().cpu(), 0)
     c = int(torch.multinomial(p, 1))
-    holders = torch.nonzero(cutmix_bank[c].cpu()).flatten()
-    if len(holders):
-        return int(holders[torch.randint(len(holders), ())]), c
-    return int(torch.randint(cutmix_bank.shape[1], ())), c
+    shows = cutmix_bank[c].cpu().bool()
+    if pool is None:
+        holders = torch.nonzero(shows).flatten()
+        if len(holders):
+            return int(holders[torch.randint(len(holders), ())]), c
+        return int(torch.randint(cutmix_bank.shape[1], ())), c
+    pool = pool.cpu().bool()
+    holders = torch.nonzero(shows & pool).flatten()
+    holders = holders if len(holders) else torch.nonzero(pool).flatten()
+    return int(holders[torch.randint(len(holders), ())]), c
 
 
 def random_half_box(height: int, width: int) -> Tuple[int, int, int, int]:

@@ -48,7 +48,8 @@ A5    none: the unlabelled filter drops the most confident pixels               
 A6    the whole source set (the release: a 2000-image subset, so 59.6% of the     ``DATASETS.SOURCE_LIST`` from
       labelled stream is Cityscapes at 1%, about 10.5% with all of GTA5)          tools/convert_ilm_assl_list.py
 A7    none: SyncBN over the processes (4 processes of one image each run)         ``NORM SyncBN``
-B1    the unlabelled stream and the CutMix bank include the labelled targets      no switch
+B1    none: the unlabelled stream and the CutMix partners without the labelled    ``DATASETS.TARGET_EXCLUDE_LABELED``
+      targets (the library's default: every target image is also unlabelled)
 B2    none (= A1's geometry: a scale from [0.5, 1] or [1, 2])                     ``RATIO_SAMPLING split_at_one``
 B3    none: the source stretched to 2048x1024                                     ``RESIZE_MODE exact``
 B4    SYNTHIA labels resized by nearest neighbour (the release: bilinear on ids)  no switch (a fix)
@@ -153,6 +154,9 @@ class STAL(SelfTrainingArch):
         generator = torch.Generator().manual_seed(int(cfg.SEED) if cfg.SEED >= 0 else 0)
         self.register_buffer("class_criterion", torch.rand(C, generator=generator))
         self.register_buffer("cutmix_bank", torch.zeros(C, len(self.target_dicts()), dtype=torch.uint8))
+        # The target images a CutMix partner may be (None: all): the unlabelled stream's, which the loader names
+        # (use_target_pools; without the labelled ones under DATASETS.TARGET_EXCLUDE_LABELED, as released).
+        self.cutmix_pool: Optional[torch.Tensor] = None
         self.contrastive_weight, self.contrastive_start = s.CONTRASTIVE_WEIGHT, s.CONTRASTIVE_START_ITER
         self.contrastive = None
         # The head's representation branch has no gradient while the contrastive term is off (before its start, or
@@ -177,6 +181,14 @@ class STAL(SelfTrainingArch):
             self.entropy_percents = (s.LOW_ENTROPY_PERCENT, s.HIGH_ENTROPY_PERCENT)
             capacities = [s.FIRST_CLASS_QUEUE_SIZE] + [s.QUEUE_SIZE] * (C - 1)
             self.queues = ContrastQueues(capacities, dim=self.student.head.representation_dim)
+
+    def use_target_pools(self, pools: List[Optional[List[int]]]) -> None:
+        """The images each target stream draws (None: all), from the loader: CutMix partners come from the first's."""
+        if pools[0] is None:
+            self.cutmix_pool = None
+            return
+        self.cutmix_pool = torch.zeros(self.cutmix_bank.shape[1], dtype=torch.bool)
+        self.cutmix_pool[pools[0]] = True
 
     def target_dicts(self) -> List[dict]:
         if self._target_dicts is None:
@@ -258,7 +270,7 @@ class STAL(SelfTrainingArch):
         partners, classes, indices = [], [], []
         with timed("partner_loading"):
             for _ in dicts:
-                index, c = draw_cutmix_source(self.cutmix_bank, self.class_criterion)
+                index, c = draw_cutmix_source(self.cutmix_bank, self.class_criterion, self.cutmix_pool)
                 partners.append(self._partner(index))
                 classes.append(c)
                 indices.append(index)
