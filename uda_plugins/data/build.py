@@ -530,20 +530,36 @@ def released_object_rule(cfg: CfgNode) -> GeometryRule:
     )
 
 
-def image_subset(spec: str, dicts: Sequence[dict], seed: int) -> List[int]:
+def image_subset(spec: str, dicts: Sequence[dict], seed: int, key: str = "") -> List[int]:
     """The images of ``dicts`` a list spec names (``DATASETS.TARGET_LABELED_LIST``, ``DATASETS.SOURCE_LIST``): a list
-    file, or ``random:<n>`` (n images at random with per-folder quotas, as an active-learning seed set)."""
+    file, or ``random:<n>`` (n images at random with per-folder quotas, as an active-learning seed set). ``key``: the
+    config key that names it, for the message when the file is missing."""
     if spec.startswith("random:"):
         groups = [group_of(d["file_name"]) for d in dicts]
         n = int(spec.split(":", 1)[1])
         return select_images(n, groups, np.zeros(len(dicts), bool), "random", rng=np.random.default_rng(seed))
+    if key and not os.path.isfile(spec):
+        raise FileNotFoundError(f"{key} '{spec}' does not exist: {_list_hint(spec)}")
     return read_image_list(spec, dicts)
+
+
+def _list_hint(spec: str) -> str:
+    """How to make a missing list file."""
+    if "ilm_assl" in spec.replace(os.sep, "/").split("/"):
+        return (
+            "make ILM-ASSL's lists from the authors' data/<benchmark>/<budget>/labeled.txt with 'python "
+            "tools/convert_ilm_assl_list.py <ILM-ASSL>/data/gtav2cityscapes/1.0%/labeled.txt --source-out "
+            "datasets/lists/ilm_assl/gtav2cityscapes/source_2000.txt --target-out "
+            "datasets/lists/ilm_assl/gtav2cityscapes/labeled_1pct.txt' (the config's header gives its own command; "
+            "run it from the folder you train in)"
+        )
+    return "a list file names one image per line (tools/active_learning_round.py writes them); see the config's header"
 
 
 def labelled_target_indices(cfg: CfgNode, dicts: Sequence[dict], seed: int) -> List[int]:
     """The indices in ``dicts`` (``DATASETS.TARGET_TRAIN[0]``'s) of the images ``DATASETS.TARGET_LABELED_LIST`` names
     (``random:<n>`` drawn with the data ``seed``)."""
-    return image_subset(cfg.DATASETS.TARGET_LABELED_LIST, dicts, seed)
+    return image_subset(cfg.DATASETS.TARGET_LABELED_LIST, dicts, seed, "DATASETS.TARGET_LABELED_LIST")
 
 
 def unlabelled_target_indices(cfg: CfgNode, dicts: Sequence[dict], seed: int) -> Optional[List[int]]:
@@ -598,7 +614,8 @@ def build_uda_train_loader(cfg: CfgNode, requirements: DataRequirements, seed: O
         else:
             source_dicts = get_dataset_dicts(cfg.DATASETS.SOURCE_TRAIN)
         if cfg.DATASETS.SOURCE_LIST:
-            source_dicts = [source_dicts[i] for i in image_subset(cfg.DATASETS.SOURCE_LIST, source_dicts, seed)]
+            chosen = image_subset(cfg.DATASETS.SOURCE_LIST, source_dicts, seed, "DATASETS.SOURCE_LIST")
+            source_dicts = [source_dicts[i] for i in chosen]
         if cfg.DATASETS.TARGET_LABELED_LIST:
             source_dicts = source_dicts + labelled_target_entries(cfg, seed)
         source = DomainStream(

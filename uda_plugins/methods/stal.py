@@ -45,8 +45,9 @@ A4    a paste onto half the labelled samples as released; the partner is the    
       next labelled sample at the main scale (the release: a second sample at     partner and the raw labels: no
       0.1-2.0, whose GTA5/SYNTHIA labels are not mapped to trainIds)               switch
 A5    none: the unlabelled filter drops the most confident pixels                 ``ENTROPY_FILTER_AS_RELEASED``
-A6    the whole source set (the release: a 2000-image subset, so 59.6% of the     ``DATASETS.SOURCE_LIST`` from
-      labelled stream is Cityscapes at 1%, about 10.5% with all of GTA5)          tools/convert_ilm_assl_list.py
+A6    none in the paper configs: the release's 2000 source images (59.6% of the   ``DATASETS.SOURCE_LIST`` (the
+      labelled stream is Cityscapes at 1%; 10.6% with all of GTA5, 23.9% with     list tools/convert_ilm_assl_list.py
+      all of SYNTHIA: SOURCE_LIST "")                                             writes; required, not shipped)
 A7    none: SyncBN over the processes (4 processes of one image each run)         ``NORM SyncBN``
 B1    none: the unlabelled stream and the CutMix partners without the labelled    ``DATASETS.TARGET_EXCLUDE_LABELED``
       targets (the library's default: every target image is also unlabelled)
