@@ -104,39 +104,3 @@ def test_teacher_forwards_follow_the_release_order_and_modes(tmp_path, contrast_
         model(batch)
     n_source, n_target = len(batch["source"]), len(batch["target"][0])
     assert calls == [(True, n_source), (False, n_target), (False, n_target), (True, n_target)]
-
-
-@pytest.mark.parametrize("exclude", [False, True])
-def test_unlabelled_stream_and_cutmix_partners_leave_out_the_labelled_targets(tmp_path, exclude):
-    # B1: ILM-ASSL's unlabelled set is unlabeled.txt, the complement of labeled.txt (cityscapes_semi_cp.py:320-326),
-    # and its CutMix bank and partners index that set only. DATASETS.TARGET_EXCLUDE_LABELED reproduces it; without it
-    # every target image is also an unlabelled one.
-    from uda_plugins.data.build import image_subset
-
-    cfg = _cfg(tmp_path, **{"DATASETS.TARGET_EXCLUDE_LABELED": exclude, "SOLVER.IMS_PER_BATCH_TARGET": 4})
-    model = build_model(cfg).train()
-    loader = build_uda_train_loader(cfg, model.data_requirements)
-    loader.serve_banks_of(model)  # as the trainer does: the model learns the stream's images
-    dicts = get_dataset_dicts(["synthetic_tiny_target_train"])
-    labelled = set(image_subset("random:4", dicts, cfg.SEED))
-    stream = loader.dataset.targets[0]
-    seen = {d["dataset_index"] for it in range(12) for d in stream.batch(it, 0, 1)}
-    if exclude:
-        assert stream.indices == [i for i in range(len(dicts)) if i not in labelled]
-        assert not seen & labelled and len(seen) > len(labelled)
-        assert model.cutmix_pool.tolist() == [i not in labelled for i in range(len(dicts))]
-    else:
-        assert stream.indices is None and model.cutmix_pool is None
-        assert seen & labelled  # 48 draws of 12 images: every image comes up
-    # the dataset_index of a sample still names its image in the whole dataset (the bank's column)
-    sample = stream.batch(0, 0, 1)[0]
-    assert sample["file_name"] == dicts[sample["dataset_index"]]["file_name"]
-    partners = []
-    real_partner = model._partner
-    model._partner = lambda index: partners.append(index) or real_partner(index)
-    target = next(iter(loader))["target"][0]
-    for k in range(12):  # a bank of every class for every image, then none: the fallback draws from the pool too
-        torch.manual_seed(k)
-        model.cutmix_bank.fill_(k % 2)
-        model._mixed_unlabelled(target)
-    assert len(partners) == 48 and bool(set(partners) & labelled) != exclude

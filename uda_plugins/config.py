@@ -472,6 +472,17 @@ def add_uda_config(cfg: CN) -> None:
     # The probability that a labelled sample gets a paste (the release: 0.5, cityscapes_semi_cp.py:179-192 loads a
     # paste sample only when random.random() > acp.prob, else an all-zero one that leaves the sample as it is).
     _C.UDA.STAL.COPY_PASTE_PROB = 1.0
+    # What is pasted (A4): "second_sample", as released (cityscapes_semi_cp.py:179-192): for each labelled sample a
+    # second labelled sample drawn uniformly from the labelled pool by a loader stream of its own, at its own random
+    # scale PASTE_RATIO_RANGE (acp.rand_resize: 0.1-2.0) with INPUT.SOURCE's crop (which must pad to one size) and
+    # flip; or "batch": the next labelled sample of the batch as it is (no extra reads; for inputs not cropped).
+    _C.UDA.STAL.PASTE_PARTNER = "second_sample"
+    _C.UDA.STAL.PASTE_RATIO_RANGE = (0.1, 2.0)
+    # With "second_sample": read a paste sample as the release does (img_loader, cityscapes_semi_cp.py:185-189), at its
+    # file's size (not INPUT.SOURCE.RESIZE) and, for GTA5 and SYNTHIA, with its label file as downloaded through PIL's
+    # convert("L"): the grey levels of GTA5's palette colours, the high bytes of SYNTHIA's 16-bit labels (almost all
+    # 0, no paste), so the query classes pick pixels by those values. False: stretched and mapped like the others.
+    _C.UDA.STAL.PASTE_RAW_SOURCE_LABELS = False
     # Adaptive CutMix of the unlabelled images with a partner showing a hard class: a region of that class larger
     # than CUTMIX_AREA_THRESH of the crop (0.005); the bank marks classes covering CUTMIX_BANK_AREA_THRESH (0.01).
     _C.UDA.STAL.CUTMIX = True

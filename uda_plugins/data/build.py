@@ -12,11 +12,13 @@ makes the stream independent of the number of workers and processes and lets ``-
 With ``DATALOADER.RCS.ENABLED`` the source stream draws its images by rare-class sampling
 (:class:`~uda_plugins.data.samplers.RareClassSampler`) from the same position-seeded RNG, so this still holds.
 A method may ask for extra streams (``DataRequirements.source_paste``: QuadMix's rare objects, served under
-``batch["source_paste"]``); they follow the same rules with their own salts.
+``batch["source_paste"]``; ``labelled_paste``: STAL's paste samples, under ``batch["labelled_paste"]``); they follow
+the same rules with their own salts.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 import os
@@ -32,8 +34,9 @@ from uda_plugins.active_learning.selection import group_of, select_images
 from uda_plugins.d2 import CfgNode, DatasetCatalog, MetadataCatalog, comm
 
 from .class_stats import ensure_class_stats
+from .datasets.common import read_label_as_grey
 from .image_lists import read_image_list
-from .mapper import UDADatasetMapper
+from .mapper import UDADatasetMapper, crop_pad_image
 from .samplers import (
     EpochPermutationSampler,
     InferenceSampler,
@@ -41,7 +44,7 @@ from .samplers import (
     SharedClassObjectSampler,
     rank_positions,
 )
-from .transforms import Geometry, GeometryRule
+from .transforms import Geometry, GeometryRule, apply_geometry, resize_label
 
 __all__ = [
     "DataRequirements",
@@ -54,6 +57,8 @@ __all__ = [
     "build_full_view_loader",
     "build_rare_class_sampler",
     "build_source_paste_stream",
+    "build_labelled_paste_stream",
+    "LabelledPasteStream",
     "released_object_rule",
     "SourcePasteStream",
     "source_class_pixels",
@@ -66,6 +71,7 @@ logger = logging.getLogger(__name__)
 _SOURCE_SALT = 1
 _SOURCE_PASTE_SALT = 50
 _SOURCE_PASTE_CLASS_SALT = 51  # the per-iteration class draw of QuadMix's rare objects as released
+_LABELLED_PASTE_SALT = 60  # STAL's paste samples
 _TARGET_SALT = 100
 
 # QuadMix pastes rare objects into two images per target image (T2SS and T2ST).
@@ -85,6 +91,9 @@ class DataRequirements:
     source_paste: bool = False
     # Target samples also carry ``full_image``: the whole image at INPUT.TARGET's base size (RESIZE, RESIZE_MODE; DUDA).
     target_full_image: bool = False
+    # An extra stream ``batch["labelled_paste"]``: one paste sample (or none) per labelled sample, drawn from the
+    # labelled pool at its own geometry (:func:`build_labelled_paste_stream`; configured under ``UDA.STAL``).
+    labelled_paste: bool = False
 
 
 class SerializedList(Dataset):
@@ -274,6 +283,49 @@ class SourcePasteStream(DomainStream):
         sample = self.mapper(self.dataset[index], rng=rng, geometry=geometry)
         sample["rcs_class"] = class_id
         sample["dataset_index"] = index
+        return sample
+
+
+class LabelledPasteStream(DomainStream):
+    """STAL's paste samples as released (ILM-ASSL ``core/dataset/cityscapes_semi_cp.py:179-192,220-226``): for the
+    labelled sample at each position of the source stream, with probability ``prob`` a second labelled sample drawn
+    uniformly from the same pool (``random.randint`` over the labelled list, so with replacement), mapped at its own
+    geometry (the paste transform, ``:245,293``); otherwise ``{"pasted": False}`` and nothing is read (the release's
+    all-zero paste, which leaves the sample as it is). A drawn sample carries ``"pasted": True``.
+
+    With ``raw_labels`` the label of a sample whose dict names a ``raw_sem_seg_file_name`` (GTA5, SYNTHIA) is that file
+    through PIL's ``convert("L")`` (``img_loader(paste_label_path, "L")``, ``:189``, which bypasses the id maps of
+    ``__getitem__``), resized to its image where the two differ and carried through the sample's geometry."""
+
+    def __init__(self, *args, prob: float, raw_labels: bool, raw_mapper: UDADatasetMapper, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.prob = float(prob)
+        self.raw_labels = bool(raw_labels)
+        self.raw_mapper = raw_mapper  # the same geometry without reading the (mapped) label
+
+    def batch(self, iteration: int, rank: int, world_size: int) -> List[dict]:
+        out = []
+        for position in rank_positions(iteration, self.global_batch, rank, world_size):
+            rng = np.random.default_rng([self.seed, self.salt, position])
+            if not rng.uniform() < self.prob:
+                out.append({"pasted": False})
+                continue
+            index = int(rng.integers(len(self.dataset)))
+            out.append(dict(self._paste_sample(self.dataset[index], rng), pasted=True, dataset_index=index))
+        return out
+
+    def _paste_sample(self, d: dict, rng: np.random.Generator) -> dict:
+        raw_file = d.get("raw_sem_seg_file_name") if self.raw_labels else None
+        if raw_file is None:
+            return self.mapper(d, rng=rng)
+        sample = self.raw_mapper(d, rng=rng)
+        geometry = Geometry.from_dict(sample["geometry"])
+        label = read_label_as_grey(raw_file)
+        if label.shape != tuple(geometry.orig_size):  # the release resizes both to the image's scaled size
+            label = resize_label(label, geometry.orig_size, self.raw_mapper.rule.interpolation)
+        rule = self.raw_mapper.rule
+        label = apply_geometry(rule.stretched(label, True), geometry, True, self.mapper.pad_label, rule.interpolation)
+        sample["sem_seg"] = torch.from_numpy(label.astype(np.int64))
         return sample
 
 
@@ -505,6 +557,68 @@ def build_source_paste_stream(cfg: CfgNode, seed: int) -> Optional[DomainStream]
     )
 
 
+def build_labelled_paste_stream(cfg: CfgNode, dicts: Sequence[dict], seed: int) -> Optional[LabelledPasteStream]:
+    """STAL's paste samples drawn from ``dicts`` (the labelled pool of the source stream) with
+    ``UDA.STAL.PASTE_PARTNER second_sample`` (None otherwise, or when copy-paste is off): one per labelled sample
+    (global batch ``IMS_PER_BATCH_SOURCE``, the same positions), a paste with probability ``COPY_PASTE_PROB``, at
+    INPUT.SOURCE's geometry with the random scale from ``PASTE_RATIO_RANGE`` (the release's ``acp.rand_resize``
+    0.1-2.0). With ``PASTE_RAW_SOURCE_LABELS`` the paste samples are read as the release reads them: at their file's
+    size (no ``INPUT.SOURCE.RESIZE``; Cityscapes already is 2048x1024) and, for GTA5 and SYNTHIA, with the label file
+    as downloaded through PIL's ``convert("L")`` (:class:`LabelledPasteStream`)."""
+    s = cfg.UDA.STAL
+    if s.PASTE_PARTNER not in PASTE_PARTNERS:
+        raise ValueError(f"UDA.STAL.PASTE_PARTNER must be one of {PASTE_PARTNERS}, not '{s.PASTE_PARTNER}'")
+    if s.PASTE_PARTNER != "second_sample" or s.COPY_PASTE_CLASSES <= 0 or s.COPY_PASTE_PROB <= 0:
+        return None
+    source = GeometryRule.from_config(cfg.INPUT.SOURCE, "INPUT.SOURCE")
+    if not source.crops or source.crop_pad == "none":
+        raise ValueError(
+            "UDA.STAL.PASTE_PARTNER second_sample pastes a sample at its own scale into the labelled crops, so "
+            "INPUT.SOURCE needs a CROP_SIZE with CROP_PAD center or bottom_right (the release: 769x769, center); or "
+            "set UDA.STAL.PASTE_PARTNER batch"
+        )
+    rule = dataclasses.replace(
+        source,
+        ratio_range=tuple(float(v) for v in s.PASTE_RATIO_RANGE),
+        resize=(0, 0) if s.PASTE_RAW_SOURCE_LABELS else source.resize,
+        key="UDA.STAL (paste samples: INPUT.SOURCE, PASTE_RATIO_RANGE)",
+    )
+    mappers = [
+        UDADatasetMapper(
+            is_train=True,
+            rule=rule,
+            num_classes=cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES,
+            load_label=load_label,
+            ignore_label=cfg.MODEL.SEM_SEG_HEAD.IGNORE_VALUE,
+            pad_image=crop_pad_image(cfg, cfg.INPUT.SOURCE),
+            pad_label=cfg.INPUT.SOURCE.CROP_PAD_LABEL,
+        )
+        for load_label in (True, False)
+    ]
+    logger.info(
+        "STAL paste samples: a second labelled sample for %.0f%% of the labelled ones, at a scale of %s%s",
+        100 * s.COPY_PASTE_PROB,
+        tuple(rule.ratio_range),
+        ", read as released (the file's size; GTA5/SYNTHIA labels as downloaded, in grey)"
+        if s.PASTE_RAW_SOURCE_LABELS
+        else "",
+    )
+    return LabelledPasteStream(
+        "labelled_paste",
+        dicts,
+        mappers[0],
+        cfg.SOLVER.IMS_PER_BATCH_SOURCE,
+        seed,
+        _LABELLED_PASTE_SALT,
+        prob=min(float(s.COPY_PASTE_PROB), 1.0),
+        raw_labels=s.PASTE_RAW_SOURCE_LABELS,
+        raw_mapper=mappers[1],
+    )
+
+
+PASTE_PARTNERS = ("second_sample", "batch")
+
+
 def released_object_rule(cfg: CfgNode) -> GeometryRule:
     """The geometry of a rare object as released (rand_mixer, ``ok/dacs_gta.py:167-171, 199-208``; the same in
     ``dacs_syn.py``): PIL's ``resize`` to ``UDA.QUADMIX.RARE_RESIZE`` whatever the aspect ratio (BILINEAR for the
@@ -647,6 +761,10 @@ def build_uda_train_loader(cfg: CfgNode, requirements: DataRequirements, seed: O
                 )
             )
     extras = {}
+    if requirements.labelled_paste and source is not None:
+        paste = build_labelled_paste_stream(cfg, source_dicts, seed)
+        if paste is not None:
+            extras["labelled_paste"] = paste
     if requirements.source_paste:
         paste = build_source_paste_stream(cfg, seed)
         if paste is not None:

@@ -7,7 +7,8 @@ unlabelled target images. One iteration (``UDA.STAL``, pieces in :mod:`uda_plugi
 
 1. classes for the adaptive augmentations: three draws from the non-dominant classes with P ~ exp(sqrt(1 - cc_c)),
    cc = each class's running confidence (the "class criterion");
-2. **adaptive copy-paste** on the labelled batch: the pixels of those classes of another labelled sample pasted in;
+2. **adaptive copy-paste** on the labelled batch: the pixels of those classes of another labelled sample pasted in
+   (for half the samples, as released: a second sample the loader draws at its own scale, ``PASTE_PARTNER``);
 3. **adaptive CutMix** on the unlabelled images: for each target image a partner from the CutMix bank showing a
    class drawn with P ~ exp(1 - cc_c); the teacher (eval mode) predicts both; the box of a random connected region
    of that class in the partner's prediction (or a random half-area box) is pasted, and the teacher's
@@ -41,9 +42,10 @@ A2    the contrastive negatives: U2PL's paper's (pixels not of the class); the  
       so it pushes 10-57 negatives a step, and ``label_onehot`` puts every
       labelled image's classes in slot 0 (B7). The term is not zero as released
 A3    none: the contrastive term divided by the GPUs twice                         ``CONTRASTIVE_DIVISOR_POWER 2``
-A4    a paste onto half the labelled samples as released; the partner is the      ``COPY_PASTE_PROB 0.5``; the
-      next labelled sample at the main scale (the release: a second sample at     partner and the raw labels: no
-      0.1-2.0, whose GTA5/SYNTHIA labels are not mapped to trainIds)               switch
+A4    none: a paste onto half the labelled samples, of a second labelled sample  ``COPY_PASTE_PROB 0.5``,
+      drawn by the loader at 0.1-2.0; a GTA5/SYNTHIA one read raw: its file's     ``PASTE_PARTNER second_sample``,
+      size, its label PNG's grey levels (only GTA5's cars, as train, and          ``PASTE_RATIO_RANGE (0.1, 2.0)``,
+      trailers, as car, ever match a query class; SYNTHIA's are 0)                ``PASTE_RAW_SOURCE_LABELS``
 A5    none: the unlabelled filter drops the most confident pixels                 ``ENTROPY_FILTER_AS_RELEASED``
 A6    none in the paper configs: the release's 2000 source images (59.6% of the   ``DATASETS.SOURCE_LIST`` (the
       labelled stream is Cityscapes at 1%; 10.6% with all of GTA5, 23.9% with     list tools/convert_ilm_assl_list.py
@@ -92,7 +94,7 @@ import torch
 import torch.nn.functional as F
 
 from uda_plugins.d2 import META_ARCH_REGISTRY, CfgNode, comm, get_event_storage
-from uda_plugins.data.build import DataRequirements, get_dataset_dicts
+from uda_plugins.data.build import PASTE_PARTNERS, DataRequirements, get_dataset_dicts
 from uda_plugins.data.mapper import UDADatasetMapper
 from uda_plugins.modeling import class_maximum, predicted_classes, stack_images
 from uda_plugins.modeling.heads.deeplabv3plus import AuxiliaryHead
@@ -124,7 +126,9 @@ __all__ = ["STAL"]
 
 @META_ARCH_REGISTRY.register()
 class STAL(SelfTrainingArch):
-    data_requirements = DataRequirements(source=True, source_labels=True, target=True, target_labels=False)
+    data_requirements = DataRequirements(
+        source=True, source_labels=True, target=True, target_labels=False, labelled_paste=True
+    )
 
     def __init__(self, cfg: CfgNode) -> None:
         super().__init__(cfg)
@@ -142,6 +146,9 @@ class STAL(SelfTrainingArch):
         self.class_momentum = s.CLASS_MOMENTUM
         self.adaptive_classes = [c for c in range(C) if c not in set(s.ADAPTIVE_CLASSES_IGNORED)]
         self.copy_paste_draws, self.copy_paste_prob = s.COPY_PASTE_CLASSES, float(s.COPY_PASTE_PROB)
+        if s.PASTE_PARTNER not in PASTE_PARTNERS:
+            raise ValueError(f"UDA.STAL.PASTE_PARTNER must be one of {PASTE_PARTNERS}, not '{s.PASTE_PARTNER}'")
+        self.paste_partner = s.PASTE_PARTNER
         self.cutmix, self.cutmix_area, self.bank_area = s.CUTMIX, s.CUTMIX_AREA_THRESH, s.CUTMIX_BANK_AREA_THRESH
         self.drop_percent, self.as_released = s.UNLABELED_DROP_PERCENT, s.ENTROPY_FILTER_AS_RELEASED
         self.max_iter = cfg.SOLVER.MAX_ITER
@@ -253,6 +260,29 @@ class STAL(SelfTrainingArch):
             teacher_reps, all_labels, probs, low, high, len(labels), self.queues, **self.contrastive
         )
 
+    def _paste_samples(self, batch: Dict[str, list], images: torch.Tensor, labels: torch.Tensor):
+        """(normalised images, labels) pasted onto the labelled batch (all-zero where a sample gets no paste): the
+        loader's second samples (``PASTE_PARTNER second_sample``, as released) or the next sample of the batch."""
+        if self.paste_partner == "batch":
+            return images.roll(1, 0), paste_with_probability(labels.roll(1, 0), self.copy_paste_prob)
+        paste_images, paste_labels = torch.zeros_like(images), torch.zeros_like(labels)
+        dicts = batch.get("labelled_paste")
+        if dicts is None and self.copy_paste_prob <= 0:
+            return paste_images, paste_labels
+        if dicts is None or len(dicts) != len(images):
+            raise ValueError(
+                f"STAL pastes one second sample per labelled sample from batch['labelled_paste'], which holds "
+                f"{len(dicts or [])} for {len(images)}: train with the loader of STAL's data_requirements, or set "
+                "UDA.STAL.PASTE_PARTNER batch"
+            )
+        pasted = [k for k, d in enumerate(dicts) if d["pasted"]]
+        if pasted:
+            drawn, drawn_labels = self.images_and_labels([dicts[k] for k in pasted])
+            if drawn.shape[-2:] != images.shape[-2:]:
+                raise ValueError(f"Paste samples of {tuple(drawn.shape[-2:])} for crops of {tuple(images.shape[-2:])}")
+            paste_images[pasted], paste_labels[pasted] = drawn, drawn_labels
+        return paste_images, paste_labels
+
     def _partner(self, index: int) -> torch.Tensor:
         """A training crop (RGB 0..255) of target image ``index``, drawn with the step's seeded RNG."""
         rng = np.random.default_rng(int(torch.randint(2**31, ())))
@@ -313,9 +343,9 @@ class STAL(SelfTrainingArch):
         images, labels = self.images_and_labels(batch["source"])
         with timed("mixing"):
             query = draw_query_classes(self.class_criterion, self.adaptive_classes, self.copy_paste_draws)
-            if self.copy_paste_draws > 0 and len(images) > 1:
-                paste_labels = paste_with_probability(labels.roll(1, 0), self.copy_paste_prob)
-                images, labels = copy_paste(images, labels, images.roll(1, 0), paste_labels, query)
+            if self.copy_paste_draws > 0 and (len(images) > 1 or self.paste_partner == "second_sample"):
+                paste_images, paste_labels = self._paste_samples(batch, images, labels)
+                images, labels = copy_paste(images, labels, paste_images, paste_labels, query)
         contrast = self.contrastive is not None and iteration >= self.contrastive_start
         # The teacher's forwards in the release's order and modes. Its BatchNorm running statistics (the EMA copies
         # parameters only) come from its training-mode forwards: the labelled batch, then the mixed unlabelled one

@@ -1,0 +1,270 @@
+"""STAL's data side as released (docs/release-audit/stal-ilm-assl.md A4, B1): the paste samples (a second labelled
+sample at its own scale, read raw for GTA5/SYNTHIA as the release's img_loader reads it) and the unlabelled stream
+without the labelled targets, against transcriptions of licongguan/ILM-ASSL@d10fd0f at the release's shapes."""
+
+import os
+
+import cv2
+import numpy as np
+import pytest
+import torch
+from conftest import REPO, tiny_overrides
+from PIL import Image
+from test_geometry_rules import MEAN, STD, Scripted, _blocky_label, _ilm_assl_transform, _image
+
+from uda_plugins.config import get_uda_cfg
+from uda_plugins.d2 import EventStorage, build_model
+from uda_plugins.data.build import build_labelled_paste_stream, build_uda_train_loader, get_dataset_dicts
+from uda_plugins.data.datasets.common import read_label_as_grey
+from uda_plugins.data.labels import cityscapes_labelid_to_trainid
+from uda_plugins.methods.semi_supervised import copy_paste
+
+STAL_SYNTHETIC = os.path.join(REPO, "configs", "synthetic", "stal.yaml")
+STAL_PAPER = os.path.join(REPO, "configs", "gta5_cityscapes", "stal_dlv3p_r101_1pct.yaml")
+# Cityscapes' colours by labelId (cityscapesscripts), which GTA5's label PNGs use as their palette (GTA5's labels are
+# palette PNGs whose indices are labelIds; CQFIO/PhotographicImageSynthesis#17: "they are the same").
+QUERY_CANDIDATES = [c for c in range(19) if c not in (0, 1, 2, 8, 10)]  # ADAPTIVE_CLASSES_IGNORED as released
+
+
+def _cityscapes_palette() -> list:
+    from cityscapesscripts.helpers.labels import labels
+
+    palette = [0] * 768
+    for label in labels:
+        if 0 <= label.id < 256:
+            palette[3 * label.id : 3 * label.id + 3] = list(label.color)
+    return palette
+
+
+def _gta5_frame(folder, h=1052, w=1914, seed=0) -> dict:
+    """A GTA5 frame at its real size: image, raw label (a palette PNG of labelIds with Cityscapes' colours) and the
+    prepared trainId label, with the dict the library's GTA5 loader makes."""
+    os.makedirs(folder, exist_ok=True)
+    ids = np.array([7, 8, 11, 12, 13, 17, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 30, 31, 32, 33], np.uint8)
+    raw = ids[_blocky_label(h, w, block=96, seed=seed) % len(ids)]
+    image_file, raw_file = os.path.join(folder, "00001.png"), os.path.join(folder, "00001_raw.png")
+    Image.fromarray(_image(h, w)).save(image_file)
+    palette_png = Image.frombytes("P", (w, h), raw.tobytes())
+    palette_png.putpalette(_cityscapes_palette())
+    palette_png.save(raw_file)
+    train_file = os.path.join(folder, "00001_labelTrainIds.png")
+    Image.fromarray(cityscapes_labelid_to_trainid()[raw].astype(np.uint8)).save(train_file)
+    return dict(file_name=image_file, sem_seg_file_name=train_file, raw_sem_seg_file_name=raw_file, height=h, width=w)
+
+
+def _paper_cfg(**values):
+    cfg = get_uda_cfg()
+    cfg.merge_from_file(STAL_PAPER)
+    for key, value in values.items():
+        cfg.merge_from_list([key, str(value)])
+    return cfg
+
+
+# ------------------------------------------------------------------------------------------------ A4: the paste
+@pytest.mark.parametrize(
+    "below, v, flip, h_off, w_off",
+    [
+        (0.2, 0.05, 0.9, 0, 0),  # scale 0.145: 152x277, padded to 769 both ways
+        (0.3, 0.7, 0.1, 0, 300),  # scale 0.73: 767x1397, 2 rows of padding, flipped
+        (0.8, 0.6, 0.6, 500, 1700),  # scale 1.6: 1683x3062
+    ],
+)
+def test_a_gta5_paste_sample_is_read_raw_at_its_own_scale_as_released(tmp_path, below, v, flip, h_off, w_off):
+    # cityscapes_semi_cp.py:185-190: the paste image is read with img_loader(.., "RGB") at its file's size (GTA5's
+    # 1914x1052, not stretched to 2048x1024 as the labelled sample is at :150) and its label with img_loader(.., "L"),
+    # bypassing the id map of :156-161; then the paste transform (:245,293): RandResize(acp.rand_resize [0.1, 2.0]),
+    # flip, Crop(769, rand).
+    d = _gta5_frame(str(tmp_path))
+    stream = build_labelled_paste_stream(_paper_cfg(**{"UDA.STAL.PASTE_RAW_SOURCE_LABELS": True}), [d], seed=0)
+    image = np.array(Image.open(d["file_name"]).convert("RGB"))
+    grey = np.array(Image.open(d["raw_sem_seg_file_name"]).convert("L"))  # the release's paste label
+    theirs_image, theirs_label, (rh, rw) = _ilm_assl_transform(
+        image, grey, [below, v, flip, h_off, w_off], scale=(0.1, 2.0)
+    )
+    # Ours crops, then flips (tests/test_geometry_rules.py: the left offset mirrored in the padded width).
+    left = max(rw, 769) - 769 - w_off if flip < 0.5 else w_off
+    sample = stream._paste_sample(d, Scripted([below, v, h_off, left, flip]))
+    assert sample["geometry"]["resized_size"] == [rh, rw] == [int(1052 * sample_scale(below, v)), rw]
+    ours_label = sample["sem_seg"].numpy()
+    # torch's and cv2's nearest neighbour pick the same source pixel but for floating-point ties.
+    assert (ours_label == theirs_label).mean() > 0.995
+    ours_image = (sample["image"].permute(1, 2, 0).numpy() - MEAN) / STD
+    # cv2's bilinear on uint8 against torch's on float: at most 1.5 grey levels (test_geometry_rules' bound).
+    assert np.abs(ours_image - theirs_image).max() <= 1.5 / STD.min()
+    # The values are grey levels of the palette colours: GTA5's cars (labelId 26, colour (0, 0, 142)) read 16.
+    car = np.asarray(Image.open(d["raw_sem_seg_file_name"])) == 26
+    assert np.unique(grey[car]).tolist() == [16]
+
+
+def sample_scale(below: float, v: float, lo: float = 0.1, hi: float = 2.0) -> float:
+    return lo + (1 - lo) * v if below < 0.5 else 1 + (hi - 1) * v
+
+
+def test_with_the_fix_a_paste_sample_is_stretched_and_mapped_like_the_labelled_ones(tmp_path):
+    d = _gta5_frame(str(tmp_path))
+    stream = build_labelled_paste_stream(_paper_cfg(**{"UDA.STAL.PASTE_RAW_SOURCE_LABELS": False}), [d], seed=0)
+    sample = stream._paste_sample(d, Scripted([0.8, 0.6, 500, 1700, 0.6]))
+    assert sample["geometry"]["resized_size"] == [int(1024 * 1.6), int(2048 * 1.6)]  # from 2048x1024
+    assert set(np.unique(sample["sem_seg"].numpy())) <= set(range(19)) | {255}  # trainIds
+
+
+def test_as_released_gta5_pastes_only_cars_as_trains_and_trailers_as_cars(tmp_path):
+    # What the release's raw paste labels select: a query class c takes the pixels whose palette colour has grey level
+    # c. Of all Cityscapes colours only car's (16 = train) and trailer's (13 = car) are query classes; every other
+    # GTA5 pixel is never pasted. SYNTHIA's 16-bit labels read as their high bytes: all 0, so nothing is pasted.
+    ids = np.arange(34, dtype=np.uint8)[None]
+    png = Image.frombytes("P", (34, 1), ids.tobytes())
+    png.putpalette(_cityscapes_palette())
+    png.save(tmp_path / "gta5.png")
+    grey = read_label_as_grey(str(tmp_path / "gta5.png"))[0]
+    assert {int(i): int(g) for i, g in zip(ids[0], grey) if g in QUERY_CANDIDATES} == {26: 16, 30: 13}
+    synthia = np.zeros((760, 1280, 3), np.uint16)
+    synthia[..., 2] = _blocky_label(760, 1280) + 1  # the class id in the PNG's first channel (cv2 writes BGR)
+    synthia[..., 1] = np.arange(1280, dtype=np.uint16)[None] % 200  # instance ids below 256
+    cv2.imwrite(str(tmp_path / "synthia.png"), synthia)
+    assert not read_label_as_grey(str(tmp_path / "synthia.png")).any()
+    labels = torch.randint(0, 19, (1, 769, 769))
+    images = torch.randn(1, 3, 769, 769)
+    paste = torch.zeros(1, 769, 769, dtype=torch.long)
+    assert torch.equal(copy_paste(images, labels, images + 1, paste, QUERY_CANDIDATES)[1], labels)
+
+
+def _release_dynamic_copy_paste(images_sup, labels_sup, paste_imgs, paste_labels, query_cat):
+    """licongguan/ILM-ASSL@d10fd0f core/utils/utils.py:511-537 (``dynamic_copy_paste``), after the chunking."""
+    compose_imgs, compose_labels = [], []
+    for idx in range(images_sup.shape[0]):
+        paste_label, image_sup, label_sup = paste_labels[idx], images_sup[idx], labels_sup[idx]
+        if torch.sum(paste_label) == 0:
+            compose_imgs.append(image_sup.unsqueeze(0))
+            compose_labels.append(label_sup.unsqueeze(0))
+        else:
+            alpha = torch.zeros_like(paste_label).int()
+            for cat in query_cat:
+                alpha = alpha.__or__((paste_label == cat).int())
+            alpha = (alpha > 0).int()
+            compose_imgs.append(((1 - alpha) * image_sup + alpha * paste_imgs[idx]).unsqueeze(0))
+            compose_labels.append(((1 - alpha) * label_sup + alpha * paste_label).unsqueeze(0))
+    return torch.cat(compose_imgs), torch.cat(compose_labels)
+
+
+def test_copy_paste_equals_the_release_on_raw_paste_labels_at_its_shapes():
+    # One GPU's batch as released: 4 labelled 769x769 crops, two with a paste (grey levels as a GTA5 sample gives them,
+    # padded with 0), two without (all zero); three query classes.
+    g = torch.Generator().manual_seed(0)
+    images, paste_images = torch.randn(4, 3, 769, 769, generator=g), torch.randn(4, 3, 769, 769, generator=g)
+    labels = torch.randint(0, 19, (4, 769, 769), generator=g)
+    greys = torch.tensor([0, 16, 13, 90, 120, 70, 195, 84])
+    paste_labels = greys[torch.randint(0, len(greys), (4, 769, 769), generator=g)]
+    paste_labels[1:3] = 0
+    query = [16, 5, 13]
+    theirs = _release_dynamic_copy_paste(images, labels, paste_images, paste_labels, query)
+    ours = copy_paste(images, labels, paste_images, paste_labels, query)
+    assert torch.equal(ours[0], theirs[0]) and torch.equal(ours[1], theirs[1])
+
+
+def _synthetic_cfg(tmp_path, **extra):
+    """The synthetic STAL config with the release's crop rule scaled to the tiny 48x96 images: 32x32 crops padded in
+    the centre at a scale from [0.5, 1] or [1, 2], so that the paste samples can come at their own scale."""
+    cfg = get_uda_cfg()
+    cfg.merge_from_file(STAL_SYNTHETIC)
+    values = {
+        "DATASETS.TARGET_LABELED_LIST": "random:4",
+        "UDA.STAL.OHEM_MIN_KEPT": 200,
+        "UDA.STAL.PASTE_PARTNER": "second_sample",
+        "UDA.STAL.COPY_PASTE_PROB": 0.5,
+        "INPUT.SOURCE.CROP_SIZE": "(32, 32)",
+        "INPUT.SOURCE.CROP_PAD": "center",
+        "INPUT.SOURCE.RATIO_RANGE": "(0.5, 2.0)",
+        "INPUT.SOURCE.RATIO_SAMPLING": "split_at_one",
+        "INPUT.TARGET.CROP_SIZE": "(32, 32)",
+        "SOLVER.IMS_PER_BATCH_SOURCE": 4,
+    }
+    values.update(extra)
+    cfg.merge_from_list(tiny_overrides(str(tmp_path / "out"), **values))
+    return cfg
+
+
+def test_the_paste_stream_draws_half_the_samples_uniformly_as_a_function_of_position(tmp_path):
+    cfg = _synthetic_cfg(tmp_path)
+    model = build_model(cfg).train()
+    loader = build_uda_train_loader(cfg, model.data_requirements)
+    stream = loader.dataset.extras["labelled_paste"]
+    source = loader.dataset.source
+    assert stream.global_batch == source.global_batch and len(stream.dataset) == len(source.dataset)
+    drawn = [s for it in range(100) for s in stream.batch(it, 0, 1)]
+    pasted = [s for s in drawn if s["pasted"]]
+    # 400 draws with P = 0.5: 4 standard deviations are 40.
+    assert abs(len(pasted) - 200) < 40 and all("image" not in s for s in drawn if not s["pasted"])
+    assert {s["image"].shape[-2:] for s in pasted} == {(32, 32)}
+    # Uniform over the labelled pool with replacement (the release's random.randint): every entry comes up.
+    assert {s["dataset_index"] for s in pasted} == set(range(len(source.dataset)))
+    # A function of the position: the same on a second read and split over two processes.
+    again = stream.batch(7, 0, 1)
+    halves = stream.batch(7, 0, 2) + stream.batch(7, 1, 2)
+    key = [(s["pasted"], s.get("dataset_index"), s.get("geometry")) for s in again]
+    assert key == [(s["pasted"], s.get("dataset_index"), s.get("geometry")) for s in drawn[28:32]]
+    assert sorted(map(str, key)) == sorted(
+        str((s["pasted"], s.get("dataset_index"), s.get("geometry"))) for s in halves
+    )
+
+
+def test_the_model_pastes_the_loaders_second_samples(tmp_path):
+    cfg = _synthetic_cfg(tmp_path)
+    model = build_model(cfg).train()
+    batch = next(iter(build_uda_train_loader(cfg, model.data_requirements)))
+    images, labels = model.images_and_labels(batch["source"])
+    paste_images, paste_labels = model._paste_samples(batch, images, labels)
+    for k, d in enumerate(batch["labelled_paste"]):
+        if d["pasted"]:
+            assert torch.equal(paste_labels[k], d["sem_seg"])
+            assert torch.allclose(paste_images[k], model.student.normalize(d["image"][None].float())[0])
+        else:  # the release's all-zero paste: nothing is pasted
+            assert not paste_labels[k].any() and not paste_images[k].any()
+    with EventStorage(0):
+        losses = model(batch)
+    assert all(torch.isfinite(v) for v in losses.values())
+    with pytest.raises(ValueError, match="batch\\['labelled_paste'\\]"):
+        model._paste_samples({"source": batch["source"]}, images, labels)
+    with pytest.raises(ValueError, match="UDA.STAL.PASTE_PARTNER batch"):  # inputs not cropped to one size
+        uncropped = _synthetic_cfg(tmp_path, **{"INPUT.SOURCE.CROP_SIZE": "(0, 0)"})
+        build_uda_train_loader(uncropped, model.data_requirements)
+
+
+# ------------------------------------------------------------------------------------- B1: the unlabelled set
+@pytest.mark.parametrize("exclude", [False, True])
+def test_unlabelled_stream_and_cutmix_partners_leave_out_the_labelled_targets(tmp_path, exclude):
+    # B1: ILM-ASSL's unlabelled set is unlabeled.txt, the complement of labeled.txt (cityscapes_semi_cp.py:320-326),
+    # and its CutMix bank and partners index that set only. DATASETS.TARGET_EXCLUDE_LABELED reproduces it; without it
+    # every target image is also an unlabelled one.
+    from uda_plugins.data.build import image_subset
+
+    cfg = get_uda_cfg()
+    cfg.merge_from_file(STAL_SYNTHETIC)
+    values = {"DATASETS.TARGET_LABELED_LIST": "random:4", "DATASETS.TARGET_EXCLUDE_LABELED": exclude}
+    cfg.merge_from_list(tiny_overrides(str(tmp_path / "out"), **values, **{"SOLVER.IMS_PER_BATCH_TARGET": 4}))
+    model = build_model(cfg).train()
+    loader = build_uda_train_loader(cfg, model.data_requirements)
+    loader.serve_banks_of(model)  # as the trainer does: the model learns the stream's images
+    dicts = get_dataset_dicts(["synthetic_tiny_target_train"])
+    labelled = set(image_subset("random:4", dicts, cfg.SEED))
+    stream = loader.dataset.targets[0]
+    seen = {d["dataset_index"] for it in range(12) for d in stream.batch(it, 0, 1)}
+    if exclude:
+        assert stream.indices == [i for i in range(len(dicts)) if i not in labelled]
+        assert not seen & labelled and len(seen) > len(labelled)
+        assert model.cutmix_pool.tolist() == [i not in labelled for i in range(len(dicts))]
+    else:
+        assert stream.indices is None and model.cutmix_pool is None
+        assert seen & labelled  # 48 draws of 12 images: every image comes up
+    # the dataset_index of a sample still names its image in the whole dataset (the bank's column)
+    sample = stream.batch(0, 0, 1)[0]
+    assert sample["file_name"] == dicts[sample["dataset_index"]]["file_name"]
+    partners = []
+    real_partner = model._partner
+    model._partner = lambda index: partners.append(index) or real_partner(index)
+    target = next(iter(loader))["target"][0]
+    for k in range(12):  # a bank of every class for every image, then none: the fallback draws from the pool too
+        torch.manual_seed(k)
+        model.cutmix_bank.fill_(k % 2)
+        model._mixed_unlabelled(target)
+    assert len(partners) == 48 and bool(set(partners) & labelled) != exclude
