@@ -8,6 +8,7 @@ import cv2
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import REPO, tiny_overrides
 from PIL import Image
 from test_geometry_rules import MEAN, STD, Scripted, _blocky_label, _ilm_assl_transform, _image
@@ -220,9 +221,13 @@ def test_the_model_pastes_the_loaders_second_samples(tmp_path):
             assert torch.allclose(paste_images[k], model.student.normalize(d["image"][None].float())[0])
         else:  # the release's all-zero paste: nothing is pasted
             assert not paste_labels[k].any() and not paste_images[k].any()
+    model.group_sizes = (2, 1)  # the per-GPU statistics (B10) in a whole step
     with EventStorage(0):
         losses = model(batch)
     assert all(torch.isfinite(v) for v in losses.values())
+    model.group_sizes = (3, 1)
+    with pytest.raises(ValueError, match="UDA.STAL.LABELED_GROUP_SIZE 3"), EventStorage(0):
+        model(batch)
     with pytest.raises(ValueError, match="batch\\['labelled_paste'\\]"):
         model._paste_samples({"source": batch["source"]}, images, labels)
     with pytest.raises(ValueError, match="UDA.STAL.PASTE_PARTNER batch"):  # inputs not cropped to one size
@@ -268,3 +273,76 @@ def test_unlabelled_stream_and_cutmix_partners_leave_out_the_labelled_targets(tm
         model.cutmix_bank.fill_(k % 2)
         model._mixed_unlabelled(target)
     assert len(partners) == 48 and bool(set(partners) & labelled) != exclude
+
+
+# ------------------------------------------------------------------------------------- B10: per-GPU statistics
+def _group_model(tmp_path, labelled: int, unlabelled: int):
+    cfg = get_uda_cfg()
+    cfg.merge_from_file(STAL_SYNTHETIC)
+    values = {"DATASETS.TARGET_LABELED_LIST": "random:4", "UDA.STAL.OHEM_MIN_KEPT": 100000}
+    values.update({"UDA.STAL.LABELED_GROUP_SIZE": labelled, "UDA.STAL.UNLABELED_GROUP_SIZE": unlabelled})
+    cfg.merge_from_list(tiny_overrides(str(tmp_path / "out"), **values))
+    return build_model(cfg).train()
+
+
+def test_ohem_keeps_its_minimum_per_gpu_group_as_released(tmp_path):
+    # loss_helper.py:564-593 runs on each GPU's 4 labelled 769x769 crops: at least 100000 of their 2.37M pixels. A
+    # process standing for 2 GPUs (8 images) with LABELED_GROUP_SIZE 4 mines each group on its own and averages the
+    # two losses (DDP averages the GPUs' gradients); over all 8 the minimum is 100000 of 4.7M. Group 0 is confident
+    # (few pixels below 0.7: the 100000-th lowest probability sets the threshold), group 1 is not (0.7 does).
+    from test_semi_supervised import _reference_ohem
+
+    from uda_plugins.methods.semi_supervised import label_probability
+
+    g = torch.Generator().manual_seed(0)
+    labels = torch.randint(0, 19, (8, 769, 769), generator=g)
+    labels[:, :40] = 255
+    logits = torch.randn(8, 19, 769, 769, generator=g)
+    boost = torch.tensor([6.0] * 4 + [0.5] * 4).view(8, 1, 1, 1) * F.one_hot(labels.clamp(max=18), 19).permute(
+        0, 3, 1, 2
+    )
+    logits += boost
+    probability = label_probability(logits, labels, 19)
+    per_gpu = [_reference_ohem(logits[k : k + 4], labels[k : k + 4].clone()) for k in (0, 4)]
+    whole = _reference_ohem(logits, labels.clone())
+    grouped = _group_model(tmp_path, 4, 1)._supervised(logits, logits, labels, probability)
+    plain = _group_model(tmp_path, 0, 0)._supervised(logits, logits, labels, probability)
+    # The main head and the auxiliary one (weight 0.4) see the same logits here. Our label probabilities come from a
+    # log-sum-exp, the release's from a softmax: a few near-equal pixels at the 100000-th can swap, each moving a mean
+    # of >= 100000 pixels by at most its cross-entropy / 100000 (< 1e-4 of the mean here).
+    assert float(grouped) == pytest.approx(1.4 * float(sum(per_gpu)) / 2, rel=1e-4)
+    assert float(plain) == pytest.approx(1.4 * float(whole), rel=1e-4)
+    assert abs(float(grouped) - float(plain)) > 0.05 * float(plain)  # the grouping matters here
+
+
+def test_the_consistency_and_the_entropy_percentile_per_gpu_as_released(tmp_path):
+    # Criterion_cons normalises its weights over each GPU's batch (loss_helper.py:376): 4 labelled crops and the one
+    # mixed unlabelled image; train.py:552-561 takes the entropy percentile of that one image (np.percentile) and, as
+    # released, ignores the pixels below it.
+    from test_semi_supervised import _reference_consistency
+
+    model = _group_model(tmp_path, 4, 1)
+    model.equalisation_sampling = False  # the random field differs by design (B12); the normalisation is the point
+    g = torch.Generator().manual_seed(1)
+    # Two confident images the student agrees with (heavy weights, low cross-entropy), two unconfident ones it does
+    # not: one normalisation over the batch weighs the first two, one per image counts each alike.
+    scale = torch.tensor([3.0, 3.0, 0.3, 0.3]).view(4, 1, 1, 1)
+    teacher_logits = torch.randn(4, 19, 769, 769, generator=g) * scale
+    logits = torch.cat([teacher_logits[:2], 3 * torch.randn(2, 19, 769, 769, generator=g)])
+    teacher = torch.softmax(teacher_logits, 1)
+    confidence, pseudo = teacher.max(1)
+    ours = model._consistency(logits, confidence, pseudo, labelled=False)
+    theirs = sum(_reference_consistency(logits[k : k + 1], confidence[k : k + 1], pseudo[k : k + 1]) for k in range(4))
+    # float32 sums of 591361 terms in another order: relative differences of ~1e-6.
+    assert float(ours) == pytest.approx(float(theirs) / 4, rel=1e-5)
+    whole = _reference_consistency(logits, confidence, pseudo)
+    labelled = model._consistency(logits, confidence, pseudo, labelled=True)  # one group of 4: one normalisation
+    assert float(labelled) == pytest.approx(float(whole), rel=1e-5)
+    assert float(ours) > 2 * float(whole)
+    entropy = -(teacher * torch.log(teacher + 1e-10)).sum(1)
+    model.as_released = True
+    filtered = model._filter_unlabelled(pseudo.clone(), entropy, 15.0)
+    for k in range(4):
+        expected = pseudo[k].clone()
+        expected[entropy[k] < float(np.percentile(entropy[k].numpy().flatten(), 15.0))] = 255
+        assert torch.equal(filtered[k], expected)

@@ -506,6 +506,13 @@ def add_uda_config(cfg: CN) -> None:
     # is divided by LOSS_DIVISOR ** CONTRASTIVE_DIVISOR_POWER: the release all-reduces it (not differentiable) and
     # divides by the GPUs twice (train.py:770-771), power 2; 1 divides it as the other terms.
     _C.UDA.STAL.LOSS_DIVISOR = 1.0
+    # The release computes its batch-wide statistics per GPU, over 4 labelled and 1 mixed unlabelled image: OHEM's
+    # minimum kept (loss_helper.py:564-593), the consistency's normalisation (Criterion_cons) and the unlabelled
+    # filter's entropy percentile (train.py:552). > 0: per group of that many images of a process's batch, the groups'
+    # losses averaged as DDP averages the GPUs' gradients (a process standing for several GPUs then trains as
+    # released: the paper configs' 4 and 1); 0: over the process's whole batch.
+    _C.UDA.STAL.LABELED_GROUP_SIZE = 0
+    _C.UDA.STAL.UNLABELED_GROUP_SIZE = 0
     _C.UDA.STAL.CONTRASTIVE_DIVISOR_POWER = 1
     _C.UDA.STAL.CONTRASTIVE_WEIGHT = 0.1
     _C.UDA.STAL.CONTRASTIVE_START_ITER = 0

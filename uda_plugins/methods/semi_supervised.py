@@ -41,6 +41,7 @@ __all__ = [
     "random_half_box",
     "update_cutmix_bank",
     "filter_unlabelled_pseudo_labels",
+    "batch_groups",
     "ContrastQueues",
     "ContrastiveDraw",
     "draw_contrastive_samples",
@@ -215,6 +216,18 @@ def update_cutmix_bank(
     counts = torch.bincount((image + predictions.long().flatten(1)).flatten(), minlength=K * C).view(K, C)
     for k, index in enumerate(indices):
         cutmix_bank[:, index] = (counts[k] >= area_thresh * area).to(cutmix_bank.dtype).to(cutmix_bank.device)
+
+
+def batch_groups(batch_size: int, group_size: int, key: str = "group size") -> List[slice]:
+    """The batch in consecutive groups of ``group_size`` images (one group for 0 or a size of the batch or more): the
+    release computes its batch-wide statistics per GPU (OHEM's minimum kept, the consistency's normalisation, the
+    entropy percentile), so one process standing for several GPUs computes them per group. ``key`` names the setting
+    in the message when the batch does not split evenly."""
+    if group_size <= 0 or group_size >= batch_size:
+        return [slice(0, batch_size)]
+    if batch_size % group_size:
+        raise ValueError(f"A batch of {batch_size} images per process does not split into groups of {key} {group_size}")
+    return [slice(k, k + group_size) for k in range(0, batch_size, group_size)]
 
 
 def filter_unlabelled_pseudo_labels(

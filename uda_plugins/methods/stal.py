@@ -17,7 +17,8 @@ unlabelled target images. One iteration (``UDA.STAL``, pieces in :mod:`uda_plugi
    batch (before step 3, as released) and sees the mixed unlabelled batch (after it; its representation feeds the
    contrastive term); the mixed unlabelled labels lose a shrinking share of their pixels by entropy (20% -> 0% over
    training);
-5. the student: ``L_sup`` = OHEM cross-entropy of the main head + 0.4 x that of the auxiliary head on layer3;
+5. the student: ``L_sup`` = OHEM cross-entropy of the main head + 0.4 x that of the auxiliary head on layer3 (mined
+   per group of ``LABELED_GROUP_SIZE`` images as on the release's GPUs, the groups averaged);
    the class criterion moves towards the student's class confidence on the labelled pixels (momentum 0.999);
    ``L_cons`` = the teacher's labels weighted by its confidence squared with adaptive equalisation sampling, on the
    labelled and the mixed unlabelled images;
@@ -63,8 +64,10 @@ B7    see A2                                                                    
 B8    see A2 (the negative set itself)                                             —
 B9    the class criterion and bank synchronised over processes (the release:      no switch
       per GPU, rank 0's saved)
-B10   OHEM's minimum and the entropy percentiles per process: one process keeps   4 processes (as A7)
-      100000 of 16 images where the release keeps 100000 of 4 per GPU
+B10   none: OHEM's minimum kept, the consistency's normalisation and the         ``LABELED_GROUP_SIZE 4``,
+      unlabelled filter's entropy percentile per GPU's 4 labelled / 1             ``UNLABELED_GROUP_SIZE 1``
+      unlabelled images, on any number of processes (0: per process); the
+      contrastive term's entropy percentiles are still per process
 B11   evaluation at full resolution with windows, last checkpoint (the release:   no switch
       val centre crops, best teacher)
 B12   the equalisation sampling's random field per pixel and image (the release:  no switch
@@ -106,6 +109,7 @@ from .self_training import SelfTrainingArch
 from .semi_supervised import (
     ContrastiveDraw,
     ContrastQueues,
+    batch_groups,
     class_confidence,
     confidence_weighted_consistency,
     copy_paste,
@@ -152,6 +156,8 @@ class STAL(SelfTrainingArch):
         self.cutmix, self.cutmix_area, self.bank_area = s.CUTMIX, s.CUTMIX_AREA_THRESH, s.CUTMIX_BANK_AREA_THRESH
         self.drop_percent, self.as_released = s.UNLABELED_DROP_PERCENT, s.ENTROPY_FILTER_AS_RELEASED
         self.max_iter = cfg.SOLVER.MAX_ITER
+        # The release's per-GPU batch statistics (B10): groups of this many labelled / unlabelled images (0: all).
+        self.group_sizes = (int(s.LABELED_GROUP_SIZE), int(s.UNLABELED_GROUP_SIZE))
         self.loss_divisor = float(s.LOSS_DIVISOR)
         self.contrastive_divisor = self.loss_divisor ** int(s.CONTRASTIVE_DIVISOR_POWER)
         self.target_name = cfg.DATASETS.TARGET_TRAIN[0]
@@ -320,6 +326,47 @@ class STAL(SelfTrainingArch):
             m = masks[:, None].bool()
             return torch.where(m, partner_images, images), torch.where(m, partner_logits, logits), masks
 
+    def _groups(self, batch_size: int, labelled: bool) -> List[slice]:
+        key = "UDA.STAL.LABELED_GROUP_SIZE" if labelled else "UDA.STAL.UNLABELED_GROUP_SIZE"
+        return batch_groups(batch_size, self.group_sizes[0 if labelled else 1], key)
+
+    def _supervised(self, main: torch.Tensor, aux: torch.Tensor, labels: torch.Tensor, label_prob: torch.Tensor):
+        """OHEM of the main head + aux weight x that of the auxiliary head, mined and averaged per group of labelled
+        images (the release's per-GPU ``OhemCrossEntropy2dTensor``, loss_helper.py:564-593), the groups' losses
+        averaged as DDP averages the GPUs' gradients."""
+        thresh, min_kept = self.ohem
+        groups = self._groups(len(labels), labelled=True)
+        total = 0.0
+        for g in groups:
+            total = total + ohem_cross_entropy(main[g], labels[g], thresh, min_kept, self.ignore_value, label_prob[g])
+            total = total + self.aux_weight * ohem_cross_entropy(aux[g], labels[g], thresh, min_kept, self.ignore_value)
+        return total / len(groups)
+
+    def _consistency(self, logits, confidence, pseudo_labels, labelled: bool) -> torch.Tensor:
+        """The confidence-weighted consistency, its weights normalised per group (the release's per-GPU
+        ``Criterion_cons``, loss_helper.py:376), the groups averaged."""
+        criterion = self.class_criterion if self.equalisation_sampling else None
+        groups = self._groups(len(logits), labelled)
+        gammas = (self.confidence_gamma, self.sampling_gamma)
+        ignore = 255 if labelled else self.ignore_value
+        total = 0.0
+        for g in groups:
+            total = total + confidence_weighted_consistency(
+                logits[g], confidence[g], pseudo_labels[g], criterion, *gammas, ignore
+            )
+        return total / len(groups)
+
+    def _filter_unlabelled(self, pseudo_u: torch.Tensor, entropy: torch.Tensor, percent: float) -> torch.Tensor:
+        """The unlabelled pseudo-labels filtered by an entropy percentile of each group (the release: of its one
+        mixed image per GPU, train.py:552)."""
+        groups = self._groups(len(pseudo_u), labelled=False)
+        return torch.cat(
+            [
+                filter_unlabelled_pseudo_labels(pseudo_u[g], entropy[g], percent, self.as_released, self.ignore_value)
+                for g in groups
+            ]
+        )
+
     def _update_bank(self, predictions: torch.Tensor, indices: List[int]) -> None:
         if comm.get_world_size() > 1:  # every process applies every process's updates, in rank order
             gathered = comm.all_gather((predictions.cpu(), indices))
@@ -362,27 +409,19 @@ class STAL(SelfTrainingArch):
             confidence_u, pseudo_u = class_maximum(probs_u)
             entropy = probs_u.add(1e-10).log_().mul_(probs_u).sum(1).neg_()  # -(p log(p + 1e-10)), in place
             percent = self.drop_percent * (1 - iteration / self.max_iter)
-            pseudo_u = filter_unlabelled_pseudo_labels(pseudo_u, entropy, percent, self.as_released, self.ignore_value)
+            pseudo_u = self._filter_unlabelled(pseudo_u, entropy, percent)
         with timed("student_forward"):  # the forwards with their losses (OHEM is U2PL's loss function)
             main_l, aux_l, rep_l = self._student(images, contrast)
             main_u, _, rep_u = self._student(unlabelled, contrast)
-            thresh, min_kept = self.ohem
             # each labelled pixel's probability of its label: what OHEM mines, and the class criterion's input
             probability_l = label_probability(main_l, labels, self.num_classes)
-            supervised = ohem_cross_entropy(main_l, labels, thresh, min_kept, self.ignore_value, probability_l)
-            supervised = supervised + self.aux_weight * ohem_cross_entropy(
-                aux_l, labels, thresh, min_kept, self.ignore_value
-            )
+            supervised = self._supervised(main_l, aux_l, labels, probability_l)
             losses = {"loss_supervised": supervised / self.loss_divisor}
         with torch.no_grad():
             self._update_class_criterion(probability_l, labels)
-        criterion = self.class_criterion if self.equalisation_sampling else None
-        gamma, gamma2 = self.confidence_gamma, self.sampling_gamma
         with timed("student_forward"):
-            consistency = confidence_weighted_consistency(main_l, confidence_l, pseudo_l, criterion, gamma, gamma2)
-            consistency = consistency + confidence_weighted_consistency(
-                main_u, confidence_u, pseudo_u, criterion, gamma, gamma2, self.ignore_value
-            )
+            consistency = self._consistency(main_l, confidence_l, pseudo_l, labelled=True)
+            consistency = consistency + self._consistency(main_u, confidence_u, pseudo_u, labelled=False)
             losses["loss_consistency"] = self.consistency_weight * consistency / self.loss_divisor
         if contrast:
             with timed("contrastive"):  # the sampling: queues, anchors and negatives
