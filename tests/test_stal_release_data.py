@@ -346,3 +346,69 @@ def test_the_consistency_and_the_entropy_percentile_per_gpu_as_released(tmp_path
         expected = pseudo[k].clone()
         expected[entropy[k] < float(np.percentile(entropy[k].numpy().flatten(), 15.0))] = 255
         assert torch.equal(filtered[k], expected)
+
+
+# ------------------------------------------------------------------------------------- B11: the release's validation
+def test_center_crop_evaluates_the_releases_769_centre_of_each_val_image(tmp_path):
+    # ILM-ASSL validates on Cityscapes val through Crop((769, 769), "center") (config.yaml's val crop,
+    # augmentation.py:255-263: offsets (h - 769) // 2, (w - 769) // 2), at the images' own 2048x1024.
+    from uda_plugins.data.mapper import UDADatasetMapper
+
+    h, w = 1024, 2048
+    image, label = _image(h, w), _blocky_label(h, w)
+    Image.fromarray(image).save(tmp_path / "x_leftImg8bit.png")
+    Image.fromarray(label).save(tmp_path / "x_gtFine_labelTrainIds.png")
+    d = dict(
+        file_name=str(tmp_path / "x_leftImg8bit.png"), sem_seg_file_name=str(tmp_path / "x_gtFine_labelTrainIds.png")
+    )
+    cfg = _paper_cfg(**{"TEST.CENTER_CROP": "(769, 769)"})
+    out = UDADatasetMapper.from_config(cfg, "test", load_label=True)(d)
+    y = torch.from_numpy(label)[None, None]
+    h_off, w_off = (h - 769) // 2, (w - 769) // 2  # the release's Crop, center type
+    assert (out["height"], out["width"]) == (769, 769)
+    assert torch.equal(out["sem_seg"], y[0, 0, h_off : h_off + 769, w_off : w_off + 769].long())
+    assert torch.equal(
+        out["image"], torch.from_numpy(image).permute(2, 0, 1)[:, h_off : h_off + 769, w_off : w_off + 769]
+    )
+    whole = UDADatasetMapper.from_config(_paper_cfg(), "test", load_label=True)(d)
+    assert whole["sem_seg"].shape == (h, w)  # by default the whole image
+
+
+def test_the_releases_validation_selects_the_best_teacher_on_centre_crops(tmp_path):
+    # train.py:257-277: every epoch both networks are validated (on centre crops) and ckpt_best is the checkpoint
+    # with the best *teacher* mIoU; eval.py:137-177 then evaluates both networks of it.
+    import json
+    import sys
+
+    from uda_plugins.engine.trainer import UDATrainer
+
+    sys.path.insert(0, os.path.join(REPO, "tools"))
+    import train_net
+
+    out = str(tmp_path / "run")
+    extra = {
+        "DATASETS.TARGET_LABELED_LIST": "random:3",
+        "UDA.STAL.OHEM_MIN_KEPT": 200,
+        "SOLVER.MAX_ITER": 6,
+        "TEST.EVAL_PERIOD": 2,
+        "TEST.EVAL_MODEL": "both",
+        "TEST.SAVE_BEST_ON_TEST": True,
+        "TEST.BEST_ON_TEST_MODEL": "teacher",
+        "TEST.CENTER_CROP": "(32, 64)",
+    }
+    assert train_net.cli(["--config-file", STAL_SYNTHETIC] + tiny_overrides(out, **extra)) == 0
+    records = [json.loads(line) for line in open(os.path.join(out, "metrics.json"))]
+    teacher = {r["iteration"]: r["teacher/sem_seg/mIoU"] for r in records if "teacher/sem_seg/mIoU" in r}
+    both = [r for r in records if "teacher/sem_seg/mIoU" in r]
+    assert len(teacher) == 3 and all("student/sem_seg/mIoU" in r for r in both)  # both reported, every period
+    best = torch.load(os.path.join(out, "model_best_on_test.pth"), weights_only=True)["iteration"]
+    assert teacher[best] == max(teacher.values()) and best == min(i for i in teacher if teacher[i] == teacher[best])
+    cfg = get_uda_cfg()
+    cfg.merge_from_file(STAL_SYNTHETIC)
+    cfg.merge_from_list(["TEST.EVAL_MODEL", "both"])
+    assert UDATrainer.best_metric_name(cfg) == "student/sem_seg/mIoU"  # the first evaluated, by default
+    cfg.merge_from_list(["TEST.BEST_ON_TEST_MODEL", "teacher"])
+    assert UDATrainer.best_metric_name(cfg) == "teacher/sem_seg/mIoU"
+    cfg.merge_from_list(["TEST.EVAL_MODEL", "student"])
+    with pytest.raises(ValueError, match="TEST.BEST_ON_TEST_MODEL 'teacher' is not evaluated"):
+        UDATrainer.best_metric_name(cfg)

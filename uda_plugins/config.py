@@ -648,6 +648,13 @@ def add_uda_config(cfg: CN) -> None:
     # model selection on labelled target data, which unsupervised adaptation does not have: off by default,
     # and labelled as such in the file name.
     _C.TEST.SAVE_BEST_ON_TEST = False
+    # The network whose mIoU picks that checkpoint with TEST.EVAL_MODEL both: "" = the first evaluated (the student),
+    # or "teacher" (ILM-ASSL's ckpt_best: the teacher's mIoU, train.py:257-277).
+    _C.TEST.BEST_ON_TEST_MODEL = ""
+    # Evaluate on the centre crop (h, w) of each test image at its INPUT.TEST size, the label resized to that size
+    # (nearest) and cropped alike: ILM-ASSL's validation during training, 769x769 centre crops of the 2048x1024 val
+    # images (cityscapes.py:65-77, config.yaml's val crop: center). (0, 0) = the whole image.
+    _C.TEST.CENTER_CROP = (0, 0)
     # Where predictions are scored: "label" = resized to each label's full resolution (the Cityscapes convention
     # of mmseg and Detectron2); "input" = at the network's input size (INPUT.TEST) against labels resized to it
     # with PIL's NEAREST, MCL's protocol (train.py:148-160, cityscapes_dataset.py:192-193), under which its

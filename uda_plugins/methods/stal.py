@@ -68,8 +68,10 @@ B10   none: OHEM's minimum kept, the consistency's normalisation and the        
       unlabelled filter's entropy percentile per GPU's 4 labelled / 1             ``UNLABELED_GROUP_SIZE 1``
       unlabelled images, on any number of processes (0: per process); the
       contrastive term's entropy percentiles are still per process
-B11   evaluation at full resolution with windows, last checkpoint (the release:   no switch
-      val centre crops, best teacher)
+B11   the paper configs evaluate at full resolution with windows, last           ``TEST.CENTER_CROP (769, 769)``,
+      checkpoint (the release: val centre crops every epoch, the best teacher's   ``EVAL_MODEL both``,
+      checkpoint kept; its eval.py then both networks of it at full resolution)   ``SAVE_BEST_ON_TEST``,
+                                                                                   ``BEST_ON_TEST_MODEL teacher``
 B12   the equalisation sampling's random field per pixel and image (the release:  no switch
       one per class, shared by the batch)
 C1    36000 iterations at 4 GPUs (the release: 36800 / 36400 / 35200 at 1 /      ``SOLVER.MAX_ITER``
