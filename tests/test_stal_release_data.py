@@ -412,3 +412,40 @@ def test_the_releases_validation_selects_the_best_teacher_on_centre_crops(tmp_pa
     cfg.merge_from_list(["TEST.EVAL_MODEL", "student"])
     with pytest.raises(ValueError, match="TEST.BEST_ON_TEST_MODEL 'teacher' is not evaluated"):
         UDATrainer.best_metric_name(cfg)
+
+
+# ------------------------------------------------------------------------------------- B5: the selection score
+def test_the_selection_score_can_see_the_releases_squashed_769_input(tmp_path):
+    # core/active_learning/Semi-sup_active_pu.py:47-70: the whole 2048x1024 image normalised, squashed to 769x769
+    # (bilinear, align_corners=True), the network's logits at its output stride resized to 1024x2048 alike; then the
+    # mean normalised entropy (:105-125; the library's image_entropy, equal to it: the audit's c4).
+    from uda_plugins.active_learning.selection import image_entropy
+    from uda_plugins.modeling.inference import predict_full_views
+
+    model = _group_model(tmp_path, 0, 0).eval()
+    network = model.teacher
+    image = torch.from_numpy(_image(1024, 2048)).permute(2, 0, 1).contiguous()
+    loader = [[{"image": image, "dataset_index": 7}]]
+    (indices, ours), *_ = predict_full_views(network, loader, network.normalize, (769, 769))
+    x = (image[None].float() - torch.tensor(MEAN).float().view(1, 3, 1, 1)) / torch.tensor(STD).float().view(1, 3, 1, 1)
+    with torch.no_grad():
+        x = F.interpolate(x, (769, 769), mode="bilinear", align_corners=True)
+        pred = network(x)  # the head's logits at its stride, the release's outs["pred"]
+        theirs = torch.softmax(F.interpolate(pred, (1024, 2048), mode="bilinear", align_corners=True), 1)
+    assert indices == [7] and pred.shape[-1] < 769 and ours.shape == theirs.shape
+    # The same float32 operations; only the normalisation's form (the network's mean/std as tensors) can differ in
+    # the last bits.
+    assert torch.allclose(ours, theirs, atol=1e-5)
+    (_, whole), *_ = predict_full_views(network, loader, network.normalize)  # the default: the whole 1024x2048 image
+    # Another input, other probabilities (an untrained, nearly uniform network: differences of ~1e-3, far outside the
+    # tolerance above).
+    assert (whole - ours).abs().max() > 30 * 1e-5
+    assert float(image_entropy(ours)) == pytest.approx(float(_release_image_entropy(theirs)), rel=1e-6)
+
+
+def _release_image_entropy(p: torch.Tensor) -> float:
+    """prediction_uncertainty (Semi-sup_active_pu.py:105-125) on softmax probabilities (1, 19, h, w)."""
+    import math
+
+    pixel_entropy = torch.sum(-p[0] * torch.log(p[0] + 1e-6), dim=0) / math.log(19)
+    return float(np.mean(pixel_entropy.numpy()))

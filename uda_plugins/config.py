@@ -446,6 +446,11 @@ def add_uda_config(cfg: CN) -> None:
     _C.UDA.ACTIVE.STRATEGY = "entropy"
     _C.UDA.ACTIVE.QUOTA_RULE = "largest_remainder"
     _C.UDA.ACTIVE.NETWORK = "teacher"
+    # The network input of the selection score (the rounds here and tools/active_learning_round.py): (0, 0) = each
+    # image at INPUT.TARGET's base size (1024x2048 for Cityscapes); (h, w) = ILM-ASSL's, the normalised image squashed
+    # to (h, w) (769x769) bilinearly with align_corners=True and the head's logits upsampled back to the base size alike
+    # (core/active_learning/Semi-sup_active_pu.py:58-70).
+    _C.UDA.ACTIVE.SCORE_INPUT_SIZE = (0, 0)
 
     _C.UDA.STAL = CN()
     # STAL / ILM-ASSL's semi-supervised learner (uda_plugins/methods/stal.py, licongguan/ILM-ASSL train.py and

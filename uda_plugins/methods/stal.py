@@ -57,8 +57,10 @@ B1    none: the unlabelled stream and the CutMix partners without the labelled  
 B2    none (= A1's geometry: a scale from [0.5, 1] or [1, 2])                     ``RATIO_SAMPLING split_at_one``
 B3    none: the source stretched to 2048x1024                                     ``RESIZE_MODE exact``
 B4    SYNTHIA labels resized by nearest neighbour (the release: bilinear on ids)  no switch (a fix)
-B5    the selection score on whole 1024x2048 images with the current teacher or   no switch
-      MODEL.WEIGHTS (the release: 769x769 squashed, the best-on-val teacher)
+B5    none for the input: the score sees the image squashed to 769x769           ``UDA.ACTIVE.SCORE_INPUT_SIZE
+      (align_corners=True), its logits upsampled to 1024x2048 alike; the          (769, 769)``; the round tool on
+      network: the round tool scores MODEL.WEIGHTS, the in-run rounds the         B11's model_best_on_test.pth
+      current teacher (the release: the best-on-val teacher checkpoint)
 B6    documentation: the 5% lists are one round of 120 from the 1% model          —
 B7    see A2                                                                       —
 B8    see A2 (the negative set itself)                                             —
