@@ -344,3 +344,37 @@ def test_ilm_assl_lists_split_into_source_and_target_lists(tmp_path):
     dicts = [{"file_name": str(tmp_path / "gta5" / "images" / f"{k:05d}.png")} for k in (838, 839)]
     (tmp_path / "src.txt").write_text(source[0] + "\n")
     assert read_image_list(str(tmp_path / "src.txt"), dicts) == [0]
+
+
+def test_stal_paper_configs_train_on_the_releases_2000_source_images(tmp_path):
+    # A6: ILM-ASSL's labelled pool is 2000 source images plus the labelled Cityscapes images (its labeled.txt,
+    # cityscapes_semi_cp.py:113-131). The paper configs require the source list the conversion tool writes beside the
+    # target list, and a missing list fails naming the key and the command that makes it.
+    import glob
+    import re
+
+    from conftest import REPO, tiny_overrides
+
+    from uda_plugins.config import get_uda_cfg
+    from uda_plugins.data.build import build_uda_train_loader
+    from uda_plugins.methods.source_only import SourceOnly
+
+    configs = sorted(glob.glob(os.path.join(REPO, "configs", "*_cityscapes", "stal_dlv3p_r101_*.yaml")))
+    assert len(configs) == 6
+    for path in configs:
+        cfg = get_uda_cfg()
+        cfg.merge_from_file(path)
+        source_list, target_list = cfg.DATASETS.SOURCE_LIST, cfg.DATASETS.TARGET_LABELED_LIST
+        assert source_list == os.path.join(os.path.dirname(target_list), "source_2000.txt"), path
+        header = " ".join(line[2:] for line in open(path) if line.startswith("# ")).replace("\n", " ")
+        command = re.search(r"'python (tools/convert_ilm_assl_list\.py [^']+)'", " ".join(header.split()))
+        assert command and f"--source-out {source_list} --target-out {target_list}" in command.group(1), path
+    cfg = get_uda_cfg()
+    cfg.merge_from_file(os.path.join(REPO, "configs", "synthetic", "source_only.yaml"))
+    missing = str(tmp_path / "datasets" / "lists" / "ilm_assl" / "gtav2cityscapes" / "source_2000.txt")
+    cfg.merge_from_list(tiny_overrides(str(tmp_path / "out"), **{"DATASETS.SOURCE_LIST": missing}))
+    with pytest.raises(FileNotFoundError, match=r"DATASETS.SOURCE_LIST '.*' does not exist: .*convert_ilm_assl_list"):
+        build_uda_train_loader(cfg, SourceOnly.data_requirements)
+    cfg.DATASETS.SOURCE_LIST, cfg.DATASETS.TARGET_LABELED_LIST = "", str(tmp_path / "labelled.txt")
+    with pytest.raises(FileNotFoundError, match=r"DATASETS.TARGET_LABELED_LIST '.*labelled.txt' does not exist"):
+        build_uda_train_loader(cfg, SourceOnly.data_requirements)

@@ -126,6 +126,7 @@ def test_gta5_prepare_maps_palette_indices_pixel_by_pixel(tmp_path):
         "height": H,
         "width": W,
         "image_id": "00001",
+        "raw_sem_seg_file_name": os.path.join(root, "labels", "00001.png"),  # as downloaded (STAL's paste as released)
     }
     dicts_7 = gta5.load_gta5_semseg(root, gta5.LABEL_SUFFIXES["mtaf7"])
     assert dicts_7[2]["sem_seg_file_name"] == os.path.join(root, "labels", "00003_label7Ids.png")
@@ -221,6 +222,7 @@ def test_synthia_reads_the_class_channel_of_16_bit_labels(tmp_path):
         "height": H,
         "width": W,
         "image_id": "0000001",
+        "raw_sem_seg_file_name": os.path.join(root, "GT", "LABELS", "0000001.png"),
     }
 
 

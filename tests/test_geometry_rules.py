@@ -55,10 +55,11 @@ def _image(h, w, seed=1):
 
 
 # ------------------------------------------------------------------------------------------------ ILM-ASSL (STAL)
-def _ilm_assl_transform(image, label, draws):
-    """licongguan/ILM-ASSL@d10fd0f core/dataset/augmentation.py: ToTensor + Normalize, RandResize([0.5, 2.0])
-    (:191-211), RandomHorizontalFlip (:299-304), Crop(769, "rand") (:213-266; the label padded with 0 at :242-243),
-    with ``random`` scripted by ``draws``."""
+def _ilm_assl_transform(image, label, draws, scale=(0.5, 2.0)):
+    """licongguan/ILM-ASSL@d10fd0f core/dataset/augmentation.py: ToTensor + Normalize, RandResize(``scale``: the
+    main [0.5, 2.0], the paste samples' acp.rand_resize [0.1, 2.0]) (:191-211; the sizes from the image's, the label
+    resized to them), RandomHorizontalFlip (:299-304), Crop(769, "rand") (:213-266; the label padded with 0 at
+    :242-243), with ``random`` scripted by ``draws``."""
     script = list(draws)
     rand = lambda: script.pop(0)  # noqa: E731
     randint = lambda a, b: a + script.pop(0)  # noqa: E731  (randint includes b)
@@ -66,7 +67,6 @@ def _ilm_assl_transform(image, label, draws):
         STD
     ).view(1, 3, 1, 1)
     y = torch.from_numpy(label)[None, None].double()
-    scale = (0.5, 2.0)
     if rand() < 0.5:
         temp_scale = scale[0] + (1.0 - scale[0]) * rand()
     else:

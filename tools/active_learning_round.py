@@ -52,7 +52,7 @@ def score_images(cfg, dataset: str, network_name: str, batch_size: int) -> np.nd
     loader = build_full_view_loader(cfg, dataset, batch_size)
     scores = np.zeros(len(loader.dataset))
     with tqdm(total=len(scores), desc=f"scoring {dataset}", unit="img", disable=None) as progress:
-        for indices, probs in predict_full_views(network, loader, network.normalize):
+        for indices, probs in predict_full_views(network, loader, network.normalize, cfg.UDA.ACTIVE.SCORE_INPUT_SIZE):
             scores[indices] = image_entropy(probs).cpu().numpy()
             progress.update(len(indices))
     return scores

@@ -83,6 +83,10 @@ def add_uda_config(cfg: CN) -> None:
     # ILM-ASSL's labeled_gtav2000.txt) or "random:<n>" (n at random, seeded by SEED); "" = all of them.
     _C.DATASETS.SOURCE_LIST = ""
     _C.DATASETS.TARGET_LABELED_ENTRIES = -1
+    # The unlabelled stream of DATASETS.TARGET_TRAIN[0] (and what draws from it: STAL's CutMix partners) leaves out
+    # the images of DATASETS.TARGET_LABELED_LIST, as ILM-ASSL's unlabeled.txt is the complement of its labeled.txt;
+    # False: every target image is also an unlabelled one.
+    _C.DATASETS.TARGET_EXCLUDE_LABELED = False
 
     # ------------------------------------------------------------------ rare-class sampling (DAFormer)
     _C.DATALOADER.RCS = CN()
@@ -442,6 +446,11 @@ def add_uda_config(cfg: CN) -> None:
     _C.UDA.ACTIVE.STRATEGY = "entropy"
     _C.UDA.ACTIVE.QUOTA_RULE = "largest_remainder"
     _C.UDA.ACTIVE.NETWORK = "teacher"
+    # The network input of the selection score (the rounds here and tools/active_learning_round.py): (0, 0) = each
+    # image at INPUT.TARGET's base size (1024x2048 for Cityscapes); (h, w) = ILM-ASSL's, the normalised image squashed
+    # to (h, w) (769x769) bilinearly with align_corners=True and the head's logits upsampled back to the base size alike
+    # (core/active_learning/Semi-sup_active_pu.py:58-70).
+    _C.UDA.ACTIVE.SCORE_INPUT_SIZE = (0, 0)
 
     _C.UDA.STAL = CN()
     # STAL / ILM-ASSL's semi-supervised learner (uda_plugins/methods/stal.py, licongguan/ILM-ASSL train.py and
@@ -468,6 +477,17 @@ def add_uda_config(cfg: CN) -> None:
     # The probability that a labelled sample gets a paste (the release: 0.5, cityscapes_semi_cp.py:179-192 loads a
     # paste sample only when random.random() > acp.prob, else an all-zero one that leaves the sample as it is).
     _C.UDA.STAL.COPY_PASTE_PROB = 1.0
+    # What is pasted (A4): "second_sample", as released (cityscapes_semi_cp.py:179-192): for each labelled sample a
+    # second labelled sample drawn uniformly from the labelled pool by a loader stream of its own, at its own random
+    # scale PASTE_RATIO_RANGE (acp.rand_resize: 0.1-2.0) with INPUT.SOURCE's crop (which must pad to one size) and
+    # flip; or "batch": the next labelled sample of the batch as it is (no extra reads; for inputs not cropped).
+    _C.UDA.STAL.PASTE_PARTNER = "second_sample"
+    _C.UDA.STAL.PASTE_RATIO_RANGE = (0.1, 2.0)
+    # With "second_sample": read a paste sample as the release does (img_loader, cityscapes_semi_cp.py:185-189), at its
+    # file's size (not INPUT.SOURCE.RESIZE) and, for GTA5 and SYNTHIA, with its label file as downloaded through PIL's
+    # convert("L"): the grey levels of GTA5's palette colours, the high bytes of SYNTHIA's 16-bit labels (almost all
+    # 0, no paste), so the query classes pick pixels by those values. False: stretched and mapped like the others.
+    _C.UDA.STAL.PASTE_RAW_SOURCE_LABELS = False
     # Adaptive CutMix of the unlabelled images with a partner showing a hard class: a region of that class larger
     # than CUTMIX_AREA_THRESH of the crop (0.005); the bank marks classes covering CUTMIX_BANK_AREA_THRESH (0.01).
     _C.UDA.STAL.CUTMIX = True
@@ -495,6 +515,13 @@ def add_uda_config(cfg: CN) -> None:
     # is divided by LOSS_DIVISOR ** CONTRASTIVE_DIVISOR_POWER: the release all-reduces it (not differentiable) and
     # divides by the GPUs twice (train.py:770-771), power 2; 1 divides it as the other terms.
     _C.UDA.STAL.LOSS_DIVISOR = 1.0
+    # The release computes its batch-wide statistics per GPU, over 4 labelled and 1 mixed unlabelled image: OHEM's
+    # minimum kept (loss_helper.py:564-593), the consistency's normalisation (Criterion_cons) and the unlabelled
+    # filter's entropy percentile (train.py:552). > 0: per group of that many images of a process's batch, the groups'
+    # losses averaged as DDP averages the GPUs' gradients (a process standing for several GPUs then trains as
+    # released: the paper configs' 4 and 1); 0: over the process's whole batch.
+    _C.UDA.STAL.LABELED_GROUP_SIZE = 0
+    _C.UDA.STAL.UNLABELED_GROUP_SIZE = 0
     _C.UDA.STAL.CONTRASTIVE_DIVISOR_POWER = 1
     _C.UDA.STAL.CONTRASTIVE_WEIGHT = 0.1
     _C.UDA.STAL.CONTRASTIVE_START_ITER = 0
@@ -631,6 +658,13 @@ def add_uda_config(cfg: CN) -> None:
     # model selection on labelled target data, which unsupervised adaptation does not have: off by default,
     # and labelled as such in the file name.
     _C.TEST.SAVE_BEST_ON_TEST = False
+    # The network whose mIoU picks that checkpoint with TEST.EVAL_MODEL both: "" = the first evaluated (the student),
+    # or "teacher" (ILM-ASSL's ckpt_best: the teacher's mIoU, train.py:257-277).
+    _C.TEST.BEST_ON_TEST_MODEL = ""
+    # Evaluate on the centre crop (h, w) of each test image at its INPUT.TEST size, the label resized to that size
+    # (nearest) and cropped alike: ILM-ASSL's validation during training, 769x769 centre crops of the 2048x1024 val
+    # images (cityscapes.py:65-77, config.yaml's val crop: center). (0, 0) = the whole image.
+    _C.TEST.CENTER_CROP = (0, 0)
     # Where predictions are scored: "label" = resized to each label's full resolution (the Cityscapes convention
     # of mmseg and Detectron2); "input" = at the network's input size (INPUT.TEST) against labels resized to it
     # with PIL's NEAREST, MCL's protocol (train.py:148-160, cityscapes_dataset.py:192-193), under which its

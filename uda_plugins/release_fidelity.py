@@ -221,6 +221,15 @@ QUIRKS: Dict[str, Tuple[Quirk, ...]] = {
             "padded labelled pixels are road (the release forces ignore_label 0 in its Crop); the fix: ignored",
         ),
         Quirk("INPUT.TARGET.CROP_PAD_LABEL", 0, -1, "A1", "the same for the target's crops"),
+        Quirk(
+            "UDA.STAL.PASTE_RAW_SOURCE_LABELS",
+            True,
+            False,
+            "A4",
+            "a GTA5/SYNTHIA paste sample read raw (img_loader): its file's size and its label file's grey levels, so "
+            "only GTA5's cars (as train) and trailers (as car) are ever pasted, SYNTHIA's never; the fix: stretched "
+            "and mapped to trainIds like the labelled sample",
+        ),
     ),
 }
 

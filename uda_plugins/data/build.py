@@ -12,11 +12,13 @@ makes the stream independent of the number of workers and processes and lets ``-
 With ``DATALOADER.RCS.ENABLED`` the source stream draws its images by rare-class sampling
 (:class:`~uda_plugins.data.samplers.RareClassSampler`) from the same position-seeded RNG, so this still holds.
 A method may ask for extra streams (``DataRequirements.source_paste``: QuadMix's rare objects, served under
-``batch["source_paste"]``); they follow the same rules with their own salts.
+``batch["source_paste"]``; ``labelled_paste``: STAL's paste samples, under ``batch["labelled_paste"]``); they follow
+the same rules with their own salts.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 import os
@@ -32,8 +34,9 @@ from uda_plugins.active_learning.selection import group_of, select_images
 from uda_plugins.d2 import CfgNode, DatasetCatalog, MetadataCatalog, comm
 
 from .class_stats import ensure_class_stats
+from .datasets.common import read_label_as_grey
 from .image_lists import read_image_list
-from .mapper import UDADatasetMapper
+from .mapper import UDADatasetMapper, crop_pad_image
 from .samplers import (
     EpochPermutationSampler,
     InferenceSampler,
@@ -41,7 +44,7 @@ from .samplers import (
     SharedClassObjectSampler,
     rank_positions,
 )
-from .transforms import Geometry, GeometryRule
+from .transforms import Geometry, GeometryRule, apply_geometry, resize_label
 
 __all__ = [
     "DataRequirements",
@@ -54,6 +57,8 @@ __all__ = [
     "build_full_view_loader",
     "build_rare_class_sampler",
     "build_source_paste_stream",
+    "build_labelled_paste_stream",
+    "LabelledPasteStream",
     "released_object_rule",
     "SourcePasteStream",
     "source_class_pixels",
@@ -66,6 +71,7 @@ logger = logging.getLogger(__name__)
 _SOURCE_SALT = 1
 _SOURCE_PASTE_SALT = 50
 _SOURCE_PASTE_CLASS_SALT = 51  # the per-iteration class draw of QuadMix's rare objects as released
+_LABELLED_PASTE_SALT = 60  # STAL's paste samples
 _TARGET_SALT = 100
 
 # QuadMix pastes rare objects into two images per target image (T2SS and T2ST).
@@ -85,6 +91,9 @@ class DataRequirements:
     source_paste: bool = False
     # Target samples also carry ``full_image``: the whole image at INPUT.TARGET's base size (RESIZE, RESIZE_MODE; DUDA).
     target_full_image: bool = False
+    # An extra stream ``batch["labelled_paste"]``: one paste sample (or none) per labelled sample, drawn from the
+    # labelled pool at its own geometry (:func:`build_labelled_paste_stream`; configured under ``UDA.STAL``).
+    labelled_paste: bool = False
 
 
 class SerializedList(Dataset):
@@ -135,6 +144,10 @@ class DomainStream:
 
     Before iteration ``first_iteration`` the stream yields empty batches (a stream only one phase of a method
     reads costs no I/O in the other); positions stay those of the iteration, so this changes no sample.
+
+    With ``indices`` the stream draws only those images of ``dicts`` (a target stream without the labelled target
+    images: ``DATASETS.TARGET_EXCLUDE_LABELED``); ``dataset_index`` and a label bank still index all of ``dicts``,
+    so state kept per image of the dataset (a CutMix bank, a pseudo-label bank) does not depend on the subset.
     """
 
     def __init__(
@@ -147,8 +160,17 @@ class DomainStream:
         salt: int,
         rare_class_sampler: Optional[RareClassSampler] = None,
         first_iteration: int = 0,
+        indices: Optional[Sequence[int]] = None,
     ) -> None:
         self.name = name
+        self.num_images = len(dicts)
+        self.indices = None if indices is None else [int(i) for i in indices]
+        if self.indices is not None:
+            if not self.indices:
+                raise ValueError(f"The {name} stream draws from no image")
+            if rare_class_sampler is not None:
+                raise ValueError(f"The {name} stream: rare-class sampling draws from every image, not a subset")
+            dicts = [dicts[i] for i in self.indices]
         self.dataset = SerializedList(dicts)
         self.mapper = mapper
         self.global_batch = global_batch
@@ -184,11 +206,15 @@ class DomainStream:
             )
 
     def attach_label_bank(self, bank) -> None:
-        if len(bank) != len(self.dataset):
+        if len(bank) != self.num_images:
             raise ValueError(
-                f"A pseudo-label bank of {len(bank)} images for the stream '{self.name}' of {len(self.dataset)}"
+                f"A pseudo-label bank of {len(bank)} images for the stream '{self.name}' of {self.num_images}"
             )
         self.label_bank = bank
+
+    def image_index(self, index: int) -> int:
+        """The index in the dataset (all of ``dicts``) of the stream's image ``index``."""
+        return index if self.indices is None else self.indices[index]
 
     def batch(self, iteration: int, rank: int, world_size: int) -> List[dict]:
         out = []
@@ -203,7 +229,8 @@ class DomainStream:
                 index, class_id = self.rare_class_sampler.sample(rng)
                 sample = self.mapper(self.dataset[index], rng=rng, required_class=class_id)
                 sample["rcs_class"] = class_id
-            sample["dataset_index"] = int(index)
+            index = self.image_index(int(index))
+            sample["dataset_index"] = index
             if self.label_bank is not None and int(self.label_bank.versions[index]) >= 0:
                 label, version = self.label_bank.read_crop(index, Geometry.from_dict(sample["geometry"]))
                 sample["pseudo_label"], sample["pseudo_label_version"] = torch.from_numpy(label), version
@@ -256,6 +283,49 @@ class SourcePasteStream(DomainStream):
         sample = self.mapper(self.dataset[index], rng=rng, geometry=geometry)
         sample["rcs_class"] = class_id
         sample["dataset_index"] = index
+        return sample
+
+
+class LabelledPasteStream(DomainStream):
+    """STAL's paste samples as released (ILM-ASSL ``core/dataset/cityscapes_semi_cp.py:179-192,220-226``): for the
+    labelled sample at each position of the source stream, with probability ``prob`` a second labelled sample drawn
+    uniformly from the same pool (``random.randint`` over the labelled list, so with replacement), mapped at its own
+    geometry (the paste transform, ``:245,293``); otherwise ``{"pasted": False}`` and nothing is read (the release's
+    all-zero paste, which leaves the sample as it is). A drawn sample carries ``"pasted": True``.
+
+    With ``raw_labels`` the label of a sample whose dict names a ``raw_sem_seg_file_name`` (GTA5, SYNTHIA) is that file
+    through PIL's ``convert("L")`` (``img_loader(paste_label_path, "L")``, ``:189``, which bypasses the id maps of
+    ``__getitem__``), resized to its image where the two differ and carried through the sample's geometry."""
+
+    def __init__(self, *args, prob: float, raw_labels: bool, raw_mapper: UDADatasetMapper, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.prob = float(prob)
+        self.raw_labels = bool(raw_labels)
+        self.raw_mapper = raw_mapper  # the same geometry without reading the (mapped) label
+
+    def batch(self, iteration: int, rank: int, world_size: int) -> List[dict]:
+        out = []
+        for position in rank_positions(iteration, self.global_batch, rank, world_size):
+            rng = np.random.default_rng([self.seed, self.salt, position])
+            if not rng.uniform() < self.prob:
+                out.append({"pasted": False})
+                continue
+            index = int(rng.integers(len(self.dataset)))
+            out.append(dict(self._paste_sample(self.dataset[index], rng), pasted=True, dataset_index=index))
+        return out
+
+    def _paste_sample(self, d: dict, rng: np.random.Generator) -> dict:
+        raw_file = d.get("raw_sem_seg_file_name") if self.raw_labels else None
+        if raw_file is None:
+            return self.mapper(d, rng=rng)
+        sample = self.raw_mapper(d, rng=rng)
+        geometry = Geometry.from_dict(sample["geometry"])
+        label = read_label_as_grey(raw_file)
+        if label.shape != tuple(geometry.orig_size):  # the release resizes both to the image's scaled size
+            label = resize_label(label, geometry.orig_size, self.raw_mapper.rule.interpolation)
+        rule = self.raw_mapper.rule
+        label = apply_geometry(rule.stretched(label, True), geometry, True, self.mapper.pad_label, rule.interpolation)
+        sample["sem_seg"] = torch.from_numpy(label.astype(np.int64))
         return sample
 
 
@@ -329,9 +399,13 @@ class UDATrainLoader:
                 stream.attach_label_bank(bank)
 
     def serve_banks_of(self, model) -> None:
-        """Serve the pseudo-label banks of ``model`` (a meta-architecture), when it keeps any."""
+        """Serve the pseudo-label banks of ``model`` (a meta-architecture), when it keeps any, and tell a model that
+        draws target images itself (``use_target_pools``: STAL's CutMix partners) which images each target stream
+        draws (None: all)."""
         if hasattr(model, "pseudo_label_banks"):
             self.attach_target_label_banks(model.pseudo_label_banks())
+        if hasattr(model, "use_target_pools"):
+            model.use_target_pools([stream.indices for stream in self.dataset.targets])
 
     def set_start_iter(self, start_iter: int) -> None:
         self.dataset.start_iter = int(start_iter)
@@ -483,6 +557,68 @@ def build_source_paste_stream(cfg: CfgNode, seed: int) -> Optional[DomainStream]
     )
 
 
+def build_labelled_paste_stream(cfg: CfgNode, dicts: Sequence[dict], seed: int) -> Optional[LabelledPasteStream]:
+    """STAL's paste samples drawn from ``dicts`` (the labelled pool of the source stream) with
+    ``UDA.STAL.PASTE_PARTNER second_sample`` (None otherwise, or when copy-paste is off): one per labelled sample
+    (global batch ``IMS_PER_BATCH_SOURCE``, the same positions), a paste with probability ``COPY_PASTE_PROB``, at
+    INPUT.SOURCE's geometry with the random scale from ``PASTE_RATIO_RANGE`` (the release's ``acp.rand_resize``
+    0.1-2.0). With ``PASTE_RAW_SOURCE_LABELS`` the paste samples are read as the release reads them: at their file's
+    size (no ``INPUT.SOURCE.RESIZE``; Cityscapes already is 2048x1024) and, for GTA5 and SYNTHIA, with the label file
+    as downloaded through PIL's ``convert("L")`` (:class:`LabelledPasteStream`)."""
+    s = cfg.UDA.STAL
+    if s.PASTE_PARTNER not in PASTE_PARTNERS:
+        raise ValueError(f"UDA.STAL.PASTE_PARTNER must be one of {PASTE_PARTNERS}, not '{s.PASTE_PARTNER}'")
+    if s.PASTE_PARTNER != "second_sample" or s.COPY_PASTE_CLASSES <= 0 or s.COPY_PASTE_PROB <= 0:
+        return None
+    source = GeometryRule.from_config(cfg.INPUT.SOURCE, "INPUT.SOURCE")
+    if not source.crops or source.crop_pad == "none":
+        raise ValueError(
+            "UDA.STAL.PASTE_PARTNER second_sample pastes a sample at its own scale into the labelled crops, so "
+            "INPUT.SOURCE needs a CROP_SIZE with CROP_PAD center or bottom_right (the release: 769x769, center); or "
+            "set UDA.STAL.PASTE_PARTNER batch"
+        )
+    rule = dataclasses.replace(
+        source,
+        ratio_range=tuple(float(v) for v in s.PASTE_RATIO_RANGE),
+        resize=(0, 0) if s.PASTE_RAW_SOURCE_LABELS else source.resize,
+        key="UDA.STAL (paste samples: INPUT.SOURCE, PASTE_RATIO_RANGE)",
+    )
+    mappers = [
+        UDADatasetMapper(
+            is_train=True,
+            rule=rule,
+            num_classes=cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES,
+            load_label=load_label,
+            ignore_label=cfg.MODEL.SEM_SEG_HEAD.IGNORE_VALUE,
+            pad_image=crop_pad_image(cfg, cfg.INPUT.SOURCE),
+            pad_label=cfg.INPUT.SOURCE.CROP_PAD_LABEL,
+        )
+        for load_label in (True, False)
+    ]
+    logger.info(
+        "STAL paste samples: a second labelled sample for %.0f%% of the labelled ones, at a scale of %s%s",
+        100 * s.COPY_PASTE_PROB,
+        tuple(rule.ratio_range),
+        ", read as released (the file's size; GTA5/SYNTHIA labels as downloaded, in grey)"
+        if s.PASTE_RAW_SOURCE_LABELS
+        else "",
+    )
+    return LabelledPasteStream(
+        "labelled_paste",
+        dicts,
+        mappers[0],
+        cfg.SOLVER.IMS_PER_BATCH_SOURCE,
+        seed,
+        _LABELLED_PASTE_SALT,
+        prob=min(float(s.COPY_PASTE_PROB), 1.0),
+        raw_labels=s.PASTE_RAW_SOURCE_LABELS,
+        raw_mapper=mappers[1],
+    )
+
+
+PASTE_PARTNERS = ("second_sample", "batch")
+
+
 def released_object_rule(cfg: CfgNode) -> GeometryRule:
     """The geometry of a rare object as released (rand_mixer, ``ok/dacs_gta.py:167-171, 199-208``; the same in
     ``dacs_syn.py``): PIL's ``resize`` to ``UDA.QUADMIX.RARE_RESIZE`` whatever the aspect ratio (BILINEAR for the
@@ -508,14 +644,46 @@ def released_object_rule(cfg: CfgNode) -> GeometryRule:
     )
 
 
-def image_subset(spec: str, dicts: Sequence[dict], seed: int) -> List[int]:
+def image_subset(spec: str, dicts: Sequence[dict], seed: int, key: str = "") -> List[int]:
     """The images of ``dicts`` a list spec names (``DATASETS.TARGET_LABELED_LIST``, ``DATASETS.SOURCE_LIST``): a list
-    file, or ``random:<n>`` (n images at random with per-folder quotas, as an active-learning seed set)."""
+    file, or ``random:<n>`` (n images at random with per-folder quotas, as an active-learning seed set). ``key``: the
+    config key that names it, for the message when the file is missing."""
     if spec.startswith("random:"):
         groups = [group_of(d["file_name"]) for d in dicts]
         n = int(spec.split(":", 1)[1])
         return select_images(n, groups, np.zeros(len(dicts), bool), "random", rng=np.random.default_rng(seed))
+    if key and not os.path.isfile(spec):
+        raise FileNotFoundError(f"{key} '{spec}' does not exist: {_list_hint(spec)}")
     return read_image_list(spec, dicts)
+
+
+def _list_hint(spec: str) -> str:
+    """How to make a missing list file."""
+    if "ilm_assl" in spec.replace(os.sep, "/").split("/"):
+        return (
+            "make ILM-ASSL's lists from the authors' data/<benchmark>/<budget>/labeled.txt with 'python "
+            "tools/convert_ilm_assl_list.py <ILM-ASSL>/data/gtav2cityscapes/1.0%/labeled.txt --source-out "
+            "datasets/lists/ilm_assl/gtav2cityscapes/source_2000.txt --target-out "
+            "datasets/lists/ilm_assl/gtav2cityscapes/labeled_1pct.txt' (the config's header gives its own command; "
+            "run it from the folder you train in)"
+        )
+    return "a list file names one image per line (tools/active_learning_round.py writes them); see the config's header"
+
+
+def labelled_target_indices(cfg: CfgNode, dicts: Sequence[dict], seed: int) -> List[int]:
+    """The indices in ``dicts`` (``DATASETS.TARGET_TRAIN[0]``'s) of the images ``DATASETS.TARGET_LABELED_LIST`` names
+    (``random:<n>`` drawn with the data ``seed``)."""
+    return image_subset(cfg.DATASETS.TARGET_LABELED_LIST, dicts, seed, "DATASETS.TARGET_LABELED_LIST")
+
+
+def unlabelled_target_indices(cfg: CfgNode, dicts: Sequence[dict], seed: int) -> Optional[List[int]]:
+    """The images of the first target stream with ``DATASETS.TARGET_EXCLUDE_LABELED``: those of ``dicts`` not in
+    ``DATASETS.TARGET_LABELED_LIST`` (ILM-ASSL's ``unlabeled.txt``, the complement of its ``labeled.txt``:
+    ``cityscapes_semi_cp.py:320-326``); None (all of them) without the flag or a list."""
+    if not (cfg.DATASETS.TARGET_EXCLUDE_LABELED and cfg.DATASETS.TARGET_LABELED_LIST):
+        return None
+    labelled = set(labelled_target_indices(cfg, dicts, seed))
+    return [i for i in range(len(dicts)) if i not in labelled]
 
 
 def labelled_target_entries(cfg: CfgNode, seed: int) -> List[dict]:
@@ -525,7 +693,7 @@ def labelled_target_entries(cfg: CfgNode, seed: int) -> List[dict]:
         raise ValueError("DATASETS.TARGET_LABELED_LIST names images of DATASETS.TARGET_TRAIN[0], which is empty")
     name = cfg.DATASETS.TARGET_TRAIN[0]
     dicts = get_dataset_dicts([name])
-    chosen = [dicts[i] for i in image_subset(cfg.DATASETS.TARGET_LABELED_LIST, dicts, seed)]
+    chosen = [dicts[i] for i in labelled_target_indices(cfg, dicts, seed)]
     if not chosen:
         raise ValueError(f"DATASETS.TARGET_LABELED_LIST '{cfg.DATASETS.TARGET_LABELED_LIST}' names no image")
     unlabelled = [d["file_name"] for d in chosen if not d.get("sem_seg_file_name")]
@@ -560,7 +728,8 @@ def build_uda_train_loader(cfg: CfgNode, requirements: DataRequirements, seed: O
         else:
             source_dicts = get_dataset_dicts(cfg.DATASETS.SOURCE_TRAIN)
         if cfg.DATASETS.SOURCE_LIST:
-            source_dicts = [source_dicts[i] for i in image_subset(cfg.DATASETS.SOURCE_LIST, source_dicts, seed)]
+            chosen = image_subset(cfg.DATASETS.SOURCE_LIST, source_dicts, seed, "DATASETS.SOURCE_LIST")
+            source_dicts = [source_dicts[i] for i in chosen]
         if cfg.DATASETS.TARGET_LABELED_LIST:
             source_dicts = source_dicts + labelled_target_entries(cfg, seed)
         source = DomainStream(
@@ -577,19 +746,25 @@ def build_uda_train_loader(cfg: CfgNode, requirements: DataRequirements, seed: O
         if not cfg.DATASETS.TARGET_TRAIN:
             raise ValueError("This method needs target data but DATASETS.TARGET_TRAIN is empty")
         for k, name in enumerate(cfg.DATASETS.TARGET_TRAIN):
+            dicts = get_dataset_dicts([name])
             targets.append(
                 DomainStream(
                     f"target{k}",
-                    get_dataset_dicts([name]),
+                    dicts,
                     UDADatasetMapper.from_config(
                         cfg, "target", load_label=requirements.target_labels, full_view=requirements.target_full_image
                     ),
                     cfg.SOLVER.IMS_PER_BATCH_TARGET,
                     seed,
                     _TARGET_SALT + k,
+                    indices=unlabelled_target_indices(cfg, dicts, seed) if k == 0 else None,
                 )
             )
     extras = {}
+    if requirements.labelled_paste and source is not None:
+        paste = build_labelled_paste_stream(cfg, source_dicts, seed)
+        if paste is not None:
+            extras["labelled_paste"] = paste
     if requirements.source_paste:
         paste = build_source_paste_stream(cfg, seed)
         if paste is not None:

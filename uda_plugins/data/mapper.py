@@ -61,6 +61,9 @@ class UDADatasetMapper:
         label_at_input: test samples also carry ``sem_seg_at_input``, the label resized to the network's input
             size with PIL's NEAREST (``TEST.EVAL_RESOLUTION input``: MCL's val loaders, ``cityscapes_dataset.py
             :192-193``).
+        center_crop: (h, w) > 0: a test sample is the centre crop of that size of the image at the rule's base size,
+            and of its label resized to that size (nearest) (``TEST.CENTER_CROP``: ILM-ASSL's validation); its
+            ``height``/``width`` are the crop's.
 
     Every mapped dict names its rule's config node under ``"input_config"`` (``INPUT.SOURCE`` ...), so that an
     error about its size can say which keys produced it.
@@ -81,6 +84,7 @@ class UDADatasetMapper:
         class_crop_redraws: int = 10,
         full_view: bool = False,
         label_at_input: bool = False,
+        center_crop: Sequence[int] = (0, 0),
     ) -> None:
         if (rule is None) == (input_cfg is None):
             raise TypeError("UDADatasetMapper takes a rule or an input_cfg")
@@ -95,6 +99,7 @@ class UDADatasetMapper:
         self.class_crop_redraws = int(class_crop_redraws)
         self.full_view = full_view
         self.label_at_input = label_at_input
+        self.center_crop = tuple(int(v) for v in center_crop) if min(center_crop, default=0) > 0 else None
 
     @classmethod
     def from_config(
@@ -128,6 +133,7 @@ class UDADatasetMapper:
             class_crop_redraws=rcs.CROP_REDRAWS,
             full_view=full_view,
             label_at_input=domain == "test" and cfg.TEST.EVAL_RESOLUTION == "input",
+            center_crop=tuple(cfg.TEST.CENTER_CROP) if domain == "test" else (0, 0),
         )
 
     def _read(self, dataset_dict: dict, load_label: bool):
@@ -162,6 +168,21 @@ class UDADatasetMapper:
             label = apply_lut(label, LABEL_MAPS[dataset_dict["label_map"]], label_file)
         check_label_values(label, self.num_classes, label_file, self.ignore_label)
         return label
+
+    def _center_crop(self, image: np.ndarray, label: Optional[np.ndarray], file_name: str):
+        """The centre ``center_crop`` of the image at the base size and of its label resized to it; the geometry
+        of a test sample of the crop's size (ILM-ASSL ``Crop(crop_type="center")``: offsets ``(h - crop_h) // 2``,
+        augmentation.py:255-263)."""
+        size = self.rule.base_size(image.shape[:2])
+        ch, cw = self.center_crop
+        if ch > size[0] or cw > size[1]:
+            raise ValueError(f"TEST.CENTER_CROP {[ch, cw]} is larger than '{file_name}' at its test size {list(size)}")
+        top, left = (size[0] - ch) // 2, (size[1] - cw) // 2
+        image = resize_image(image, size, self.rule.interpolation)[top : top + ch, left : left + cw]
+        if label is not None:
+            label = resize_label(label, size, self.rule.interpolation) if label.shape != tuple(size) else label
+            label = np.ascontiguousarray(label[top : top + ch, left : left + cw])
+        return image, label, Geometry((ch, cw), (ch, cw), (0, 0, ch, cw), False)
 
     def __call__(
         self,
@@ -206,6 +227,8 @@ class UDADatasetMapper:
                 label = apply_geometry(
                     self.rule.stretched(label, True), geometry, True, self.pad_label, self.rule.interpolation
                 )
+        elif self.center_crop is not None:
+            image, label, geometry = self._center_crop(image, label, dataset_dict["file_name"])
         else:
             size = self.rule.base_size(image.shape[:2])
             geometry = Geometry(tuple(image.shape[:2]), size, (0, 0, size[0], size[1]), False)

@@ -177,10 +177,17 @@ class UDATrainer(DefaultTrainer):
 
     @staticmethod
     def best_metric_name(cfg: CfgNode) -> str:
-        """The event-storage key of the first test set's mIoU for the first evaluated model."""
+        """The event-storage key of the first test set's mIoU for ``TEST.BEST_ON_TEST_MODEL`` (default: the first
+        evaluated model)."""
+        names = eval_model_names(cfg)
+        chosen = cfg.TEST.BEST_ON_TEST_MODEL or names[0]
+        if chosen not in names:
+            raise ValueError(
+                f"TEST.BEST_ON_TEST_MODEL '{chosen}' is not evaluated (TEST.EVAL_MODEL {cfg.TEST.EVAL_MODEL})"
+            )
         parts = []
-        if len(eval_model_names(cfg)) > 1:
-            parts.append(eval_model_names(cfg)[0])
+        if len(names) > 1:
+            parts.append(chosen)
         if len(cfg.DATASETS.TEST) > 1:
             parts.append(cfg.DATASETS.TEST[0])
         return "/".join(parts + ["sem_seg", "mIoU"])

@@ -131,7 +131,8 @@ class ActiveLearningHook(HookBase):
         per_rank = max(1, self._cfg.SOLVER.IMS_PER_BATCH_TARGET // comm.get_world_size())
         loader = build_full_view_loader(self._cfg, self.target, per_rank)
         local: List = []
-        for indices, probs in predict_full_views(network, loader, self._model.student.normalize):
+        size = self._cfg.UDA.ACTIVE.SCORE_INPUT_SIZE
+        for indices, probs in predict_full_views(network, loader, self._model.student.normalize, size):
             local += list(zip(indices, image_entropy(probs).cpu().tolist()))
         scores = np.zeros(len(self.dicts))
         for part in comm.all_gather(local) if comm.get_world_size() > 1 else [local]:

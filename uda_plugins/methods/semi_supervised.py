@@ -43,6 +43,7 @@ __all__ = [
     "random_half_box",
     "update_cutmix_bank",
     "filter_unlabelled_pseudo_labels",
+    "batch_groups",
     "ContrastQueues",
     "ContrastiveDraw",
     "draw_contrastive_samples",
@@ -162,15 +163,24 @@ def paste_with_probability(paste_labels: torch.Tensor, prob: float) -> torch.Ten
     return torch.where(pasted[:, None, None], paste_labels, torch.zeros_like(paste_labels))
 
 
-def draw_cutmix_source(cutmix_bank: torch.Tensor, class_criterion: torch.Tensor) -> Tuple[int, int]:
+def draw_cutmix_source(
+    cutmix_bank: torch.Tensor, class_criterion: torch.Tensor, pool: Optional[torch.Tensor] = None
+) -> Tuple[int, int]:
     """ACM (``sample_from_bank``): a class with P proportional to ``exp(1 - cc_c)``, then an image of the bank that
-    shows it (any image if none does). Returns (image index, class)."""
+    shows it (any image if none does). ``pool`` (a bool mask over the bank's images, None = all): the images a
+    partner may be, as the release's bank holds only its unlabelled images. Returns (image index, class)."""
     p = torch.softmax(1 - class_criterion.detach().float().cpu(), 0)
     c = int(torch.multinomial(p, 1))
-    holders = torch.nonzero(cutmix_bank[c].cpu()).flatten()
-    if len(holders):
-        return int(holders[torch.randint(len(holders), ())]), c
-    return int(torch.randint(cutmix_bank.shape[1], ())), c
+    shows = cutmix_bank[c].cpu().bool()
+    if pool is None:
+        holders = torch.nonzero(shows).flatten()
+        if len(holders):
+            return int(holders[torch.randint(len(holders), ())]), c
+        return int(torch.randint(cutmix_bank.shape[1], ())), c
+    pool = pool.cpu().bool()
+    holders = torch.nonzero(shows & pool).flatten()
+    holders = holders if len(holders) else torch.nonzero(pool).flatten()
+    return int(holders[torch.randint(len(holders), ())]), c
 
 
 def random_half_box(height: int, width: int) -> Tuple[int, int, int, int]:
@@ -211,6 +221,18 @@ def update_cutmix_bank(
     counts = torch.bincount((image + predictions.long().flatten(1)).flatten(), minlength=K * C).view(K, C)
     for k, index in enumerate(indices):
         cutmix_bank[:, index] = (counts[k] >= area_thresh * area).to(cutmix_bank.dtype).to(cutmix_bank.device)
+
+
+def batch_groups(batch_size: int, group_size: int, key: str = "group size") -> List[slice]:
+    """The batch in consecutive groups of ``group_size`` images (one group for 0 or a size of the batch or more): the
+    release computes its batch-wide statistics per GPU (OHEM's minimum kept, the consistency's normalisation, the
+    entropy percentile), so one process standing for several GPUs computes them per group. ``key`` names the setting
+    in the message when the batch does not split evenly."""
+    if group_size <= 0 or group_size >= batch_size:
+        return [slice(0, batch_size)]
+    if batch_size % group_size:
+        raise ValueError(f"A batch of {batch_size} images per process does not split into groups of {key} {group_size}")
+    return [slice(k, k + group_size) for k in range(0, batch_size, group_size)]
 
 
 def filter_unlabelled_pseudo_labels(

@@ -7,7 +7,8 @@ unlabelled target images. One iteration (``UDA.STAL``, pieces in :mod:`uda_plugi
 
 1. classes for the adaptive augmentations: three draws from the non-dominant classes with P ~ exp(sqrt(1 - cc_c)),
    cc = each class's running confidence (the "class criterion");
-2. **adaptive copy-paste** on the labelled batch: the pixels of those classes of another labelled sample pasted in;
+2. **adaptive copy-paste** on the labelled batch: the pixels of those classes of another labelled sample pasted in
+   (for half the samples, as released: a second sample the loader draws at its own scale, ``PASTE_PARTNER``);
 3. **adaptive CutMix** on the unlabelled images: for each target image a partner from the CutMix bank showing a
    class drawn with P ~ exp(1 - cc_c); the teacher (eval mode) predicts both; the box of a random connected region
    of that class in the partner's prediction (or a random half-area box) is pasted, and the teacher's
@@ -16,7 +17,8 @@ unlabelled target images. One iteration (``UDA.STAL``, pieces in :mod:`uda_plugi
    batch (before step 3, as released) and sees the mixed unlabelled batch (after it; its representation feeds the
    contrastive term); the mixed unlabelled labels lose a shrinking share of their pixels by entropy (20% -> 0% over
    training);
-5. the student: ``L_sup`` = OHEM cross-entropy of the main head + 0.4 x that of the auxiliary head on layer3;
+5. the student: ``L_sup`` = OHEM cross-entropy of the main head + 0.4 x that of the auxiliary head on layer3 (mined
+   per group of ``LABELED_GROUP_SIZE`` images as on the release's GPUs, the groups averaged);
    the class criterion moves towards the student's class confidence on the labelled pixels (momentum 0.999);
    ``L_cons`` = the teacher's labels weighted by its confidence squared with adaptive equalisation sampling, on the
    labelled and the mixed unlabelled images;
@@ -44,19 +46,24 @@ A2    none: the contrastive samples as released: the labels (nearest) and the   
       meet the queue of the i-th class present (U2PL issue #111). The fix
       (U2PL's paper): align_corners=False, B8's negatives, each class its queue
 A3    none: the contrastive term divided by the GPUs twice                         ``CONTRASTIVE_DIVISOR_POWER 2``
-A4    a paste onto half the labelled samples as released; the partner is the      ``COPY_PASTE_PROB 0.5``; the
-      next labelled sample at the main scale (the release: a second sample at     partner and the raw labels: no
-      0.1-2.0, whose GTA5/SYNTHIA labels are not mapped to trainIds)               switch
+A4    none: a paste onto half the labelled samples, of a second labelled sample  ``COPY_PASTE_PROB 0.5``,
+      drawn by the loader at 0.1-2.0; a GTA5/SYNTHIA one read raw: its file's     ``PASTE_PARTNER second_sample``,
+      size, its label PNG's grey levels (only GTA5's cars, as train, and          ``PASTE_RATIO_RANGE (0.1, 2.0)``,
+      trailers, as car, ever match a query class; SYNTHIA's are 0)                ``PASTE_RAW_SOURCE_LABELS``
 A5    none: the unlabelled filter drops the most confident pixels                 ``ENTROPY_FILTER_AS_RELEASED``
-A6    the whole source set (the release: a 2000-image subset, so 59.6% of the     ``DATASETS.SOURCE_LIST`` from
-      labelled stream is Cityscapes at 1%, about 10.5% with all of GTA5)          tools/convert_ilm_assl_list.py
+A6    none in the paper configs: the release's 2000 source images (59.6% of the   ``DATASETS.SOURCE_LIST`` (the
+      labelled stream is Cityscapes at 1%; 10.6% with all of GTA5, 23.9% with     list tools/convert_ilm_assl_list.py
+      all of SYNTHIA: SOURCE_LIST "")                                             writes; required, not shipped)
 A7    none: SyncBN over the processes (4 processes of one image each run)         ``NORM SyncBN``
-B1    the unlabelled stream and the CutMix bank include the labelled targets      no switch
+B1    none: the unlabelled stream and the CutMix partners without the labelled    ``DATASETS.TARGET_EXCLUDE_LABELED``
+      targets (the library's default: every target image is also unlabelled)
 B2    none (= A1's geometry: a scale from [0.5, 1] or [1, 2])                     ``RATIO_SAMPLING split_at_one``
 B3    none: the source stretched to 2048x1024                                     ``RESIZE_MODE exact``
 B4    SYNTHIA labels resized by nearest neighbour (the release: bilinear on ids)  no switch (a fix)
-B5    the selection score on whole 1024x2048 images with the current teacher or   no switch
-      MODEL.WEIGHTS (the release: 769x769 squashed, the best-on-val teacher)
+B5    none for the input: the score sees the image squashed to 769x769           ``UDA.ACTIVE.SCORE_INPUT_SIZE
+      (align_corners=True), its logits upsampled to 1024x2048 alike; the          (769, 769)``; the round tool on
+      network: the round tool scores MODEL.WEIGHTS, the in-run rounds the         B11's model_best_on_test.pth
+      current teacher (the release: the best-on-val teacher checkpoint)
 B6    documentation: the 5% lists are one round of 120 from the 1% model          —
 B7    none: ``label_onehot``'s batch slot 0: only the first labelled image has    ``CONTRASTIVE_AS_RELEASED``
       labels (anchors, prototype pixels), the union of the labelled batch's (and
@@ -68,10 +75,14 @@ B8    none: a negative of class c must be labelled c and ranked 4th-20th by the 
       4th-20th (unlabelled), about 4x10^5 a step against the release's dozens
 B9    the class criterion and bank synchronised over processes (the release:      no switch
       per GPU, rank 0's saved)
-B10   OHEM's minimum and the entropy percentiles per process: one process keeps   4 processes (as A7)
-      100000 of 16 images where the release keeps 100000 of 4 per GPU
-B11   evaluation at full resolution with windows, last checkpoint (the release:   no switch
-      val centre crops, best teacher)
+B10   none: OHEM's minimum kept, the consistency's normalisation and the         ``LABELED_GROUP_SIZE 4``,
+      unlabelled filter's entropy percentile per GPU's 4 labelled / 1             ``UNLABELED_GROUP_SIZE 1``
+      unlabelled images, on any number of processes (0: per process); the
+      contrastive term's entropy percentiles are still per process
+B11   the paper configs evaluate at full resolution with windows, last           ``TEST.CENTER_CROP (769, 769)``,
+      checkpoint (the release: val centre crops every epoch, the best teacher's   ``EVAL_MODEL both``,
+      checkpoint kept; its eval.py then both networks of it at full resolution)   ``SAVE_BEST_ON_TEST``,
+                                                                                   ``BEST_ON_TEST_MODEL teacher``
 B12   the equalisation sampling's random field per pixel and image (the release:  no switch
       one per class, shared by the batch)
 C1    36000 iterations at 4 GPUs (the release: 36800 / 36400 / 35200 at 1 /      ``SOLVER.MAX_ITER``
@@ -99,7 +110,7 @@ import numpy as np
 import torch
 
 from uda_plugins.d2 import META_ARCH_REGISTRY, CfgNode, comm, get_event_storage
-from uda_plugins.data.build import DataRequirements, get_dataset_dicts
+from uda_plugins.data.build import PASTE_PARTNERS, DataRequirements, get_dataset_dicts
 from uda_plugins.data.mapper import UDADatasetMapper
 from uda_plugins.modeling import class_maximum, predicted_classes, stack_images
 from uda_plugins.modeling.heads.deeplabv3plus import AuxiliaryHead
@@ -110,6 +121,7 @@ from .self_training import SelfTrainingArch
 from .semi_supervised import (
     ContrastiveDraw,
     ContrastQueues,
+    batch_groups,
     class_confidence,
     confidence_weighted_consistency,
     contrastive_inputs,
@@ -132,7 +144,9 @@ __all__ = ["STAL"]
 
 @META_ARCH_REGISTRY.register()
 class STAL(SelfTrainingArch):
-    data_requirements = DataRequirements(source=True, source_labels=True, target=True, target_labels=False)
+    data_requirements = DataRequirements(
+        source=True, source_labels=True, target=True, target_labels=False, labelled_paste=True
+    )
 
     def __init__(self, cfg: CfgNode) -> None:
         super().__init__(cfg)
@@ -150,9 +164,14 @@ class STAL(SelfTrainingArch):
         self.class_momentum = s.CLASS_MOMENTUM
         self.adaptive_classes = [c for c in range(C) if c not in set(s.ADAPTIVE_CLASSES_IGNORED)]
         self.copy_paste_draws, self.copy_paste_prob = s.COPY_PASTE_CLASSES, float(s.COPY_PASTE_PROB)
+        if s.PASTE_PARTNER not in PASTE_PARTNERS:
+            raise ValueError(f"UDA.STAL.PASTE_PARTNER must be one of {PASTE_PARTNERS}, not '{s.PASTE_PARTNER}'")
+        self.paste_partner = s.PASTE_PARTNER
         self.cutmix, self.cutmix_area, self.bank_area = s.CUTMIX, s.CUTMIX_AREA_THRESH, s.CUTMIX_BANK_AREA_THRESH
         self.drop_percent, self.as_released = s.UNLABELED_DROP_PERCENT, s.ENTROPY_FILTER_AS_RELEASED
         self.max_iter = cfg.SOLVER.MAX_ITER
+        # The release's per-GPU batch statistics (B10): groups of this many labelled / unlabelled images (0: all).
+        self.group_sizes = (int(s.LABELED_GROUP_SIZE), int(s.UNLABELED_GROUP_SIZE))
         self.loss_divisor = float(s.LOSS_DIVISOR)
         self.contrastive_divisor = self.loss_divisor ** int(s.CONTRASTIVE_DIVISOR_POWER)
         self.target_name = cfg.DATASETS.TARGET_TRAIN[0]
@@ -163,6 +182,9 @@ class STAL(SelfTrainingArch):
         generator = torch.Generator().manual_seed(int(cfg.SEED) if cfg.SEED >= 0 else 0)
         self.register_buffer("class_criterion", torch.rand(C, generator=generator))
         self.register_buffer("cutmix_bank", torch.zeros(C, len(self.target_dicts()), dtype=torch.uint8))
+        # The target images a CutMix partner may be (None: all): the unlabelled stream's, which the loader names
+        # (use_target_pools; without the labelled ones under DATASETS.TARGET_EXCLUDE_LABELED, as released).
+        self.cutmix_pool: Optional[torch.Tensor] = None
         self.contrastive_weight, self.contrastive_start = s.CONTRASTIVE_WEIGHT, s.CONTRASTIVE_START_ITER
         self.contrastive = None
         # The head's representation branch has no gradient while the contrastive term is off (before its start, or
@@ -188,6 +210,14 @@ class STAL(SelfTrainingArch):
             self.entropy_percents = (s.LOW_ENTROPY_PERCENT, s.HIGH_ENTROPY_PERCENT)
             capacities = [s.FIRST_CLASS_QUEUE_SIZE] + [s.QUEUE_SIZE] * (C - 1)
             self.queues = ContrastQueues(capacities, dim=self.student.head.representation_dim)
+
+    def use_target_pools(self, pools: List[Optional[List[int]]]) -> None:
+        """The images each target stream draws (None: all), from the loader: CutMix partners come from the first's."""
+        if pools[0] is None:
+            self.cutmix_pool = None
+            return
+        self.cutmix_pool = torch.zeros(self.cutmix_bank.shape[1], dtype=torch.bool)
+        self.cutmix_pool[pools[0]] = True
 
     def target_dicts(self) -> List[dict]:
         if self._target_dicts is None:
@@ -240,6 +270,29 @@ class STAL(SelfTrainingArch):
         draw = draw_contrastive_samples_as_released if self.contrastive_as_released else draw_contrastive_samples
         return draw(teacher_reps, *inputs, len(labels), self.queues, **self.contrastive)
 
+    def _paste_samples(self, batch: Dict[str, list], images: torch.Tensor, labels: torch.Tensor):
+        """(normalised images, labels) pasted onto the labelled batch (all-zero where a sample gets no paste): the
+        loader's second samples (``PASTE_PARTNER second_sample``, as released) or the next sample of the batch."""
+        if self.paste_partner == "batch":
+            return images.roll(1, 0), paste_with_probability(labels.roll(1, 0), self.copy_paste_prob)
+        paste_images, paste_labels = torch.zeros_like(images), torch.zeros_like(labels)
+        dicts = batch.get("labelled_paste")
+        if dicts is None and self.copy_paste_prob <= 0:
+            return paste_images, paste_labels
+        if dicts is None or len(dicts) != len(images):
+            raise ValueError(
+                f"STAL pastes one second sample per labelled sample from batch['labelled_paste'], which holds "
+                f"{len(dicts or [])} for {len(images)}: train with the loader of STAL's data_requirements, or set "
+                "UDA.STAL.PASTE_PARTNER batch"
+            )
+        pasted = [k for k, d in enumerate(dicts) if d["pasted"]]
+        if pasted:
+            drawn, drawn_labels = self.images_and_labels([dicts[k] for k in pasted])
+            if drawn.shape[-2:] != images.shape[-2:]:
+                raise ValueError(f"Paste samples of {tuple(drawn.shape[-2:])} for crops of {tuple(images.shape[-2:])}")
+            paste_images[pasted], paste_labels[pasted] = drawn, drawn_labels
+        return paste_images, paste_labels
+
     def _partner(self, index: int) -> torch.Tensor:
         """A training crop (RGB 0..255) of target image ``index``, drawn with the step's seeded RNG."""
         rng = np.random.default_rng(int(torch.randint(2**31, ())))
@@ -258,7 +311,7 @@ class STAL(SelfTrainingArch):
         partners, classes, indices = [], [], []
         with timed("partner_loading"):
             for _ in dicts:
-                index, c = draw_cutmix_source(self.cutmix_bank, self.class_criterion)
+                index, c = draw_cutmix_source(self.cutmix_bank, self.class_criterion, self.cutmix_pool)
                 partners.append(self._partner(index))
                 classes.append(c)
                 indices.append(index)
@@ -276,6 +329,47 @@ class STAL(SelfTrainingArch):
             self._update_bank(predictions, own + indices)
             m = masks[:, None].bool()
             return torch.where(m, partner_images, images), torch.where(m, partner_logits, logits), masks
+
+    def _groups(self, batch_size: int, labelled: bool) -> List[slice]:
+        key = "UDA.STAL.LABELED_GROUP_SIZE" if labelled else "UDA.STAL.UNLABELED_GROUP_SIZE"
+        return batch_groups(batch_size, self.group_sizes[0 if labelled else 1], key)
+
+    def _supervised(self, main: torch.Tensor, aux: torch.Tensor, labels: torch.Tensor, label_prob: torch.Tensor):
+        """OHEM of the main head + aux weight x that of the auxiliary head, mined and averaged per group of labelled
+        images (the release's per-GPU ``OhemCrossEntropy2dTensor``, loss_helper.py:564-593), the groups' losses
+        averaged as DDP averages the GPUs' gradients."""
+        thresh, min_kept = self.ohem
+        groups = self._groups(len(labels), labelled=True)
+        total = 0.0
+        for g in groups:
+            total = total + ohem_cross_entropy(main[g], labels[g], thresh, min_kept, self.ignore_value, label_prob[g])
+            total = total + self.aux_weight * ohem_cross_entropy(aux[g], labels[g], thresh, min_kept, self.ignore_value)
+        return total / len(groups)
+
+    def _consistency(self, logits, confidence, pseudo_labels, labelled: bool) -> torch.Tensor:
+        """The confidence-weighted consistency, its weights normalised per group (the release's per-GPU
+        ``Criterion_cons``, loss_helper.py:376), the groups averaged."""
+        criterion = self.class_criterion if self.equalisation_sampling else None
+        groups = self._groups(len(logits), labelled)
+        gammas = (self.confidence_gamma, self.sampling_gamma)
+        ignore = 255 if labelled else self.ignore_value
+        total = 0.0
+        for g in groups:
+            total = total + confidence_weighted_consistency(
+                logits[g], confidence[g], pseudo_labels[g], criterion, *gammas, ignore
+            )
+        return total / len(groups)
+
+    def _filter_unlabelled(self, pseudo_u: torch.Tensor, entropy: torch.Tensor, percent: float) -> torch.Tensor:
+        """The unlabelled pseudo-labels filtered by an entropy percentile of each group (the release: of its one
+        mixed image per GPU, train.py:552)."""
+        groups = self._groups(len(pseudo_u), labelled=False)
+        return torch.cat(
+            [
+                filter_unlabelled_pseudo_labels(pseudo_u[g], entropy[g], percent, self.as_released, self.ignore_value)
+                for g in groups
+            ]
+        )
 
     def _update_bank(self, predictions: torch.Tensor, indices: List[int]) -> None:
         if comm.get_world_size() > 1:  # every process applies every process's updates, in rank order
@@ -300,9 +394,9 @@ class STAL(SelfTrainingArch):
         images, labels = self.images_and_labels(batch["source"])
         with timed("mixing"):
             query = draw_query_classes(self.class_criterion, self.adaptive_classes, self.copy_paste_draws)
-            if self.copy_paste_draws > 0 and len(images) > 1:
-                paste_labels = paste_with_probability(labels.roll(1, 0), self.copy_paste_prob)
-                images, labels = copy_paste(images, labels, images.roll(1, 0), paste_labels, query)
+            if self.copy_paste_draws > 0 and (len(images) > 1 or self.paste_partner == "second_sample"):
+                paste_images, paste_labels = self._paste_samples(batch, images, labels)
+                images, labels = copy_paste(images, labels, paste_images, paste_labels, query)
         contrast = self.contrastive is not None and iteration >= self.contrastive_start
         # The teacher's forwards in the release's order and modes. Its BatchNorm running statistics (the EMA copies
         # parameters only) come from its training-mode forwards: the labelled batch, then the mixed unlabelled one
@@ -319,27 +413,19 @@ class STAL(SelfTrainingArch):
             confidence_u, pseudo_u = class_maximum(probs_u)
             entropy = probs_u.add(1e-10).log_().mul_(probs_u).sum(1).neg_()  # -(p log(p + 1e-10)), in place
             percent = self.drop_percent * (1 - iteration / self.max_iter)
-            pseudo_u = filter_unlabelled_pseudo_labels(pseudo_u, entropy, percent, self.as_released, self.ignore_value)
+            pseudo_u = self._filter_unlabelled(pseudo_u, entropy, percent)
         with timed("student_forward"):  # the forwards with their losses (OHEM is U2PL's loss function)
             main_l, aux_l, rep_l = self._student(images, contrast)
             main_u, _, rep_u = self._student(unlabelled, contrast)
-            thresh, min_kept = self.ohem
             # each labelled pixel's probability of its label: what OHEM mines, and the class criterion's input
             probability_l = label_probability(main_l, labels, self.num_classes)
-            supervised = ohem_cross_entropy(main_l, labels, thresh, min_kept, self.ignore_value, probability_l)
-            supervised = supervised + self.aux_weight * ohem_cross_entropy(
-                aux_l, labels, thresh, min_kept, self.ignore_value
-            )
+            supervised = self._supervised(main_l, aux_l, labels, probability_l)
             losses = {"loss_supervised": supervised / self.loss_divisor}
         with torch.no_grad():
             self._update_class_criterion(probability_l, labels)
-        criterion = self.class_criterion if self.equalisation_sampling else None
-        gamma, gamma2 = self.confidence_gamma, self.sampling_gamma
         with timed("student_forward"):
-            consistency = confidence_weighted_consistency(main_l, confidence_l, pseudo_l, criterion, gamma, gamma2)
-            consistency = consistency + confidence_weighted_consistency(
-                main_u, confidence_u, pseudo_u, criterion, gamma, gamma2, self.ignore_value
-            )
+            consistency = self._consistency(main_l, confidence_l, pseudo_l, labelled=True)
+            consistency = consistency + self._consistency(main_u, confidence_u, pseudo_u, labelled=False)
             losses["loss_consistency"] = self.consistency_weight * consistency / self.loss_divisor
         if contrast:
             with timed("contrastive"):  # the sampling: queues, anchors and negatives

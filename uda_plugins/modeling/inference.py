@@ -4,7 +4,7 @@ every image of a full-view loader (:func:`predict_full_views`: pseudo-label bank
 
 from __future__ import annotations
 
-from typing import Dict, Iterator, List, Sequence, Tuple
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -22,6 +22,7 @@ __all__ = [
     "clamp_crop_size",
     "segment",
     "predict_full_views",
+    "squashed_logits",
 ]
 
 
@@ -129,10 +130,22 @@ def segment(
     return results
 
 
+def squashed_logits(network: nn.Module, images: torch.Tensor, input_size: Sequence[int]) -> torch.Tensor:
+    """ILM-ASSL's scoring forward (``core/active_learning/Semi-sup_active_pu.py:58-70``): the normalised ``images``
+    resized to ``input_size`` whatever their aspect ratio, bilinearly with ``align_corners=True``, and the network's
+    logits (at its output stride) resized to the images' size alike."""
+    x = F.interpolate(images, size=tuple(int(v) for v in input_size), mode="bilinear", align_corners=True)
+    return F.interpolate(network(x), size=images.shape[-2:], mode="bilinear", align_corners=True)
+
+
 @torch.no_grad()
-def predict_full_views(network: nn.Module, loader, normalize) -> Iterator[Tuple[List[int], torch.Tensor]]:
+def predict_full_views(
+    network: nn.Module, loader, normalize, input_size: Optional[Sequence[int]] = None
+) -> Iterator[Tuple[List[int], torch.Tensor]]:
     """(dataset indices, softmax probabilities (N, C, H, W)) of each batch of a full-view loader (split into
-    groups of one image size), ``network`` in eval mode (its mode is restored)."""
+    groups of one image size), ``network`` in eval mode (its mode is restored). ``input_size`` (h, w): the network
+    sees each image squashed to it (:func:`squashed_logits`, ``UDA.ACTIVE.SCORE_INPUT_SIZE``)."""
+    squash = input_size is not None and min(input_size) > 0
     was_training = network.training
     network.eval()
     try:
@@ -140,6 +153,7 @@ def predict_full_views(network: nn.Module, loader, normalize) -> Iterator[Tuple[
             for dicts in size_groups(batch):
                 device = next(network.parameters()).device
                 images = normalize(stack_images(dicts, device))
-                yield [d["dataset_index"] for d in dicts], torch.softmax(network.predict(images).float(), dim=1)
+                logits = squashed_logits(network, images, input_size) if squash else network.predict(images)
+                yield [d["dataset_index"] for d in dicts], torch.softmax(logits.float(), dim=1)
     finally:
         network.train(was_training)

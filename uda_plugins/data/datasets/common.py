@@ -22,6 +22,7 @@ __all__ = [
     "require_dir",
     "read_image",
     "read_label",
+    "read_label_as_grey",
     "image_size",
     "register_sem_seg",
 ]
@@ -66,6 +67,21 @@ def read_label(path: str) -> np.ndarray:
                     f"(run the dataset's tools/prepare_* script)"
                 )
             return np.asarray(img)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"Label file '{path}' does not exist") from None
+    except (UnidentifiedImageError, OSError, SyntaxError) as e:
+        raise OSError(f"Label file '{path}' is corrupt or not an image ({e})") from None
+
+
+def read_label_as_grey(path: str) -> np.ndarray:
+    """A label file through PIL's ``convert("L")``: what a release that reads labels with
+    ``Image.open(f).convert("L")`` sees (ILM-ASSL's ``img_loader(path, "L")`` on its paste samples). A palette PNG
+    (GTA5's raw labels) gives the grey level of each pixel's palette colour, not its index; a 16-bit colour PNG
+    (SYNTHIA's) the grey level of its high bytes. Only to reproduce such a release; labels are read with
+    :func:`read_label`."""
+    try:
+        with Image.open(path) as img:
+            return np.asarray(img.convert("L"))
     except FileNotFoundError:
         raise FileNotFoundError(f"Label file '{path}' does not exist") from None
     except (UnidentifiedImageError, OSError, SyntaxError) as e:

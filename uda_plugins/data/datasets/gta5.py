@@ -127,12 +127,14 @@ def _label_file(root: str, image_file: str, suffix: str = ".png") -> str:
 
 
 def load_gta5_semseg(root: str, label_suffix: str = LABEL_SUFFIXES[CITYSCAPES_19.name]) -> List[dict]:
-    """One dict per frame (``image_id`` = the file stem); every frame must have its prepared label file."""
+    """One dict per frame (``image_id`` = the file stem, ``raw_sem_seg_file_name`` = the label as downloaded, which a
+    release reading it directly sees); every frame must have its prepared label file."""
     image_files = _image_files(root)
     require_dir(os.path.join(root, "labels"), "GTA5 label")
-    return image_label_dicts(
+    dicts = image_label_dicts(
         image_files, lambda f: _label_file(root, f, label_suffix), _stem, f"run: {PREPARE_COMMAND} --root {root}"
     )
+    return [dict(d, raw_sem_seg_file_name=_label_file(root, d["file_name"])) for d in dicts]
 
 
 def prepare_gta5(root: str, skip_existing: bool = True) -> int:

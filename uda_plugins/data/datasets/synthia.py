@@ -118,12 +118,14 @@ def _label_file(root: str, image_file: str, suffix: str = ".png") -> str:
 
 
 def load_synthia_semseg(root: str) -> List[dict]:
-    """One dict per frame (``sem_seg_file_name`` = the prepared trainId file, ``image_id`` = the file stem)."""
+    """One dict per frame (``sem_seg_file_name`` = the prepared trainId file, ``raw_sem_seg_file_name`` = the label as
+    downloaded, which a release reading it directly sees, ``image_id`` = the file stem)."""
     image_files = _image_files(root)
     require_dir(os.path.join(root, "GT", "LABELS"), "SYNTHIA label")
-    return image_label_dicts(
+    dicts = image_label_dicts(
         image_files, lambda f: _label_file(root, f, LABEL_SUFFIX), _stem, f"run: {PREPARE_COMMAND} --root {root}"
     )
+    return [dict(d, raw_sem_seg_file_name=_label_file(root, d["file_name"])) for d in dicts]
 
 
 def prepare_synthia(root: str, skip_existing: bool = True) -> int:
