@@ -180,6 +180,10 @@ def test_feature_distance_on_thing_cells_only():
     student[0, :, 1, 1] += 100.0  # stuff cells are not pulled
     assert fd(x, labels, student).item() == pytest.approx(0.5 * 5.0, rel=1e-5)
     assert fd(x, torch.zeros_like(labels), student).item() == 0.0  # no thing cell: 0, not NaN
+    # Cells of label width // feature width that do not tile the features (the 2x2 feature map under 2x4 labels: cells
+    # of 2 px, 1x2 of them) stop instead of broadcasting a (1, 1, 2) mask over (1, 2, 2).
+    with pytest.raises(ValueError, match="do not cover the features"):
+        fd(x, torch.zeros(1, 2, 4, dtype=torch.long), student)
     assert not any(p.requires_grad for p in fd.encoder.parameters())
     fd.train()
     assert not fd.encoder.training

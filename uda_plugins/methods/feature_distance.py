@@ -79,6 +79,13 @@ class FeatureDistance(nn.Module):
             scale = labels.shape[-1] // student_feature.shape[-1]
             cells = downscale_label_ratio(labels, scale, self.scale_min_ratio, self.num_classes, self.ignore_label)
             cells = cells[..., : distance.shape[-2], : distance.shape[-1]]
+            if cells.shape[-2:] != distance.shape[-2:]:
+                # The label cells (side = label width // feature width) must tile the feature map; the release
+                # fails here too (an IndexError in dacs.py's masked_feat_dist), where a broadcast would be silent.
+                raise ValueError(
+                    f"FD: label cells {tuple(cells.shape[-2:])} of {labels.shape[-1] // student_feature.shape[-1]} px "
+                    f"do not cover the features {tuple(distance.shape[-2:])} (labels {tuple(labels.shape[-2:])})"
+                )
             mask = torch.isin(cells, self.classes).float()
             loss = (distance * mask).sum() / mask.sum().clamp(min=1)
         else:
