@@ -172,12 +172,7 @@ def draw_cutmix_source(
     p = torch.softmax(1 - class_criterion.detach().float().cpu(), 0)
     c = int(torch.multinomial(p, 1))
     shows = cutmix_bank[c].cpu().bool()
-    if pool is None:
-        holders = torch.nonzero(shows).flatten()
-        if len(holders):
-            return int(holders[torch.randint(len(holders), ())]), c
-        return int(torch.randint(cutmix_bank.shape[1], ())), c
-    pool = pool.cpu().bool()
+    pool = torch.ones_like(shows) if pool is None else pool.cpu().bool()
     holders = torch.nonzero(shows & pool).flatten()
     holders = holders if len(holders) else torch.nonzero(pool).flatten()
     return int(holders[torch.randint(len(holders), ())]), c
